@@ -1,0 +1,49 @@
+# plantgate — the commands of the README. Everything a test needs is installed from here.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: demo test lint bench install dev mosquitto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+dev: $(STAMP)
+
+demo: $(VENV)/.installed
+	$(BIN)/plantgate demo $(if $(SECONDS),--seconds $(SECONDS),)
+
+# The integration tests start a real mosquitto; install it from Debian when it is missing and we may.
+mosquitto:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing mosquitto from Debian's packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	  else \
+	    echo "mosquitto is missing: install it (apt-get install mosquitto); MQTT tests will be skipped"; \
+	  fi; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent protocols buffer tests bench
+	$(BIN)/mypy
+
+test: lint mosquitto
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: $(STAMP) mosquitto
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,104 @@
+"""Building blocks shared by every config model: strict models, durations, secrets.
+
+Every protocol module defines its own config model from these, beside its code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ConfigModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_duration(value: Any) -> float:
+    """Turn ``"500ms"``, ``"10s"``, ``"5m"``, ``"1h"`` (or a plain number of seconds) into seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"500ms\", \"10s\" or \"5m\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration; write it as \"500ms\", \"10s\", \"5m\" or \"1h\"")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("expected a duration such as \"500ms\", \"10s\" or \"5m\"")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest config spelling of a duration, for summaries and the JSON Schema."""
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$", "examples": ["500ms", "10s", "5m"]}),
+]
+"""A duration in seconds, written in the config as ``"500ms"``, ``"10s"``, ``"5m"``."""
+
+
+def read_secret(path: Path | None, inline: str | None, *, key: str) -> str | None:
+    """Resolve a secret from its ``*_file`` form (e.g. a systemd credential) or its env-supplied value.
+
+    The file wins when both are set; trailing newlines are stripped (editors add them).
+    """
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"{key}_file: cannot read {path}: {exc.strerror}") from exc
+    return inline
+
+
+TagKind = Literal["telemetry", "counter", "state", "value"]
+
+
+class TagConfig(ConfigModel):
+    """What every source's tag shares: its name and how the agent treats its values.
+
+    A protocol's tag model adds its addressing (``node`` for OPC UA, ``register``
+    and ``type`` for Modbus) on top of this.
+    """
+
+    tag: str = Field(min_length=1, description="Unique tag name, used by rules and in events")
+    kind: TagKind = Field("telemetry", description="telemetry | counter | state | value")
+    deadband: float | None = Field(
+        None, ge=0, description="telemetry: absolute; changes smaller than this (from the last forwarded value) are suppressed"
+    )
+    aggregate: Duration | None = Field(
+        None, description="telemetry: forward min/max/mean/last/count per window instead of every change"
+    )
+    states: dict[str, str] | None = Field(
+        None, description="state: value -> name; an unmapped value is reported as \"unknown:<value>\""
+    )
+    forward: bool = Field(False, description="value: also forward this tag's changes as telemetry samples")
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> TagConfig:
+        if self.kind != "telemetry" and (self.deadband is not None or self.aggregate is not None):
+            raise ValueError("deadband and aggregate apply only to kind = \"telemetry\"")
+        if self.states is not None and self.kind != "state":
+            raise ValueError("states applies only to kind = \"state\"")
+        if self.aggregate is not None and self.aggregate <= 0:
+            raise ValueError("aggregate must be a positive duration")
+        return self

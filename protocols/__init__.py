@@ -1,0 +1,1 @@
+"""One module per protocol: sources (OPC UA, ...) and sinks (MQTT, JSON Lines, ...)."""

@@ -1,0 +1,1 @@
+"""A real mosquitto broker on a free loopback port (fixtures)."""

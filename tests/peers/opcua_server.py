@@ -1,0 +1,1 @@
+"""A real asyncua server on a free loopback port (fixtures)."""
