@@ -18,7 +18,7 @@ from agent.events import Lane
 from agent.health import ComponentStatus
 
 
-class BufferedEvent(msgspec.Struct, frozen=True, gc=False):
+class BufferedEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One event as the buffer hands it to a sink: already encoded, encode once."""
 
     seq: int
