@@ -83,7 +83,7 @@ class TagConfig(ConfigModel):
     tag: str = Field(min_length=1, description="Unique tag name, used by rules and in events")
     kind: TagKind = Field("telemetry", description="telemetry | counter | state | value")
     deadband: float | None = Field(
-        None, ge=0, description="telemetry: absolute; changes smaller than this (from the last forwarded value) are suppressed"
+        None, ge=0, description="telemetry: absolute; smaller changes from the last forwarded value are dropped"
     )
     aggregate: Duration | None = Field(
         None, description="telemetry: forward min/max/mean/last/count per window instead of every change"

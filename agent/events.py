@@ -6,6 +6,7 @@ and ``plantgate schema events`` can print the JSON Schema the cloud side relies 
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -295,6 +296,7 @@ def decode_event(body: bytes) -> dict[str, Any]:
 # --- identity and formatting ---------------------------------------------------------------------
 
 _ID_NAMESPACE = uuid.UUID("5b1f1c1e-6a0e-4f37-9c55-7d1c3e0b9a01")
+_ID_NAMESPACE_BYTES = _ID_NAMESPACE.bytes
 
 
 def stable_id(*parts: object) -> str:
@@ -302,8 +304,14 @@ def stable_id(*parts: object) -> str:
 
     The same fact (source, tag or rule, source timestamp, source sequence) always
     gives the same id, so every retry and replay carries it and the cloud dedupes.
+    Equal to ``uuid.uuid5(namespace, "\x1f".join(parts))``, computed without the
+    ``UUID`` object (a third of the cost on the hot path).
     """
-    return str(uuid.uuid5(_ID_NAMESPACE, "\x1f".join(str(p) for p in parts)))
+    digest = bytearray(hashlib.sha1(_ID_NAMESPACE_BYTES + "\x1f".join(map(str, parts)).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def format_sequence(seq: int) -> str:

@@ -10,7 +10,7 @@ import msgspec
 ConnectionState = Literal["starting", "connected", "reconnecting", "disconnected", "unauthorized", "stopped"]
 
 
-class ComponentStatus(msgspec.Struct, omit_defaults=True):
+class ComponentStatus(msgspec.Struct):
     """What one source or sink tells monitoring about itself."""
 
     name: str

@@ -26,6 +26,7 @@ class BufferedEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
     type: str  # full CloudEvents type, e.g. "io.plantgate.production.completed"
     id: str
     body: bytes  # the structured-mode CloudEvent, UTF-8 JSON
+    enqueued: float = 0.0  # when the buffer took it (Unix time), for the delivery latency histogram
 
 
 class Rejected(msgspec.Struct, frozen=True):

@@ -255,6 +255,7 @@ class Buffer:
         """Telemetry evictions not yet reported; the agent drains it into gap events."""
         self.on_eviction: asyncio.Event = asyncio.Event()
         self.duplicates_suppressed = 0
+        self.dead_letter_count = 0
         self._recent_ids = RecentIds(recent_ids)
         self.quarantined: dict[str, Any] | None = None
         """Set when ``open`` found a corrupt file and moved it aside: path, moved_to, reason, size_bytes."""
@@ -301,6 +302,9 @@ class Buffer:
                     self._cursors[(sink, lane)] = _LaneCursor(acked=int(acked))
         for (_, lane), state in self._cursors.items():
             state.depth = await self._count_after(lane, state.acked)
+        async with db.execute("SELECT count(*) FROM dead_letters") as cur:
+            row = await cur.fetchone()
+            self.dead_letter_count = int(row[0]) if row else 0
         await self._refresh_size()
         self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
 
@@ -323,7 +327,7 @@ class Buffer:
             return None
         try:
             async with aiosqlite.connect(self.path) as db, db.execute("PRAGMA quick_check") as cur:
-                rows = await cur.fetchall()
+                rows = list(await cur.fetchall())
         except sqlite3.DatabaseError as exc:
             return f"{type(exc).__name__}: {exc}"
         result = "; ".join(str(r[0]) for r in rows[:5])
@@ -369,6 +373,7 @@ class Buffer:
         if self._db is None or self._closing:
             raise BufferError("buffer is not open")
         pending = self._pending
+        now = time.time()
         seq = self._seq
         rows = pending.rows
         recent = self._recent_ids
@@ -381,7 +386,7 @@ class Buffer:
                 recent.add(event.id)
             seq += 1
             event.sequence = format_sequence(seq)
-            rows[event.lane].append(BufferedEvent(seq, event.lane, event.type, event.id, encode_event(event)))
+            rows[event.lane].append(BufferedEvent(seq, event.lane, event.type, event.id, encode_event(event), now))
         self._seq = seq
         pending.dead.extend(dead_letters)
         pending.count += len(events) + len(dead_letters)
@@ -462,6 +467,7 @@ class Buffer:
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
+                        self.dead_letter_count += len(pending.dead)
                     await self._write_cursors(db)
                     await self._delete_delivered(db)
                     await self._evict_telemetry(db)

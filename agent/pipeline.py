@@ -1,0 +1,529 @@
+"""The running agent: sources -> rules -> buffer -> one delivery loop per sink.
+
+``Agent.run(stop)`` opens the buffer, starts every source, sink and delivery
+loop as tasks of one TaskGroup, serves /healthz, /readyz, /metrics and /status,
+and on ``stop`` drains: sources stop first, what they produced is committed,
+deliveries in flight finish (bounded), sinks close, the buffer closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from agent import __version__, systemd
+from agent.backoff import Backoff
+from agent.events import (
+    AgentStarted,
+    BufferQuarantined,
+    CloudEvent,
+    Lane,
+    Reading,
+    TelemetryGap,
+    make_event,
+    stable_id,
+    utc_now,
+)
+from agent.http_server import HttpServer
+from agent.metrics import Metrics
+from agent.registry import build_sinks, build_sources
+from agent.rules import RuleOutput, Rules
+from agent.settings import Settings
+from agent.sink import Sink
+from agent.source import Source, SourceError
+from buffer import Buffer, DeliveryCursor, Eviction
+
+log = logging.getLogger(__name__)
+
+AGENT_SOURCE = "agent"
+"""Source name of the agent's own events (agent.started, telemetry.gap, buffer quarantined)."""
+
+GAP_INTERVAL = 10.0
+"""At most one telemetry.gap event per source per this many seconds."""
+
+EventTap = Callable[[Sequence[CloudEvent]], None]
+
+
+class Agent:
+    """One plantgate agent (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sources: Sequence[Source] | None = None,
+        sinks: Sequence[Sink] | None = None,
+        serve_http: bool = True,
+        drain_timeout: float = 10.0,
+        batch_max: int = 1000,
+    ):
+        self.settings = settings
+        self.sources = list(sources) if sources is not None else build_sources(settings)
+        self.sinks = list(sinks) if sinks is not None else build_sinks(settings)
+        self.rules = Rules(settings)
+        self.buffer = Buffer(
+            settings.data_path(settings.buffer.path),
+            telemetry_max_rows=settings.buffer.telemetry_max_rows,
+            max_size_mb=settings.buffer.max_size_mb,
+            synchronous=settings.buffer.synchronous,
+        )
+        self.metrics = Metrics(
+            sources=[s.name for s in self.sources] + [AGENT_SOURCE],
+            sinks={s.name: sorted(s.lanes) for s in self.sinks},
+            agent_id=settings.agent.id,
+            site=settings.agent.site,
+            version=__version__,
+        )
+        self.http = HttpServer(settings.http.listen, self) if serve_http else None
+        self.drain_timeout = drain_timeout
+        self.batch_max = batch_max
+        self.taps: list[EventTap] = []
+        """Called with every group of events accepted into the buffer (the demo's live view)."""
+        self.state = "starting"
+        self.started_at = time.time()
+        self._tag_owner: dict[str, Source] = {}
+        for source in self.sources:
+            for tag in source.tags():
+                self._tag_owner[tag] = source
+        self._lanes_taken: set[Lane] = {lane for sink in self.sinks for lane in sink.lanes}
+        self._unrouted: Counter[Lane] = Counter()
+        self._acks: asyncio.Queue[tuple[asyncio.Future[None], list[str]]] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._oldest: dict[tuple[str, Lane], float] = {}
+        self._gap_pending: dict[str, Eviction] = {}
+        self._gap_sent: dict[str, float] = {}
+        self._started = asyncio.Event()
+        self._cursors: dict[str, DeliveryCursor] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then drain and return."""
+        for lane in ("transaction", "operational", "telemetry"):
+            if lane not in self._lanes_taken:
+                log.warning("No sink takes this lane; its events are counted and not stored", extra={"lane": lane})
+        await self.buffer.open()
+        try:
+            if self.http is not None:
+                await self.http.start()
+                log.info("HTTP server listening", extra={"url": self.http.url})
+            try:
+                await self._run_tasks(stop)
+            finally:
+                if self.http is not None:
+                    await self.http.stop()
+        finally:
+            await self.buffer.close()
+            self.state = "stopped"
+            log.info("Agent stopped", extra={"agent": self.settings.agent.id})
+
+    async def _run_tasks(self, stop: asyncio.Event) -> None:
+        self._announce_start()
+        source_tasks: list[asyncio.Task[None]] = []
+        sink_tasks: list[asyncio.Task[None]] = []
+        delivery_tasks: list[asyncio.Task[None]] = []
+        async with asyncio.TaskGroup() as group:
+            for sink in self.sinks:
+                sink_tasks.append(group.create_task(self._guard(sink.run, "sink", sink.name), name=f"sink-{sink.name}"))
+                cursor = self._cursors[sink.name] = self.buffer.cursor(sink.name, sink.lanes)
+                delivery_tasks.append(
+                    group.create_task(self._deliver_loop(sink, cursor), name=f"deliver-{sink.name}")
+                )
+            for source in self.sources:
+                run = functools.partial(source.run, _SourceInlet(self, source))
+                source_tasks.append(
+                    group.create_task(self._guard(run, "source", source.name), name=f"source-{source.name}")
+                )
+            helpers = [
+                group.create_task(self._ack_writer(), name="plc-acks"),
+                group.create_task(self._maintenance(), name="maintenance"),
+                group.create_task(systemd.watchdog_loop(self._stopping), name="watchdog"),
+            ]
+            self.state = "running"
+            self._started.set()
+            systemd.ready(f"running: {len(self.sources)} sources, {len(self.sinks)} sinks")
+            log.info(
+                "Agent started",
+                extra={
+                    "agent": self.settings.agent.id,
+                    "site": self.settings.agent.site,
+                    "sources": [s.name for s in self.sources],
+                    "sinks": [s.name for s in self.sinks],
+                },
+            )
+            await stop.wait()
+            await self._drain(source_tasks, delivery_tasks, sink_tasks, helpers)
+
+    async def _drain(
+        self,
+        source_tasks: list[asyncio.Task[None]],
+        delivery_tasks: list[asyncio.Task[None]],
+        sink_tasks: list[asyncio.Task[None]],
+        helpers: list[asyncio.Task[None]],
+    ) -> None:
+        self.state = "stopping"
+        systemd.stopping("draining")
+        log.info("Stopping: draining in-flight work", extra={"agent": self.settings.agent.id})
+        await _cancel(source_tasks)
+        await self.buffer.commit_now()
+        # PLC acks for cycles already committed still go out while the sources' sessions close.
+        await self._flush_acks()
+        self._stopping.set()
+        for event in list(self.buffer._new_data.values()):
+            event.set()
+        _, pending = await asyncio.wait(delivery_tasks, timeout=self.drain_timeout) if delivery_tasks else ((), ())
+        await _cancel(list(pending))
+        await self.buffer.commit_now()
+        await _cancel(sink_tasks)
+        await _cancel(helpers)
+
+    async def _guard(self, run: Callable[[], Awaitable[None]], component: str, name: str) -> None:
+        """Run a source or sink; a bug in one must not take the agent (and the buffer) down."""
+        backoff = Backoff(cap=60.0)
+        while True:
+            try:
+                await run()
+                return
+            except Exception as exc:  # a crash is logged and the component restarted
+                log.exception(
+                    "Component crashed; restarting it", extra={"component": component, "name": name, "error": str(exc)}
+                )
+                if await backoff.wait(self._stopping):
+                    return
+
+    def _announce_start(self) -> None:
+        agent = self.settings.agent
+        now = utc_now()
+        uri = self.rules.source_uri(AGENT_SOURCE)
+        events = [
+            make_event(
+                "agent.started",
+                id=stable_id(uri, "started", now.isoformat()),
+                source=uri,
+                time=now,
+                site=agent.site,
+                subject=agent.id,
+                data=AgentStarted(
+                    agent=agent.id,
+                    site=agent.site,
+                    version=__version__,
+                    sources=[s.name for s in self.sources],
+                    sinks=[s.name for s in self.sinks],
+                ),
+            )
+        ]
+        quarantined = self.buffer.quarantined
+        if quarantined is not None:
+            events.append(
+                make_event(
+                    "agent.buffer.quarantined",
+                    id=stable_id(uri, "quarantined", quarantined["moved_to"]),
+                    source=uri,
+                    time=now,
+                    site=agent.site,
+                    subject=agent.id,
+                    data=BufferQuarantined(**quarantined),
+                )
+            )
+        self.accept(AGENT_SOURCE, RuleOutput(events=events))
+
+    # --- ingest ---------------------------------------------------------------------------------
+
+    def accept(self, source: str, out: RuleOutput) -> asyncio.Future[None] | None:
+        """Append what the rules produced; returns the commit future (None when nothing to store)."""
+        events = out.events
+        if self._unrouted_lanes(events):
+            events = [e for e in events if e.lane in self._lanes_taken]
+        if not events and not out.dead_letters:
+            return None
+        future = self.buffer.append(events, out.dead_letters)
+        if events:
+            by_lane = Counter(event.lane for event in events)
+            for lane, count in by_lane.items():
+                self.metrics.received(source, lane, count)
+            for tap in self.taps:
+                tap(events)
+        for dead in out.dead_letters:
+            self.metrics.dead_lettered(dead.sink, "mapping")
+            log.warning(
+                "Dead letter before any sink",
+                extra={"event_id": dead.id, "type": dead.type, "subject": dead.subject, "reason": dead.reason},
+            )
+        if out.suppressed:
+            self.metrics.telemetry_suppressed(source, out.suppressed)
+        if out.acks:
+            self._acks.put_nowait((future, out.acks))
+        return future
+
+    def _unrouted_lanes(self, events: Sequence[CloudEvent]) -> bool:
+        unrouted = False
+        for event in events:
+            if event.lane not in self._lanes_taken:
+                self._unrouted[event.lane] += 1
+                unrouted = True
+        return unrouted
+
+    async def _ack_writer(self) -> None:
+        """PLC handshakes, in order: each written once, only after its event is committed."""
+        while True:
+            future, tags = await self._acks.get()
+            try:
+                await future
+            except Exception as exc:
+                log.error("Event not committed; PLC ack withheld", extra={"tags": tags, "error": str(exc)})
+                continue
+            for tag in tags:
+                await self._write_ack(tag)
+
+    async def _write_ack(self, tag: str) -> None:
+        source = self._tag_owner.get(tag)
+        if source is None:
+            log.error("No source owns the ack tag", extra={"tag": tag})
+            return
+        backoff = Backoff(base=0.2, cap=5.0)
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                await source.write(tag, True)
+                return
+            except SourceError as exc:
+                if time.monotonic() > deadline or self._stopping.is_set():
+                    log.error(
+                        "PLC ack could not be written", extra={"tag": tag, "source": source.name, "error": str(exc)}
+                    )
+                    return
+                await backoff.wait(self._stopping)
+
+    async def _flush_acks(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                while not self._acks.empty():
+                    future, tags = self._acks.get_nowait()
+                    with contextlib.suppress(Exception):
+                        await future
+                        for tag in tags:
+                            await self._write_ack(tag)
+
+    # --- delivery -------------------------------------------------------------------------------
+
+    async def _deliver_loop(self, sink: Sink, cursor: DeliveryCursor) -> None:
+        """Take a batch, deliver it, settle the outcomes; back off while the peer is away."""
+        backoff = Backoff(base=0.5, cap=30.0)
+        metrics = self.metrics
+        while not self._stopping.is_set():
+            batch = await cursor.next_batch(self.batch_max)
+            if not batch:
+                continue
+            outcomes = await sink.deliver(batch)
+            settlement = cursor.settle(batch, outcomes)
+            if settlement.acked:
+                now = time.time()
+                lanes: dict[Lane, list[float]] = {}
+                for event in settlement.acked:
+                    lanes.setdefault(event.lane, []).append(now - event.enqueued)
+                for lane, latencies in lanes.items():
+                    metrics.delivered(sink.name, lane, len(latencies))
+                    metrics.observe_latency(sink.name, lane, latencies)
+            for event, reason in settlement.rejected:
+                metrics.dead_lettered(sink.name, "rejected")
+                log.error(
+                    "Sink rejected an event; kept as a dead letter",
+                    extra={"sink": sink.name, "event_id": event.id, "type": event.type, "reason": reason},
+                )
+            if settlement.retry:
+                metrics.retried(sink.name, settlement.retry)
+                await backoff.wait(self._stopping)
+            else:
+                backoff.reset()
+
+    # --- upkeep ---------------------------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        """Once a second: buffer size cap, telemetry gap events, aggregation windows."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            await self.buffer.maintain()
+            self._report_evictions()
+            if self.rules.aggregating:
+                out = self.rules.flush_due(utc_now())
+                for source in {e.source.rsplit("/", 1)[-1] for e in out.events}:
+                    self.accept(source, RuleOutput(events=[e for e in out.events if e.source.endswith("/" + source)]))
+            if tick % 5 == 0:
+                await self._refresh_oldest()
+
+    def _report_evictions(self) -> None:
+        buffer = self.buffer
+        if buffer.evictions:
+            evictions, buffer.evictions = buffer.evictions, []
+            for eviction in evictions:
+                self.metrics.telemetry_evicted(eviction.events, eviction.samples)
+                pending = self._gap_pending.get(eviction.source)
+                if pending is None:
+                    self._gap_pending[eviction.source] = eviction
+                else:
+                    pending.events += eviction.events
+                    pending.samples += eviction.samples
+                    pending.start = min(pending.start, eviction.start)
+                    pending.end = max(pending.end, eviction.end)
+                    pending.tags.extend(tag for tag in eviction.tags if tag not in pending.tags)
+        now = time.monotonic()
+        events: list[CloudEvent] = []
+        for source, gap in list(self._gap_pending.items()):
+            if now - self._gap_sent.get(source, -GAP_INTERVAL) < GAP_INTERVAL:
+                continue
+            del self._gap_pending[source]
+            self._gap_sent[source] = now
+            uri = self.rules.source_uri(source)
+            log.warning(
+                "Telemetry evicted from the full buffer",
+                extra={"source": source, "evicted_events": gap.events, "evicted_samples": gap.samples},
+            )
+            events.append(
+                make_event(
+                    "telemetry.gap",
+                    id=stable_id(uri, "gap", gap.start.isoformat(), gap.end.isoformat(), gap.events),
+                    source=uri,
+                    time=gap.end,
+                    site=self.settings.agent.site,
+                    subject=source,
+                    partitionkey=source,
+                    data=TelemetryGap(
+                        source=source,
+                        tags=gap.tags,
+                        evicted_events=gap.events,
+                        evicted_samples=gap.samples,
+                        start=gap.start,
+                        end=gap.end,
+                    ),
+                )
+            )
+        if events:
+            self.accept(AGENT_SOURCE, RuleOutput(events=events))
+
+    async def _refresh_oldest(self) -> None:
+        for sink in self.sinks:
+            for lane in sink.lanes:
+                age = await self.buffer.oldest_age(sink.name, lane)
+                self._oldest[(sink.name, lane)] = age or 0.0
+
+    # --- monitoring (AgentView) -----------------------------------------------------------------
+
+    async def refresh_metrics(self) -> None:
+        """Fresh gauges before a /metrics scrape."""
+        if self.buffer._db is None:
+            return
+        await self._refresh_oldest()
+        self.metrics.set_buffer(
+            {
+                (sink.name, lane): (self.buffer.depth(sink.name, lane), self._oldest.get((sink.name, lane), 0.0))
+                for sink in self.sinks
+                for lane in sink.lanes
+            }
+        )
+        self.metrics.set_buffer_size(self.buffer.size_bytes)
+        self.metrics.set_refusing_writes(self.buffer.refusing_writes is not None)
+        for source in self.sources:
+            self.metrics.set_connection("source", source.name, source.status.state == "connected")
+        for sink in self.sinks:
+            self.metrics.set_connection("sink", sink.name, sink.status.state == "connected")
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """503 while starting, stopping or refusing writes; else 200 listing what is degraded."""
+        if self.state != "running":
+            return False, {"status": "unready", "reason": self.state}
+        refusing = self.buffer.refusing_writes
+        if refusing is not None:
+            return False, {"status": "unready", "reason": refusing}
+        degraded: list[dict[str, Any]] = []
+        for component, items in (("source", self.sources), ("sink", self.sinks)):
+            for item in items:
+                status = item.status
+                if status.state != "connected":
+                    degraded.append(
+                        {component: item.name, "state": status.state, "error": status.last_error}
+                    )
+                for key, reason in status.degraded.items():
+                    degraded.append({component: item.name, "item": key, "error": reason})
+        return True, {"status": "ready", "degraded": degraded}
+
+    def status(self) -> dict[str, Any]:
+        """The /status document."""
+        agent = self.settings.agent
+        sinks: dict[str, Any] = {}
+        for sink in self.sinks:
+            lanes = {
+                lane: {
+                    "depth": self.buffer.depth(sink.name, lane),
+                    "oldest_age_seconds": round(self._oldest.get((sink.name, lane), 0.0), 3),
+                }
+                for lane in sorted(sink.lanes)
+            }
+            sinks[sink.name] = {
+                **_status_of(sink.status),
+                "depth": sum(entry["depth"] for entry in lanes.values()),
+                "lanes": lanes,
+            }
+        return {
+            "agent": {
+                "id": agent.id,
+                "site": agent.site,
+                "version": __version__,
+                "state": self.state,
+                "uptime_seconds": round(time.time() - self.started_at, 1),
+            },
+            "sources": {source.name: _status_of(source.status) for source in self.sources},
+            "sinks": sinks,
+            "buffer": {
+                "path": str(self.buffer.path),
+                "size_bytes": self.buffer.size_bytes,
+                "refusing_writes": self.buffer.refusing_writes,
+                "last_sequence": self.buffer.last_sequence,
+                "dead_letters": self.buffer.dead_letter_count,
+                "duplicates_suppressed": self.buffer.duplicates_suppressed,
+            },
+            "unrouted": dict(self._unrouted),
+        }
+
+    async def wait_started(self) -> None:
+        """Returns once every source and sink task has been started."""
+        await self._started.wait()
+
+
+class _SourceInlet:
+    """Where one source hands its readings: rules, then the buffer (back-pressure here)."""
+
+    def __init__(self, agent: Agent, source: Source):
+        self._agent = agent
+        self._name = source.name
+
+    async def readings(self, batch: Sequence[Reading]) -> None:
+        agent = self._agent
+        await agent.buffer.wait_writable()
+        agent.accept(self._name, agent.rules.process(self._name, batch))
+
+
+def _status_of(status: Any) -> dict[str, Any]:
+    return {
+        "kind": status.kind,
+        "state": status.state,
+        "since": datetime.fromtimestamp(status.since, UTC).isoformat(),
+        "last_error": status.last_error,
+        "degraded": dict(status.degraded),
+    }
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,415 @@
+"""Classification and transactions: readings in, canonical events out.
+
+Per source batch: telemetry beyond its deadband (or its aggregation window) goes
+into one ``telemetry.samples`` event, state changes become
+``machine.state.changed``, and ``[[transactions]]`` rules fire on their trigger
+tag's rising edge with fields filled from the current values of other tags.
+Mapping problems become dead letters (sink ``-``), never drops.
+
+Pure and synchronous: no I/O, no awaits, so it is cheap per batch and easy to
+test with data-driven cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from agent.config_types import TagConfig
+from agent.events import (
+    Aggregate,
+    CloudEvent,
+    MachineStateChanged,
+    Quantity,
+    Reading,
+    Sample,
+    TelemetryAggregates,
+    TelemetrySamples,
+    decimal_string,
+    encode_event,
+    identifier_string,
+    make_event,
+    stable_id,
+)
+from agent.settings import ItemMapping, Settings, TransactionRule
+from buffer import NO_SINK, DeadLetter
+
+MAX_SAMPLES_PER_EVENT = 1000
+"""Bounds one telemetry row: a busy source still costs one row per ~1000 changes."""
+
+IDENTIFIER_FIELDS = frozenset({"work_order", "item", "lot", "serial", "station"})
+
+
+@dataclass
+class RuleOutput:
+    """What one batch produced: events to buffer, dead letters, PLC acks to write after commit."""
+
+    events: list[CloudEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)  # ack tags to write True once committed
+    suppressed: int = 0  # telemetry changes inside the deadband
+
+    def extend(self, other: RuleOutput) -> None:
+        self.events.extend(other.events)
+        self.dead_letters.extend(other.dead_letters)
+        self.acks.extend(other.acks)
+        self.suppressed += other.suppressed
+
+
+@dataclass
+class _Window:
+    start: datetime
+    end: datetime
+    count: int = 0
+    low: float = math.inf
+    high: float = -math.inf
+    total: float = 0.0
+    last: float = 0.0
+
+
+@dataclass
+class _TagState:
+    config: TagConfig
+    source: str
+    forwarded: Any = None  # last value forwarded as a sample (deadband reference)
+    forwarded_quality: str | None = None
+    has_forwarded: bool = False
+    state_name: str | None = None
+    state_since: datetime | None = None
+    window: _Window | None = None
+    triggers: list[TransactionRule] = field(default_factory=list)
+    trigger_value: Any = None
+    trigger_known: bool = False
+    fired_time: datetime | None = None
+
+
+class Rules:
+    """The classification and transaction rules of one agent (see the module docstring)."""
+
+    def __init__(self, settings: Settings):
+        self.site = settings.agent.site
+        self.agent_id = settings.agent.id
+        self.mappings = settings.mappings
+        self._tags: dict[str, _TagState] = {}
+        for source in settings.sources.opcua:
+            for tag in source.tags:
+                self._tags[tag.tag] = _TagState(config=tag, source=source.name)
+        for rule in settings.transactions:
+            self._tags[rule.when].triggers.append(rule)
+        self.current: dict[str, Reading] = {}
+        """The latest good reading of every tag: rules fill their fields from it."""
+        self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
+
+    def source_uri(self, source: str) -> str:
+        """The CloudEvents ``source`` of events from ``source``."""
+        return f"plantgate/{self.site}/{self.agent_id}/{source}"
+
+    # --- per batch ------------------------------------------------------------------------------
+
+    def process(self, source: str, batch: Sequence[Reading]) -> RuleOutput:
+        """Classify one batch of readings of ``source``; see the module docstring."""
+        out = RuleOutput()
+        samples: list[Sample] = []
+        aggregates: list[Aggregate] = []
+        triggered: list[tuple[_TagState, Reading]] = []
+        tags = self._tags
+        for reading in batch:
+            state = tags.get(reading.tag)
+            if state is None:
+                continue
+            if reading.quality != "bad":
+                self.current[reading.tag] = reading
+            if state.triggers:
+                triggered.append((state, reading))
+            kind = state.config.kind
+            if kind == "telemetry":
+                if state.config.aggregate is not None:
+                    done = self._aggregate(state, reading)
+                    if done is not None:
+                        aggregates.append(done)
+                    continue
+                if self._beyond_deadband(state, reading):
+                    samples.append(Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality))
+                else:
+                    out.suppressed += 1
+            elif kind == "state":
+                self._state_change(state, reading, out)
+                if self._changed(state, reading):
+                    samples.append(Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality))
+            elif (kind == "counter" or state.config.forward) and self._changed(state, reading):
+                samples.append(Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality))
+        # Triggers after every value of the batch is current: a PLC sets work order and quantity
+        # and then the cycle bit, and one publish may carry them in any order.
+        for state, reading in triggered:
+            self._trigger(state, reading, out)
+        if samples:
+            out.events.extend(self._samples_events(source, samples))
+        if aggregates:
+            out.events.append(self._aggregates_event(source, aggregates))
+        return out
+
+    def flush_due(self, now: datetime, grace: float = 1.0) -> RuleOutput:
+        """Close aggregation windows whose end passed ``grace`` seconds ago (values stopped changing)."""
+        out = RuleOutput()
+        by_source: dict[str, list[Aggregate]] = {}
+        limit = now - timedelta(seconds=grace)
+        for tag, state in self._tags.items():
+            window = state.window
+            if window is not None and window.end <= limit:
+                by_source.setdefault(state.source, []).append(_aggregate_of(tag, window))
+                state.window = None
+        for source, aggregates in by_source.items():
+            out.events.append(self._aggregates_event(source, aggregates))
+        return out
+
+    @property
+    def aggregating(self) -> bool:
+        """True when some tag aggregates (the agent then calls ``flush_due`` periodically)."""
+        return any(state.config.aggregate is not None for state in self._tags.values())
+
+    # --- telemetry ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _changed(state: _TagState, reading: Reading) -> bool:
+        if state.has_forwarded and reading.value == state.forwarded and reading.quality == state.forwarded_quality:
+            return False
+        state.forwarded, state.forwarded_quality, state.has_forwarded = reading.value, reading.quality, True
+        return True
+
+    @staticmethod
+    def _beyond_deadband(state: _TagState, reading: Reading) -> bool:
+        band = state.config.deadband
+        value = reading.value
+        if (
+            band
+            and state.has_forwarded
+            and reading.quality == state.forwarded_quality
+            and isinstance(value, int | float)
+            and isinstance(state.forwarded, int | float)
+            and not isinstance(value, bool)
+            and abs(value - state.forwarded) < band
+        ):
+            return False
+        if state.has_forwarded and value == state.forwarded and reading.quality == state.forwarded_quality:
+            return False
+        state.forwarded, state.forwarded_quality, state.has_forwarded = value, reading.quality, True
+        return True
+
+    @staticmethod
+    def _aggregate(state: _TagState, reading: Reading) -> Aggregate | None:
+        value = reading.value
+        if reading.quality == "bad" or not isinstance(value, int | float):
+            return None
+        number = float(value)
+        window = state.window
+        finished: Aggregate | None = None
+        if window is not None and reading.time >= window.end:
+            finished = _aggregate_of(state.config.tag, window)
+            window = None
+        if window is None:
+            width = state.config.aggregate or 1.0
+            start = datetime.fromtimestamp(math.floor(reading.time.timestamp() / width) * width, UTC)
+            window = state.window = _Window(start=start, end=start + timedelta(seconds=width))
+        window.count += 1
+        window.low = min(window.low, number)
+        window.high = max(window.high, number)
+        window.total += number
+        window.last = number
+        return finished
+
+    def _samples_events(self, source: str, samples: list[Sample]) -> Iterable[CloudEvent]:
+        uri = self._source_uri[source]
+        for start in range(0, len(samples), MAX_SAMPLES_PER_EVENT):
+            chunk = samples[start : start + MAX_SAMPLES_PER_EVENT]
+            first = chunk[0]
+            single = all(sample.tag == first.tag for sample in chunk)
+            yield make_event(
+                "telemetry.samples",
+                id=stable_id(uri, first.tag, first.time.isoformat(), len(chunk), chunk[-1].tag),
+                source=uri,
+                time=first.time,
+                site=self.site,
+                subject=first.tag if single else source,
+                partitionkey=source,
+                data=TelemetrySamples(samples=chunk),
+            )
+
+    def _aggregates_event(self, source: str, aggregates: list[Aggregate]) -> CloudEvent:
+        uri = self._source_uri[source]
+        first = aggregates[0]
+        return make_event(
+            "telemetry.aggregates",
+            id=stable_id(uri, "aggregates", first.tag, first.start.isoformat(), len(aggregates)),
+            source=uri,
+            time=max(agg.end for agg in aggregates),
+            site=self.site,
+            subject=first.tag if len(aggregates) == 1 else source,
+            partitionkey=source,
+            data=TelemetryAggregates(aggregates=aggregates),
+        )
+
+    # --- machine state --------------------------------------------------------------------------
+
+    def _state_change(self, state: _TagState, reading: Reading, out: RuleOutput) -> None:
+        if reading.quality == "bad":
+            return
+        names = state.config.states or {}
+        key = identifier_string(reading.value)
+        name = names.get(key, f"unknown:{key}")
+        if name == state.state_name:
+            return
+        previous, since = state.state_name, state.state_since
+        data = MachineStateChanged(tag=reading.tag, state=name, previous=previous, value=_sample_value(reading.value))
+        if previous is not None and since is not None:
+            data.previous_duration_s = round(max(0.0, (reading.time - since).total_seconds()), 3)
+        state.state_name, state.state_since = name, reading.time
+        uri = self._source_uri[state.source]
+        out.events.append(
+            make_event(
+                "machine.state.changed",
+                id=stable_id(uri, reading.tag, reading.time.isoformat(), name),
+                source=uri,
+                time=reading.time,
+                site=self.site,
+                subject=reading.tag,
+                partitionkey=reading.tag,
+                data=data,
+            )
+        )
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    def _trigger(self, state: _TagState, reading: Reading, out: RuleOutput) -> None:
+        if reading.quality == "bad":
+            return
+        value = reading.value
+        known, previous = state.trigger_known, state.trigger_value
+        state.trigger_value, state.trigger_known = value, True
+        if isinstance(value, bool):
+            fire = value and (not known or previous is not True)
+        else:
+            fire = known and value != previous
+        if not fire or state.fired_time == reading.time:
+            # Same source timestamp as the cycle we already fired: a reconnect replaying the value.
+            return
+        for rule in state.triggers:
+            if not known and rule.ack is not None:
+                ack = self.current.get(rule.ack)
+                if ack is not None and ack.value is True:
+                    # Start-up with the cycle already acknowledged: the PLC has not reset it yet.
+                    continue
+            self._fire(rule, state, reading, out)
+        state.fired_time = reading.time
+
+    def _fire(self, rule: TransactionRule, trigger: _TagState, reading: Reading, out: RuleOutput) -> None:
+        uri = self._source_uri[trigger.source]
+        parts: list[object] = [uri, rule.name, reading.time.isoformat()]
+        if not isinstance(reading.value, bool):
+            parts.append(reading.value)
+        event_id = stable_id(*parts)
+        data: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, tag in rule.fields.items():
+            current = self.current.get(tag)
+            if current is None:
+                problems.append(f"field {key}: tag {tag} has no good value yet")
+                data[key] = None
+                continue
+            data[key] = _field_value(key, current.value, rule, problems)
+        subject = _subject(data, rule.when)
+        event = make_event(
+            rule.type,
+            id=event_id,
+            source=uri,
+            time=reading.time,
+            site=self.site,
+            subject=subject,
+            partitionkey=str(data.get("work_order") or subject),
+            data=data,
+        )
+        if not problems:
+            mapped = dict(data)
+            problems = self._map(mapped)
+            if not problems:
+                event.data = mapped
+        if rule.ack is not None:
+            out.acks.append(rule.ack)
+        if problems:
+            out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
+            return
+        out.events.append(event)
+
+    def _map(self, data: dict[str, Any]) -> list[str]:
+        """Map item codes and units in place; return what cannot be mapped."""
+        problems: list[str] = []
+        for key, value in data.items():
+            if (key == "item" or key.endswith("_item")) and isinstance(value, str):
+                mapped = self.mappings.items.get(value)
+                if isinstance(mapped, ItemMapping):
+                    if mapped.obsolete:
+                        problems.append(f"{key}: item code {value!r} is obsolete")
+                elif mapped is not None:
+                    data[key] = mapped
+                elif self.mappings.unknown_items == "dead-letter":
+                    problems.append(f"{key}: item code {value!r} is not in [mappings.items]")
+            elif isinstance(value, Quantity):
+                data[key] = Quantity(value=value.value, uom=self.mappings.uom.get(value.uom, value.uom))
+        return problems
+
+
+def _field_value(key: str, value: Any, rule: TransactionRule, problems: list[str]) -> Any:
+    if key == "quantity" or key.endswith("_quantity"):
+        try:
+            return Quantity(value=decimal_string(value), uom=rule.uom or "")
+        except ValueError as exc:
+            problems.append(f"field {key}: {exc}")
+            return identifier_string(value)
+    if key in IDENTIFIER_FIELDS or key.endswith("_item"):
+        return identifier_string(value)
+    return _sample_value(value)
+
+
+def _subject(data: dict[str, Any], tag: str) -> str:
+    for key in ("work_order", "lot"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return tag
+
+
+def _sample_value(value: Any) -> bool | int | float | str | None:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _aggregate_of(tag: str, window: _Window) -> Aggregate:
+    return Aggregate(
+        tag=tag,
+        start=window.start,
+        end=window.end,
+        count=window.count,
+        min=window.low,
+        max=window.high,
+        mean=window.total / window.count if window.count else 0.0,
+        last=window.last,
+    )
+
+
+def _dead_letter(event: CloudEvent, reason: str) -> DeadLetter:
+    """A dead letter made before any sink: the event as made (unmapped), for replay."""
+    return DeadLetter(
+        id=event.id,
+        sink=NO_SINK,
+        reason=reason,
+        type=event.type,
+        subject=event.subject,
+        lane=event.lane,
+        time=datetime.now(UTC).timestamp(),
+        body=encode_event(event),
+    )

@@ -1,0 +1,352 @@
+"""The site configuration: one TOML file, every key overridable from the environment.
+
+The file is parsed with ``tomllib`` (so a syntax error names its line), then
+``PLANTGATE__SECTION__KEY`` environment variables are laid over it, then the
+whole is validated by pydantic-settings models. Each protocol module owns its
+config model; this module only collects them, explicitly, by section name.
+
+Environment overrides reach into lists too: ``PLANTGATE__SINKS__MQTT__CLOUD__PASSWORD``
+sets ``password`` of the MQTT sink named ``cloud`` (an index such as ``0`` works
+as well). Values are parsed as TOML values when they look like one (numbers,
+booleans, arrays), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.config_types import ConfigModel
+from agent.events import TRANSACTION_TYPES, TYPE_PREFIX
+from agent.http_server import parse_listen
+from protocols.jsonl import JsonlSinkConfig
+from protocols.mqtt import MqttSinkConfig
+from protocols.opcua import OpcUaSourceConfig
+
+ENV_PREFIX = "PLANTGATE__"
+DEFAULT_CONFIG = Path("/etc/plantgate/plantgate.toml")
+
+
+class AgentSection(ConfigModel):
+    """``[agent]``: who this agent is and where it keeps its state."""
+
+    site: str = Field(min_length=1, description="Plant or site id; goes into every event's source and `site`")
+    id: str = Field(default_factory=socket.gethostname, min_length=1, description="Agent id (default: the hostname)")
+    data_dir: Path = Field(Path("/var/lib/plantgate"), description="State directory; relative paths resolve here")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+
+    @field_validator("site", "id")
+    @classmethod
+    def _no_slash(cls, value: str) -> str:
+        if "/" in value or any(ch.isspace() for ch in value):
+            raise ValueError("must not contain '/' or spaces (it is part of the event source and MQTT topics)")
+        return value
+
+
+class BufferSection(ConfigModel):
+    """``[buffer]``: the SQLite store-and-forward buffer."""
+
+    path: Path = Field(Path("buffer.db"), description="Buffer file; relative to agent.data_dir")
+    max_size_mb: float = Field(
+        2048, gt=0, description="When reached: telemetry evicted first, then sources back-pressured"
+    )
+    telemetry_max_rows: int = Field(
+        1_000_000, ge=0, description="Stored telemetry events kept at most; the oldest are evicted (with a gap event)"
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        "full",
+        description="full: every commit survives power loss; normal: survives a crash of the agent, not of the OS",
+    )
+
+
+class HttpSection(ConfigModel):
+    """``[http]``: health, metrics and status (and, later, MES ingest)."""
+
+    listen: str = Field("127.0.0.1:9480", description="host:port for /healthz, /readyz, /metrics, /status")
+    ingest_token_file: Path | None = Field(None, description="Bearer token file for POST /v1/events")
+    max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body accepted")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_listen(value)  # the same rule the server binds with
+        return value
+
+
+class SourcesSection(ConfigModel):
+    """``[sources]``: one list per protocol."""
+
+    opcua: list[OpcUaSourceConfig] = Field(default_factory=list, description="OPC UA servers (subscriptions)")
+
+
+class SinksSection(ConfigModel):
+    """``[sinks]``: one list per protocol."""
+
+    mqtt: list[MqttSinkConfig] = Field(default_factory=list, description="MQTT brokers (QoS 1)")
+    jsonl: list[JsonlSinkConfig] = Field(default_factory=list, description="JSON Lines files")
+
+
+class TransactionRule(ConfigModel):
+    """``[[transactions]]``: a business transaction fired by a trigger tag."""
+
+    name: str = Field(min_length=1, description="Rule name (part of each event's stable id)")
+    when: str = Field(
+        min_length=1, description="Trigger tag: fires on its rising edge (false -> true); non-bool tags on change"
+    )
+    type: str = Field(description="Canonical transaction type, e.g. production.completed")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="data key -> tag whose current value fills it"
+    )
+    uom: str | None = Field(None, description="Unit of `quantity` fields (UN/ECE Rec 20, or mapped via [mappings.uom])")
+    ack: str | None = Field(None, description="Tag written true once the event is durably buffered (PLC handshake)")
+
+    @field_validator("type")
+    @classmethod
+    def _canonical_type(cls, value: str) -> str:
+        name = value.removeprefix(TYPE_PREFIX)
+        if name not in TRANSACTION_TYPES:
+            raise ValueError(f"{value!r} is not a transaction type; one of: {', '.join(TRANSACTION_TYPES)}")
+        return name
+
+
+class ItemMapping(ConfigModel):
+    """A local item code that must not be posted."""
+
+    obsolete: bool = Field(True, description="The code is obsolete: events using it become dead letters")
+
+
+class MappingsSection(ConfigModel):
+    """``[mappings]``: local codes -> canonical codes."""
+
+    items: dict[str, str | ItemMapping] = Field(default_factory=dict, description="Local item code -> canonical code")
+    uom: dict[str, str] = Field(default_factory=dict, description="Local unit -> UN/ECE Rec 20 code")
+    unknown_items: Literal["pass", "dead-letter"] = Field(
+        "pass", description="An item code not in [mappings.items]: pass unchanged, or make a dead letter"
+    )
+
+
+class Settings(BaseSettings):
+    """The whole site configuration (``plantgate schema config`` prints its JSON Schema)."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    agent: AgentSection
+    buffer: BufferSection = BufferSection()
+    http: HttpSection = HttpSection()
+    sources: SourcesSection = Field(default_factory=SourcesSection)
+    sinks: SinksSection = Field(default_factory=SinksSection)
+    transactions: list[TransactionRule] = Field(default_factory=list)
+    mappings: MappingsSection = MappingsSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file and the environment are merged by ``load_settings`` (list-aware, with
+        # line numbers for errors); the model only validates what it is given.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        tags: dict[str, str] = {}
+        for source in self.sources.opcua:
+            for tag in source.tags:
+                if tag.tag in tags:
+                    raise ValueError(f"tag {tag.tag!r} is defined by both {tags[tag.tag]!r} and {source.name!r}")
+                tags[tag.tag] = source.name
+        _unique("sources", [s.name for s in self.sources.opcua])
+        _unique("sinks", [s.name for s in self.sinks.mqtt] + [s.name for s in self.sinks.jsonl])
+        _unique("transactions", [rule.name for rule in self.transactions])
+        for index, rule in enumerate(self.transactions):
+            where = f"transactions.{index}"
+            if rule.when not in tags:
+                raise ValueError(f"{where}.when: tag {rule.when!r} is not defined by any source")
+            for key, field_tag in rule.fields.items():
+                if field_tag not in tags:
+                    raise ValueError(f"{where}.fields.{key}: tag {field_tag!r} is not defined by any source")
+            if rule.ack is not None and rule.ack not in tags:
+                raise ValueError(f"{where}.ack: tag {rule.ack!r} is not defined by any source")
+            has_quantity = any(key == "quantity" or key.endswith("_quantity") for key in rule.fields)
+            if has_quantity and rule.uom is None:
+                raise ValueError(f"{where}.uom: a rule with a quantity field needs a unit (uom)")
+        return self
+
+    def data_path(self, path: Path) -> Path:
+        """Resolve a configured path against ``agent.data_dir``."""
+        return path if path.is_absolute() else self.agent.data_dir / path
+
+    def tag_owner(self) -> dict[str, str]:
+        """Tag name -> name of the source that defines it."""
+        return {tag.tag: source.name for source in self.sources.opcua for tag in source.tags}
+
+
+def _unique(section: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{section}: the name {name!r} is used twice; names must be unique")
+        seen.add(name)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """An invalid config: ``str(error)`` is the one line ``plantgate check`` prints."""
+
+    def __init__(self, path: Path | None, key: str, message: str, line: int | None = None):
+        self.path = path
+        self.key = key
+        self.message = message
+        self.line = line
+        where = str(path) if path is not None else "<config>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+def default_config_path() -> Path:
+    """``$PLANTGATE_CONFIG``, else ``/etc/plantgate/plantgate.toml``."""
+    return Path(os.environ.get("PLANTGATE_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the config; raise ``ConfigError`` with file, line and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read the config file: {exc.strerror}") from exc
+    return parse_settings(text, path=path, environ=os.environ if environ is None else environ)
+
+
+_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def parse_settings(text: str, *, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate config ``text`` (TOML) with environment overrides from ``environ``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _TOML_LINE.search(message)
+        line = int(match.group(1)) if match else None
+        raise ConfigError(path, "", f"TOML syntax error: {_TOML_LINE.sub('', message).strip()}", line) from exc
+    try:
+        apply_env_overrides(data, environ or {})
+    except ValueError as exc:
+        raise ConfigError(path, "environment", str(exc)) from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        if not key and ": " in message and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+            # Cross-reference errors carry their own key path as a prefix.
+            key, message = message.split(": ", 1)
+        more = len(exc.errors()) - 1
+        if more:
+            message += f" (and {more} more error{'s' if more > 1 else ''})"
+        raise ConfigError(path, key, message, line_of(text, key)) from exc
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Lay ``PLANTGATE__A__B=value`` over the parsed TOML, reaching into lists by name or index."""
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not parts:
+            continue
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            nxt = parts[depth + 1]
+            node = _child(node, part, name, list_expected=nxt.isdigit())
+        last = parts[-1]
+        # Secrets stay strings even when they look like numbers.
+        value = raw if last.endswith(("password", "secret", "token")) else _env_value(raw)
+        if isinstance(node, list):
+            _list_item(node, last, name)  # validates
+            raise ValueError(f"{name}: cannot replace a whole list item; name one of its keys")
+        node[last] = value
+
+
+def _child(node: Any, part: str, env_name: str, *, list_expected: bool) -> Any:
+    if isinstance(node, list):
+        return _list_item(node, part, env_name)
+    if part not in node or not isinstance(node[part], dict | list):
+        node[part] = [] if list_expected else {}
+    return node[part]
+
+
+def _list_item(items: list[Any], part: str, env_name: str) -> dict[str, Any]:
+    if part.isdigit() and int(part) < len(items):
+        item: dict[str, Any] = items[int(part)]
+        return item
+    for item in items:
+        if isinstance(item, dict) and str(item.get("name", "")).lower() == part:
+            return item
+    raise ValueError(f"{env_name}: no list item named or numbered {part!r}")
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def line_of(text: str, key: str) -> int | None:
+    """Best-effort line number of a dotted key path (``sources.opcua.0.tags.1.kind``) in TOML text."""
+    if not key:
+        return None
+    target = key.split(".")
+    table: list[str] = []
+    counters: dict[tuple[str, ...], int] = {}
+    best: int | None = None
+    header = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    assignment = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = header.match(line)
+        if match:
+            names = [part.strip().strip("\"'") for part in match.group(2).split(".")]
+            resolved: list[str] = []
+            for depth, part in enumerate(names):
+                resolved.append(part)
+                prefix = tuple(resolved)
+                if match.group(1) == "[[" and depth == len(names) - 1:
+                    counters[prefix] = counters.get(prefix, -1) + 1
+                    # A new array element resets the counters of arrays nested inside it.
+                    for other in [k for k in counters if len(k) > len(prefix) and k[: len(prefix)] == prefix]:
+                        del counters[other]
+                if prefix in counters:
+                    resolved.append(str(counters[prefix]))
+            table = resolved
+            if _is_prefix(table, target):
+                best = number
+            continue
+        match = assignment.match(line)
+        if match and _is_prefix([*table, match.group(1).strip("\"'")], target):
+            return number
+    return best
+
+
+def _is_prefix(path: list[str], target: list[str]) -> bool:
+    return len(path) <= len(target) and target[: len(path)] == path
