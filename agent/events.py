@@ -188,22 +188,8 @@ TransactionValue = str | Quantity | int | float | bool | None
 TransactionData = dict[str, TransactionValue]
 """A transaction's ``data``: the keys of its rule's ``fields``; quantities as ``Quantity``."""
 
-Payload = (
-    TelemetrySamples
-    | TelemetryAggregates
-    | MachineStateChanged
-    | AlarmChanged
-    | BarcodeScanned
-    | BarcodeRejected
-    | TelemetryGap
-    | AgentStarted
-    | BufferQuarantined
-    | TransactionData
-)
-
 PAYLOAD_OF_TYPE: dict[str, Any] = {
     **{name: TransactionData for name in TRANSACTION_TYPES},
-    "goods.received": TransactionData | BarcodeScanned,
     "machine.state.changed": MachineStateChanged,
     "alarm.raised": AlarmChanged,
     "alarm.cleared": AlarmChanged,
@@ -372,3 +358,21 @@ def identifier_string(value: object) -> str:
     if isinstance(value, str):
         return value.strip()
     return str(value)
+
+
+def events_json_schema() -> dict[str, Any]:
+    """JSON Schema of the envelope and of each canonical type's ``data`` (``plantgate schema events``)."""
+    names = list(PAYLOAD_OF_TYPE)
+    types = [CloudEvent, *(PAYLOAD_OF_TYPE[name] for name in names)]
+    schemas, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    envelope, payloads = schemas[0], schemas[1:]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "plantgate canonical events (CloudEvents 1.0, structured mode)",
+        "envelope": envelope,
+        "types": {
+            TYPE_PREFIX + name: {"lane": LANE_OF_TYPE[name], "dataschema": dataschema_for(name), "data": payload}
+            for name, payload in zip(names, payloads, strict=True)
+        },
+        "$defs": components,
+    }

@@ -101,6 +101,7 @@ class Agent:
         self._gap_sent: dict[str, float] = {}
         self._started = asyncio.Event()
         self._cursors: dict[str, DeliveryCursor] = {}
+        self._idle: dict[str, asyncio.Event] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -176,10 +177,12 @@ class Agent:
         # PLC acks for cycles already committed still go out while the sources' sessions close.
         await self._flush_acks()
         self._stopping.set()
-        for event in list(self.buffer._new_data.values()):
-            event.set()
-        _, pending = await asyncio.wait(delivery_tasks, timeout=self.drain_timeout) if delivery_tasks else ((), ())
-        await _cancel(list(pending))
+        # Deliveries in flight finish (their acks settle into the buffer); no new batch starts.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.drain_timeout):
+                for idle in self._idle.values():
+                    await idle.wait()
+        await _cancel(delivery_tasks)
         await self.buffer.commit_now()
         await _cancel(sink_tasks)
         await _cancel(helpers)
@@ -317,12 +320,18 @@ class Agent:
         """Take a batch, deliver it, settle the outcomes; back off while the peer is away."""
         backoff = Backoff(base=0.5, cap=30.0)
         metrics = self.metrics
+        idle = self._idle[sink.name] = asyncio.Event()
+        idle.set()
         while not self._stopping.is_set():
             batch = await cursor.next_batch(self.batch_max)
-            if not batch:
+            if not batch or self._stopping.is_set():
                 continue
-            outcomes = await sink.deliver(batch)
-            settlement = cursor.settle(batch, outcomes)
+            idle.clear()
+            try:
+                outcomes = await sink.deliver(batch)
+                settlement = cursor.settle(batch, outcomes)
+            finally:
+                idle.set()
             if settlement.acked:
                 now = time.time()
                 lanes: dict[Lane, list[float]] = {}

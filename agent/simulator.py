@@ -146,6 +146,9 @@ class PressSimulator:
             self.port = _free_port(self.host)
         server = Server(user_manager=_Users(self._users) if self._users is not None else None)
         await server.init()
+        # The clock task updates ServerStatus.CurrentTime every second and makes stop()
+        # wait up to a second for it; a simulator does not need it.
+        server.disable_clock()
         server.set_endpoint(self.endpoint)
         server.set_server_name("plantgate press simulator")
         await server.set_application_uri(APPLICATION_URI)

@@ -9,6 +9,8 @@ from buffer.store import (
     DeliveryCursor,
     Eviction,
     Settlement,
+    inspect_dead_letters,
+    inspect_stats,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "DeliveryCursor",
     "Eviction",
     "Settlement",
+    "inspect_dead_letters",
+    "inspect_stats",
 ]

@@ -262,22 +262,32 @@ class Buffer:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Open (creating if needed), check integrity, quarantine a corrupt file, load cursors."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        reason = await self._check_integrity()
-        if reason is not None:
-            self.quarantined = self._quarantine(reason)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+    async def open(self, *, readonly: bool = False) -> None:
+        """Open (creating if needed), check integrity, quarantine a corrupt file, load cursors.
+
+        ``readonly`` is for inspecting a buffer, also one a running agent is writing
+        (WAL lets a reader in): no integrity repair, no commit loop, no writes.
+        """
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(self.path)
+            self._db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            reason = await self._check_integrity()
+            if reason is not None:
+                self.quarantined = self._quarantine(reason)
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
         db = self._db
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute(f"PRAGMA synchronous={self.synchronous}")
-        # Keep the WAL from growing without bound after a burst: truncate it back after checkpoints.
-        await db.execute("PRAGMA journal_size_limit=67108864")
-        await db.execute("PRAGMA wal_autocheckpoint=2000")
-        await db.execute("PRAGMA cache_size=-16000")
-        await db.execute("PRAGMA temp_store=MEMORY")
-        await db.executescript(_SCHEMA)
+        if not readonly:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={self.synchronous}")
+            # Keep the WAL from growing without bound after a burst: truncate it back after checkpoints.
+            await db.execute("PRAGMA journal_size_limit=67108864")
+            await db.execute("PRAGMA wal_autocheckpoint=2000")
+            await db.execute("PRAGMA cache_size=-16000")
+            await db.execute("PRAGMA temp_store=MEMORY")
+            await db.executescript(_SCHEMA)
         seq = 0
         async with db.execute("SELECT value FROM meta WHERE key='last_seq'") as cur:
             row = await cur.fetchone()
@@ -306,11 +316,16 @@ class Buffer:
             row = await cur.fetchone()
             self.dead_letter_count = int(row[0]) if row else 0
         await self._refresh_size()
-        self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
+        if not readonly:
+            self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
 
     async def close(self) -> None:
         """Commit what is pending, persist cursors, close the file."""
         if self._db is None:
+            return
+        if self._commit_task is None:  # read-only
+            await self._db.close()
+            self._db = None
             return
         self._closing = True
         self._wake.set()
@@ -762,6 +777,26 @@ class Buffer:
         """Wait until everything appended or acknowledged so far is committed."""
         future = self.append([])
         await future
+
+
+async def inspect_stats(path: Path, configured_sinks: Iterable[str]) -> BufferStats:
+    """``plantgate buffer stats`` on a buffer file, read-only (the agent may be running)."""
+    buffer = Buffer(path)
+    await buffer.open(readonly=True)
+    try:
+        return await buffer.stats(configured_sinks)
+    finally:
+        await buffer.close()
+
+
+async def inspect_dead_letters(path: Path, sink: str | None = None) -> list[DeadLetter]:
+    """``plantgate buffer dead-letters`` on a buffer file, read-only."""
+    buffer = Buffer(path)
+    await buffer.open(readonly=True)
+    try:
+        return await buffer.dead_letters(sink)
+    finally:
+        await buffer.close()
 
 
 class RecentIds:
