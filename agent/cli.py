@@ -184,7 +184,9 @@ def _summary(settings: Any) -> str:
     ]
     for source in settings.sources.opcua:
         secure = f"{source.security_policy}/{source.security_mode}"
-        user = f" user={source.username} password={_mask(source.password, source.password_file)}" if source.username else ""
+        user = ""
+        if source.username:
+            user = f" user={source.username} password={_mask(source.password, source.password_file)}"
         lines.append(f"source   opcua {source.name} {source.endpoint} security={secure}{user} tags={len(source.tags)}")
         for tag in source.tags:
             extra = []
