@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -272,29 +271,25 @@ async def test_kill_9_during_outage_loses_nothing(
     collector = MqttCollector(broker.host, broker.port, COMPLETED, client_id="e2e-kill", clean_session=False)
     collector.start()
     config = write_config(tmp_path, press_server, broker)
-    env = {**os.environ, "PLANTGATE__HTTP__LISTEN": "127.0.0.1:0"}
+    command = [plantgate_binary(), "run", "-c", str(config)]
     try:
         broker.stop()
-        agent = subprocess.Popen([plantgate_binary(), "run", "-c", str(config)], env=env, stderr=subprocess.PIPE)
+        agent = await asyncio.create_subprocess_exec(*command, stderr=subprocess.DEVNULL)
         try:
             await wait_for(lambda: (tmp_path / "data" / "buffer.db").exists(), timeout=20)
             orders = [f"WO-K{i}" for i in range(10)]
             await cycles(press_server, orders)  # each acked by the agent => committed to its buffer
         finally:
             agent.send_signal(signal.SIGKILL)
-            agent.wait(timeout=10)
-            assert agent.stderr is not None
-            agent.stderr.close()
+            await asyncio.wait_for(agent.wait(), 10)
         assert agent.returncode == -signal.SIGKILL
         broker.start()
-        restarted = subprocess.Popen(
-            [plantgate_binary(), "run", "-c", str(config)], env=env, stderr=subprocess.DEVNULL
-        )
+        restarted = await asyncio.create_subprocess_exec(*command, stderr=subprocess.DEVNULL)
         try:
             await wait_for(lambda: len(completions(collector)) >= 10, timeout=40)
         finally:
             restarted.send_signal(signal.SIGTERM)
-            assert restarted.wait(timeout=30) == 0, "SIGTERM drains and exits 0"
+            assert await asyncio.wait_for(restarted.wait(), 30) == 0, "SIGTERM drains and exits 0"
     finally:
         collector.stop()
     events = completions(collector)
