@@ -1,0 +1,856 @@
+"""OPC UA source: subscriptions on a PLC's OPC UA server, readings in batches, reconnect, handshake writes.
+
+One subscription carries every tag, each a monitored item with an explicit
+server-side queue. Every publish response becomes exactly one
+``output.readings(batch)`` call: the source registers its own publish callback on
+asyncua's low-level session (``client.uaclient.create_subscription``), which hands
+over the whole ``PublishResult``, instead of asyncua's ``Subscription`` object, which
+would split the response into one task (or one bounded, drop-oldest queue entry) per
+value. The callback is awaited by asyncua's publish loop, so when the agent
+back-pressures, no new Publish request goes out and values wait in the server's
+per-item queues (``queue_size``, oldest discarded first, reported through the
+status code's overflow bit) instead of being dropped silently on our side.
+
+Connection loss is seen by asyncua's connection supervisor: at once when the
+socket closes (server restart), within about twice ``watchdog_interval`` when the
+server stops answering (it reads ``ServerStatus.State`` once per interval), and
+by our own keep-alive check when publish responses stop arriving. Then the source
+drops the client, backs off (``agent.backoff.Backoff``), builds a new client and
+subscribes everything again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from asyncua import Client, ua
+from asyncua.common.ua_utils import data_type_to_variant_type
+from asyncua.crypto import security_policies
+from asyncua.crypto.uacrypto import CertProperties
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from agent.backoff import Backoff
+from agent.config_types import ConfigModel, Duration, TagConfig, read_secret
+from agent.events import Quality, Reading
+from agent.health import ComponentStatus
+from agent.source import ReadingSink, SourceError
+
+logger = logging.getLogger(__name__)
+
+SecurityPolicyName = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+SecurityModeName = Literal["None", "Sign", "SignAndEncrypt"]
+
+_POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
+    "None": security_policies.SecurityPolicyNone,
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
+_MODES = {
+    "None": ua.MessageSecurityMode.None_,
+    "Sign": ua.MessageSecurityMode.Sign,
+    "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+
+# The server answers a subscription with no changes by a keep-alive about this often.
+_KEEPALIVE_PERIOD = 5.0
+# A subscription outlives this much silence from the client (e.g. while the agent
+# back-pressures and no Publish request goes out) before the server expires it.
+_LIFETIME_PERIOD = 600.0
+# Sessions of a client that vanished are reclaimed by the server after this long;
+# PLCs allow only a handful of sessions, so keep it short (the watchdog keeps ours alive).
+_SESSION_TIMEOUT = 60.0
+_MAX_NOTIFICATIONS_PER_PUBLISH = 10_000
+# PLCs limit the operations per request (MaxMonitoredItemsPerCall, often 1000); stay below.
+_MAX_ITEMS_PER_CALL = 500
+
+_SEVERITY_SHIFT = 30  # StatusCode bits 31..30: 00 good, 01 uncertain, 10/11 bad
+_OVERFLOW_BITS = 0x0480  # InfoType "DataValue" (bit 10) + Overflow (bit 7): the server queue dropped values
+_PLAIN_TYPES = frozenset({bool, int, float, str})
+_SKIP = object()
+_EPOCH_GUARD = 1971  # servers send 1601-01-01 (FILETIME 0) for "no timestamp"
+
+
+def parse_node_id(text: str) -> ua.NodeId:
+    """Parse an OPC UA node id string (``ns=2;s=Press7.Temperature``, ``i=2258``, ``nsu=<uri>;s=X``)."""
+    try:
+        node = ua.NodeId.from_string(text.strip())
+    except Exception as exc:  # asyncua raises UaStringParsingError, or ValueError for bad parts
+        raise ValueError(
+            f"{text!r} is not an OPC UA node id; write it as \"ns=2;s=Name\", \"ns=3;i=1001\" or \"nsu=<uri>;s=Name\""
+        ) from exc
+    if node.Identifier in ("", None, b""):
+        raise ValueError(f"{text!r} has an empty identifier")
+    if isinstance(node, ua.ExpandedNodeId) and node.ServerIndex:
+        raise ValueError(f"{text!r} points to another server (svr=); only local node ids are supported")
+    return node
+
+
+class OpcUaTagConfig(TagConfig):
+    """One OPC UA variable read by subscription: the common tag settings plus its ``node``."""
+
+    node: str = Field(
+        ...,
+        description="Node id of the variable, e.g. \"ns=2;s=Press7.Temperature\", \"ns=3;i=1001\" "
+        "or \"nsu=urn:vendor:plc;s=Press7.Temperature\" (namespace by URI, resolved at every connect)",
+        examples=["ns=2;s=Press7.Temperature"],
+    )
+
+    @field_validator("node")
+    @classmethod
+    def _valid_node(cls, value: str) -> str:
+        parse_node_id(value)
+        return value.strip()
+
+
+class OpcUaSourceConfig(ConfigModel):
+    """``[[sources.opcua]]``: one OPC UA server (typically one PLC) and the variables read from it."""
+
+    name: str = Field(..., min_length=1, description="Name of this source, used in events, /status and metrics")
+    endpoint: str = Field(
+        ...,
+        description="Server endpoint URL, opc.tcp://host:port[/path]",
+        examples=["opc.tcp://10.1.3.7:4840"],
+    )
+    security_policy: SecurityPolicyName = Field(
+        "None", description="None | Basic256Sha256 | Aes128_Sha256_RsaOaep | Aes256_Sha256_RsaPss"
+    )
+    security_mode: SecurityModeName = Field(
+        "None", description="None | Sign | SignAndEncrypt; None exactly when security_policy is None"
+    )
+    certificate: Path | None = Field(
+        None,
+        description="The agent's application instance certificate (DER or PEM) for a secure policy; "
+        "its URI subject alternative name becomes the client's application URI",
+    )
+    private_key: Path | None = Field(None, description="Private key (DER or PEM, unencrypted) of `certificate`")
+    server_certificate: Path | None = Field(
+        None,
+        description="The server's certificate (DER or PEM) to pin; without it the certificate the server "
+        "offers in its endpoint list is used",
+    )
+    username: str | None = Field(None, min_length=1, description="User name for a username/password identity")
+    password_file: Path | None = Field(None, description="File holding the password (e.g. a systemd credential)")
+    password: SecretStr | None = Field(
+        None, description="The password, from the environment; password_file wins when both are set"
+    )
+    publishing_interval: Duration = Field(
+        0.1, gt=0, description="How often the server sends the changes it collected (one batch per publish)"
+    )
+    sampling_interval: Duration = Field(
+        0.0, description="How often the server samples each variable; 0 = at the publishing interval"
+    )
+    queue_size: int = Field(
+        100,
+        ge=1,
+        description="Values the server keeps per variable between two publishes (oldest dropped first, "
+        "logged) so fast changes and short back-pressure lose nothing",
+    )
+    timeout: Duration = Field(4.0, gt=0, description="Timeout of each request to the server")
+    watchdog_interval: Duration = Field(
+        1.0,
+        gt=0,
+        description="How often the connection is probed; a server that stops answering is detected "
+        "within about twice this (a closed connection at once)",
+    )
+    reconnect_max_backoff: Duration = Field(
+        10.0, gt=0, description="Longest wait between reconnect attempts (exponential backoff with jitter)"
+    )
+    bad_node_retry: Duration = Field(
+        30.0,
+        gt=0,
+        description="How often a node the server refused (unknown node id, bad status) is tried again; "
+        "the other tags keep flowing meanwhile",
+    )
+    tags: list[OpcUaTagConfig] = Field(..., min_length=1, description="The variables to subscribe to")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _valid_endpoint(cls, value: str) -> str:
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme != "opc.tcp":
+            raise ValueError(f"{value!r} is not an OPC UA endpoint; write it as opc.tcp://host:port")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put credentials in username and password_file, not in the endpoint URL")
+        if not parts.hostname:
+            raise ValueError(f"{value!r} has no host; write it as opc.tcp://host:port")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has an invalid port") from exc
+        if port is None:
+            raise ValueError(f"{value!r} has no port; write it as opc.tcp://{parts.hostname}:4840")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tags(cls, tags: list[OpcUaTagConfig]) -> list[OpcUaTagConfig]:
+        names: set[str] = set()
+        nodes: dict[str, str] = {}
+        for tag in tags:
+            if tag.tag in names:
+                raise ValueError(f"tag {tag.tag!r} appears twice")
+            names.add(tag.tag)
+            key = parse_node_id(tag.node).to_string()
+            if key in nodes:
+                raise ValueError(f"node {tag.node!r} is used by both {nodes[key]!r} and {tag.tag!r}")
+            nodes[key] = tag.tag
+        return tags
+
+    @model_validator(mode="after")
+    def _security(self) -> OpcUaSourceConfig:
+        if (self.security_policy == "None") != (self.security_mode == "None"):
+            raise ValueError(
+                f"security_policy {self.security_policy!r} does not go with security_mode {self.security_mode!r}: "
+                "use None for both, or a policy with Sign or SignAndEncrypt"
+            )
+        if self.security_policy != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"security_policy {self.security_policy!r} needs certificate and private_key")
+        if self.security_policy == "None":
+            unused = [
+                key for key in ("certificate", "private_key", "server_certificate") if getattr(self, key) is not None
+            ]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} apply only with a security_policy other than None")
+        if (self.password_file is not None or self.password is not None) and self.username is None:
+            raise ValueError("password_file/password need a username")
+        if self.username is not None and self.password_file is None and self.password is None:
+            raise ValueError("username needs password_file (or a password from the environment)")
+        return self
+
+    def build(self, *, data_dir: Path) -> OpcUaSource:
+        """The source this config describes (relative paths resolve against ``data_dir``)."""
+        return OpcUaSource(self, data_dir=data_dir)
+
+
+class _ConnectionLost(Exception):
+    """The session stopped working (socket closed, watchdog probe failed, subscription dead)."""
+
+
+class _PemOrDer:
+    """A certificate or key file read once at start: its bytes and asyncua's format name."""
+
+    def __init__(self, path: Path, *, key: str, private: bool = False):
+        try:
+            self.data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+        self.extension = "pem" if self.data.lstrip().startswith(b"-----BEGIN") else "der"
+        try:
+            if private:
+                if self.extension == "pem":
+                    serialization.load_pem_private_key(self.data, password=None)
+                else:
+                    serialization.load_der_private_key(self.data, password=None)
+                self.certificate: x509.Certificate | None = None
+            elif self.extension == "pem":
+                self.certificate = x509.load_pem_x509_certificate(self.data)
+            else:
+                self.certificate = x509.load_der_x509_certificate(self.data)
+        except (ValueError, TypeError) as exc:
+            what = "an unencrypted private key" if private else "an X.509 certificate"
+            raise ValueError(f"{key}: {path} is not {what} in DER or PEM form ({exc})") from exc
+
+    def properties(self) -> CertProperties:
+        return CertProperties(self.data, self.extension)
+
+
+def _application_uri(certificate: x509.Certificate | None, name: str) -> str:
+    # Servers check that the ApplicationUri of the session matches the URI in the client
+    # certificate (BadCertificateUriInvalid otherwise), so take it from the certificate.
+    if certificate is not None:
+        try:
+            san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+            if uris:
+                return uris[0]
+        except x509.ExtensionNotFound:
+            pass
+    return f"urn:{socket.gethostname()}:plantgate:{name}"
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for logs and /status: what went wrong, with the OPC UA status name when there is one."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    if isinstance(exc, ua.UaStatusCodeError | _ConnectionLost):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _plain(value: Any) -> Any:
+    """A value of a non-plain OPC UA type as bool/int/float/str, or ``_SKIP`` for arrays and blobs."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, ua.LocalizedText):
+        return value.Text
+    if isinstance(value, ua.NodeId | ua.QualifiedName):
+        return value.to_string()
+    if isinstance(value, list | tuple | bytes | bytearray):
+        return _SKIP
+    if isinstance(value, int | float | str):  # subclasses of plain types
+        return value
+    return str(value)
+
+
+class _AsyncuaNoiseFilter(logging.Filter):
+    """Drops asyncua's own reports of a connection loss that this source reports once itself.
+
+    On every server restart asyncua logs a traceback ("Publish iteration crashed") and
+    two warnings while the dead client is closed; the source's single WARNING line
+    says the same. Anything else from asyncua passes unchanged.
+    """
+
+    _EXPECTED = (
+        "close_session was called but connection is closed",
+        "close_session but connection wasn't established",
+        "close_secure_channel was called but connection is closed",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if message.startswith("Publish iteration crashed") and record.exc_info:
+            return not isinstance(record.exc_info[1], OSError | TimeoutError)
+        return message not in self._EXPECTED
+
+
+_NOISE_FILTER = _AsyncuaNoiseFilter()
+
+
+def _install_noise_filter() -> None:
+    for name in ("asyncua.client.ua_session.UaSession", "asyncua.client.ua_client.UaClient"):
+        log = logging.getLogger(name)
+        if _NOISE_FILTER not in log.filters:
+            log.addFilter(_NOISE_FILTER)
+
+
+class OpcUaSource:
+    """Reads the tags of one OPC UA server by subscription and writes handshake tags back.
+
+    Implements ``agent.source.Source``. ``run`` connects, subscribes, delivers one
+    batch of readings per publish response, and reconnects with backoff whenever
+    the server goes away. ``status`` tells monitoring the connection state and, in
+    ``degraded``, every node the server refuses or reports Bad (retried every
+    ``bad_node_retry``).
+    """
+
+    kind = "opcua"
+
+    def __init__(self, config: OpcUaSourceConfig, *, data_dir: Path):
+        self.config = config
+        self.name = config.name
+        self.status = ComponentStatus(name=config.name, kind=self.kind)
+        self._tags = [tag.tag for tag in config.tags]
+        self._nodes = [tag.node for tag in config.tags]  # as configured: the key in status.degraded
+        self._node_ids = [parse_node_id(node) for node in self._nodes]
+        self._handle_of_tag = {tag: handle for handle, tag in enumerate(self._tags)}
+
+        def resolve(path: Path) -> Path:
+            return path if path.is_absolute() else data_dir / path
+
+        self._password = read_secret(
+            resolve(config.password_file) if config.password_file is not None else None,
+            config.password.get_secret_value() if config.password is not None else None,
+            key="password",
+        )
+        self._certificate: _PemOrDer | None = None
+        self._private_key: _PemOrDer | None = None
+        self._server_certificate: _PemOrDer | None = None
+        if config.certificate is not None and config.private_key is not None:
+            self._certificate = _PemOrDer(resolve(config.certificate), key="certificate")
+            self._private_key = _PemOrDer(resolve(config.private_key), key="private_key", private=True)
+        if config.server_certificate is not None:
+            self._server_certificate = _PemOrDer(resolve(config.server_certificate), key="server_certificate")
+        self._application_uri = _application_uri(
+            self._certificate.certificate if self._certificate else None, config.name
+        )
+
+        # State of the current session; replaced on every reconnect.
+        self._client: Client | None = None
+        self._resolved: dict[int, ua.NodeId] = {}  # handle -> node id with the server's namespace index
+        self._refused: dict[int, str] = {}  # handle -> why the server refused to monitor it
+        self._write_types: dict[int, ua.VariantType] = {}
+        self._lost = asyncio.Event()
+        self._lost_reason = ""
+        self._last_publish = 0.0
+        self._publishing = False
+        self._skipped_types: set[int] = set()
+        self._overflow_logged_at = -math.inf
+        self.overflows = 0
+        """Values the server reported as dropped from a full monitored-item queue (overflow bit)."""
+
+    def tags(self) -> Sequence[str]:
+        """The tag names of this source, in config order."""
+        return list(self._tags)
+
+    # --- run: connect, subscribe, reconnect -------------------------------------------------
+
+    async def run(self, output: ReadingSink) -> None:
+        """Read until cancelled; reconnect with backoff whenever the server goes away."""
+        _install_noise_filter()
+        cap = self.config.reconnect_max_backoff
+        backoff = Backoff(base=min(0.5, cap), cap=cap, minimum=min(0.2, cap))
+        log = {"source": self.name, "endpoint": self.config.endpoint}
+        failures = 0  # attempts since the last working session
+        down_since: float | None = None
+        ever_connected = False
+
+        def connected() -> None:
+            nonlocal ever_connected
+            self.status.set_state("connected")
+            extra = {**log, "tags": len(self._tags) - len(self._refused), "refused": len(self._refused)}
+            if not ever_connected:
+                logger.info("Connected to OPC UA server", extra={**extra, "attempts": failures + 1})
+            else:
+                downtime = round(time.monotonic() - (down_since or time.monotonic()), 1)
+                logger.info(
+                    "Reconnected to OPC UA server", extra={**extra, "attempts": failures, "downtime_s": downtime}
+                )
+            ever_connected = True
+
+        try:
+            while True:
+                try:
+                    await self._session(output, on_connected=connected)
+                except Exception as exc:  # a PLC that is away, or any protocol failure: retry, never fatal
+                    error = _describe(exc)
+                    expected = isinstance(exc, OSError | TimeoutError | ua.UaError | _ConnectionLost)
+                    if self.status.state == "connected":
+                        failures = 0
+                        down_since = time.monotonic()
+                        backoff.reset()
+                        logger.warning(
+                            "Connection to OPC UA server lost",
+                            extra={**log, "error": error},
+                            exc_info=None if expected else exc,
+                        )
+                    elif failures == 0:
+                        down_since = down_since or time.monotonic()
+                        logger.warning(
+                            "Cannot connect to OPC UA server, retrying",
+                            extra={**log, "error": error},
+                            exc_info=None if expected else exc,
+                        )
+                    else:
+                        logger.debug("Reconnect attempt failed", extra={**log, "error": error, "attempt": failures})
+                    failures += 1
+                    self.status.set_state("reconnecting", error)
+                await backoff.wait()
+        except asyncio.CancelledError:
+            self.status.set_state("stopped")
+            raise
+
+    async def _session(self, output: ReadingSink, *, on_connected: Callable[[], None]) -> None:
+        """One connection: connect, subscribe, deliver until the connection is lost (raises)."""
+        self._lost = asyncio.Event()
+        self._lost_reason = ""
+        self._resolved = {}
+        self._write_types = {}
+        client = self._new_client()
+        try:
+            await self._secure(client)
+            await client.connect()
+            subscription = await client.uaclient.create_subscription(
+                self._subscription_parameters(), self._publish_callback(output)
+            )
+            self._last_publish = time.monotonic()
+            pending = await self._monitor(client, subscription.SubscriptionId, range(len(self._tags)))
+            self._client = client
+            # Reset the backoff only after the subscription stands: a server that accepts
+            # sessions but fails every subscription must not be hammered.
+            on_connected()
+            await self._watch(client, subscription, pending)
+        finally:
+            self._client = None
+            await self._close(client, polite=not self._lost.is_set())
+
+    def _new_client(self) -> Client:
+        config = self.config
+        client = Client(config.endpoint, timeout=config.timeout, watchdog_intervall=config.watchdog_interval)
+        client.name = "plantgate"
+        client.description = f"plantgate {self.name}"
+        client.application_uri = self._application_uri
+        client.product_uri = "urn:plantgate"
+        client.session_timeout = int(max(_SESSION_TIMEOUT, 10 * config.watchdog_interval) * 1000)
+        if config.username is not None:
+            client.set_user(config.username)
+            if self._password is not None:
+                client.set_password(self._password)
+
+        async def lost(exc: Exception) -> None:
+            if isinstance(exc, TimeoutError):
+                self._connection_lost("server stopped answering (watchdog probe timed out)")
+            else:
+                self._connection_lost(f"connection lost ({_describe(exc)})")
+
+        client.connection_lost_callback = lost
+        return client
+
+    async def _secure(self, client: Client) -> None:
+        if self.config.security_policy == "None" or self._certificate is None or self._private_key is None:
+            return
+        await client.set_security(
+            _POLICIES[self.config.security_policy],
+            certificate=self._certificate.properties(),
+            private_key=self._private_key.properties(),
+            server_certificate=self._server_certificate.properties() if self._server_certificate else None,
+            mode=_MODES[self.config.security_mode],
+        )
+
+    def _subscription_parameters(self) -> ua.CreateSubscriptionParameters:
+        interval = self.config.publishing_interval
+        keepalive = max(3, math.ceil(_KEEPALIVE_PERIOD / interval))
+        return ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=interval * 1000,
+            RequestedLifetimeCount=max(3 * keepalive, math.ceil(_LIFETIME_PERIOD / interval)),
+            RequestedMaxKeepAliveCount=keepalive,
+            MaxNotificationsPerPublish=_MAX_NOTIFICATIONS_PER_PUBLISH,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+
+    async def _close(self, client: Client, *, polite: bool) -> None:
+        """Close the session (``polite``: tell the server) and stop asyncua's tasks; bounded in time."""
+        if not polite:
+            # The connection is dead or hung: a CloseSession request would only wait out the
+            # timeout. Dropping the socket first makes disconnect() skip the requests.
+            client.disconnect_socket()
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await client.disconnect()
+        except Exception as exc:
+            logger.debug("Closing the OPC UA client failed", extra={"source": self.name, "error": _describe(exc)})
+
+    def _connection_lost(self, reason: str) -> None:
+        if not self._lost.is_set():
+            self._lost_reason = reason
+            self._lost.set()
+
+    async def _watch(self, client: Client, subscription: ua.CreateSubscriptionResult, pending: list[int]) -> None:
+        """Wait for the connection to end; meanwhile retry refused nodes and check keep-alives.
+
+        Wakes only for a retry or a keep-alive deadline (seconds apart), never polls.
+        """
+        # The server sends at least a keep-alive every keepalive period; silence much longer
+        # than that (while we are not ourselves holding the publish loop) means the
+        # subscription or the publish loop died even though the socket is up.
+        interval = max(subscription.RevisedPublishingInterval / 1000, 0.0)
+        keepalive_period = max(subscription.RevisedMaxKeepAliveCount, 1) * interval or _KEEPALIVE_PERIOD
+        keepalive_timeout = 2 * keepalive_period + interval + self.config.timeout
+        retry_at = time.monotonic() + self.config.bad_node_retry
+        while True:
+            now = time.monotonic()
+            if not self._publishing and now - self._last_publish > keepalive_timeout:
+                self._connection_lost(f"no publish response for {round(now - self._last_publish)}s")
+            if pending and now >= retry_at:
+                pending = await self._monitor(client, subscription.SubscriptionId, pending, retry=True)
+                retry_at = now + self.config.bad_node_retry
+            wake = self._last_publish + keepalive_timeout if not self._publishing else now + keepalive_timeout
+            if pending:
+                wake = min(wake, retry_at)
+            try:
+                await asyncio.wait_for(self._lost.wait(), max(wake - now, 0.05))
+            except TimeoutError:
+                continue
+            raise _ConnectionLost(self._lost_reason or "connection lost")
+
+    # --- monitored items ------------------------------------------------------------------------
+
+    async def _monitor(
+        self, client: Client, subscription_id: int, handles: Sequence[int], *, retry: bool = False
+    ) -> list[int]:
+        """Create monitored items for ``handles``; returns the handles the server refused."""
+        handles = list(handles)
+        failed: dict[int, str] = {}
+        if any(isinstance(self._node_ids[h], ua.ExpandedNodeId) for h in handles if h not in self._resolved):
+            namespaces = await client.get_namespace_array()
+        else:
+            namespaces = []
+        requests: list[ua.MonitoredItemCreateRequest] = []
+        requested: list[int] = []
+        sampling_ms = self.config.sampling_interval * 1000 if self.config.sampling_interval > 0 else -1.0
+        for handle in handles:
+            node_id = self._resolved.get(handle) or self._resolve(handle, namespaces)
+            if node_id is None:
+                failed[handle] = "BadNamespaceUnknown"
+                continue
+            requests.append(
+                ua.MonitoredItemCreateRequest(
+                    ItemToMonitor=ua.ReadValueId(NodeId=node_id, AttributeId=ua.AttributeIds.Value),
+                    MonitoringMode=ua.MonitoringMode.Reporting,
+                    RequestedParameters=ua.MonitoringParameters(
+                        ClientHandle=handle,
+                        SamplingInterval=sampling_ms,
+                        QueueSize=self.config.queue_size,
+                        DiscardOldest=True,
+                    ),
+                )
+            )
+            requested.append(handle)
+        results: list[ua.MonitoredItemCreateResult] = []
+        for start in range(0, len(requests), _MAX_ITEMS_PER_CALL):
+            results += await client.uaclient.create_monitored_items(
+                ua.CreateMonitoredItemsParameters(
+                    SubscriptionId=subscription_id,
+                    ItemsToCreate=requests[start : start + _MAX_ITEMS_PER_CALL],
+                    TimestampsToReturn=ua.TimestampsToReturn.Both,
+                )
+            )
+        for handle, result in zip(requested, results, strict=True):
+            if not result.StatusCode.is_good():
+                failed[handle] = result.StatusCode.name
+        degraded = self.status.degraded
+        for handle in requested:
+            reason = None if handle in failed else self._refused.pop(handle, None)
+            if reason is not None:
+                # Only the refusal is cleared here; a Bad value is the notifications' business.
+                if degraded.get(self._nodes[handle]) == reason:
+                    del degraded[self._nodes[handle]]
+                logger.info(
+                    "OPC UA node subscribed after being refused",
+                    extra={"source": self.name, "node": self._nodes[handle], "tag": self._tags[handle]},
+                )
+        for handle, reason in failed.items():
+            node = self._nodes[handle]
+            if self._refused.get(handle) != reason:
+                logger.warning(
+                    "OPC UA node refused, retrying periodically",
+                    extra={"source": self.name, "node": node, "tag": self._tags[handle], "error": reason},
+                )
+            elif retry:
+                logger.debug("OPC UA node still refused", extra={"source": self.name, "node": node, "error": reason})
+            self._refused[handle] = reason
+            degraded[node] = reason
+        return list(failed)
+
+    def _resolve(self, handle: int, namespaces: list[str]) -> ua.NodeId | None:
+        node_id = self._node_ids[handle]
+        if isinstance(node_id, ua.ExpandedNodeId) and node_id.NamespaceUri:
+            try:
+                index = namespaces.index(node_id.NamespaceUri)
+            except ValueError:
+                return None
+            node_id = ua.NodeId(node_id.Identifier, ua.Int16(index), node_id.NodeIdType)
+        self._resolved[handle] = node_id
+        return node_id
+
+    # --- the hot path: one publish response -> one batch ----------------------------------------
+
+    def _publish_callback(self, output: ReadingSink) -> Callable[[ua.PublishResult], Awaitable[None]]:
+        tags = self._tags
+        nodes = self._nodes
+        count = len(tags)
+        degraded = self.status.degraded
+        plain = _PLAIN_TYPES
+        data_change = ua.DataChangeNotification
+        log = {"source": self.name}
+
+        async def on_publish(result: ua.PublishResult) -> None:
+            self._last_publish = time.monotonic()
+            notifications = result.NotificationMessage.NotificationData
+            if not notifications:
+                return  # keep-alive
+            batch: list[Reading] = []
+            now: datetime | None = None
+            for notification in notifications:
+                if type(notification) is not data_change:
+                    if isinstance(notification, ua.StatusChangeNotification):
+                        self._subscription_status(notification.Status)
+                    continue
+                for item in notification.MonitoredItems:
+                    handle = item.ClientHandle
+                    if handle >= count:  # not one of ours (cannot happen with a sane server)
+                        continue
+                    dv = item.Value
+                    status = dv.StatusCode
+                    code = status.value if status is not None else 0
+                    stamp = dv.SourceTimestamp
+                    if stamp is None or stamp.year < _EPOCH_GUARD:
+                        stamp = dv.ServerTimestamp
+                        if stamp is None or stamp.year < _EPOCH_GUARD:
+                            stamp = now = now or datetime.now(UTC)
+                    severity = code >> _SEVERITY_SHIFT
+                    quality: Quality
+                    if severity >= 2:
+                        value = None
+                        quality = "bad"
+                        self._bad_value(handle, code)
+                    else:
+                        variant = dv.Value
+                        value = variant.Value if variant is not None else None
+                        if value is not None and type(value) not in plain:
+                            value = _plain(value)
+                            if value is _SKIP:
+                                self._skip(handle, variant)
+                                continue
+                        quality = "good" if severity == 0 else "uncertain"
+                        if degraded and nodes[handle] in degraded:
+                            self._good_value(handle)
+                    if code & _OVERFLOW_BITS == _OVERFLOW_BITS:
+                        self._overflow(handle)
+                    batch.append(Reading(tags[handle], value, stamp, quality))
+            if not batch:
+                return
+            self._publishing = True
+            try:
+                await output.readings(batch)
+            except Exception:
+                # asyncua would log and swallow it; say which source and how much was affected.
+                logger.exception("Pipeline failed to take OPC UA readings", extra={**log, "readings": len(batch)})
+            finally:
+                self._publishing = False
+                self._last_publish = time.monotonic()
+
+        return on_publish
+
+    def _subscription_status(self, status: ua.StatusCode) -> None:
+        # BadTimeout: the server expired the subscription; BadShutdown: asyncua saw the
+        # connection die. Either way only a new session and subscription help.
+        if not status.is_good():
+            self._connection_lost(f"subscription ended: {status.name}")
+
+    def _bad_value(self, handle: int, code: int) -> None:
+        node = self._nodes[handle]
+        reason = ua.StatusCode(ua.UInt32(code)).name
+        if self.status.degraded.get(node) != reason:
+            self.status.degraded[node] = reason
+            logger.warning(
+                "OPC UA node reports a bad value",
+                extra={"source": self.name, "node": node, "tag": self._tags[handle], "error": reason},
+            )
+
+    def _good_value(self, handle: int) -> None:
+        node = self._nodes[handle]
+        if self.status.degraded.pop(node, None) is not None:
+            logger.info("OPC UA node good again", extra={"source": self.name, "node": node, "tag": self._tags[handle]})
+
+    def _skip(self, handle: int, variant: ua.Variant) -> None:
+        if handle not in self._skipped_types:
+            self._skipped_types.add(handle)
+            logger.warning(
+                "OPC UA value skipped: arrays and byte strings are not supported",
+                extra={
+                    "source": self.name,
+                    "node": self._nodes[handle],
+                    "tag": self._tags[handle],
+                    "type": variant.VariantType.name,
+                },
+            )
+
+    def _overflow(self, handle: int) -> None:
+        self.overflows += 1
+        now = time.monotonic()
+        if now - self._overflow_logged_at >= 60:
+            self._overflow_logged_at = now
+            logger.warning(
+                "OPC UA server dropped values from a full queue; raise queue_size or relieve the buffer",
+                extra={"source": self.name, "node": self._nodes[handle], "overflows": self.overflows},
+            )
+
+    # --- write: the PLC handshake ---------------------------------------------------------------
+
+    async def write(self, tag: str, value: Any) -> None:
+        """Write ``value`` to the tag's node, encoded as the node's data type (Boolean for an ack).
+
+        Only the value is sent, no timestamps or status: many PLCs (S7-1500, Kepware)
+        refuse those with BadWriteNotSupported. Raises ``SourceError`` when not
+        connected or when the server refuses the write.
+        """
+        handle = self._handle_of_tag.get(tag)
+        if handle is None:
+            raise SourceError(f"{self.name}: no tag {tag!r} on this source")
+        client = self._client
+        if client is None:
+            raise SourceError(f"{self.name}: not connected to {self.config.endpoint}; cannot write {tag}")
+        node_id = self._resolved.get(handle)
+        if node_id is None:
+            reason = self._refused.get(handle, "not resolved")
+            raise SourceError(f"{self.name}: node {self._nodes[handle]} of {tag} is not available ({reason})")
+        try:
+            vtype = self._write_types.get(handle)
+            if vtype is None:
+                vtype = await self._variant_type(client, node_id)
+                self._write_types[handle] = vtype
+            variant = ua.Variant(_coerce(value, vtype), vtype)
+            results = await client.uaclient.write(
+                ua.WriteParameters(
+                    NodesToWrite=[
+                        ua.WriteValue(
+                            NodeId=node_id,
+                            AttributeId=ua.AttributeIds.Value,
+                            Value=ua.DataValue(variant, StatusCode=None),
+                        )
+                    ]
+                )
+            )
+        except (TypeError, ValueError) as exc:
+            raise SourceError(f"{self.name}: cannot write {value!r} to {tag} ({self._nodes[handle]}): {exc}") from exc
+        except Exception as exc:
+            raise SourceError(f"{self.name}: writing {tag} failed: {_describe(exc)}") from exc
+        status = results[0]
+        if not status.is_good():
+            raise SourceError(f"{self.name}: server refused the write to {tag} ({self._nodes[handle]}): {status.name}")
+
+    async def _variant_type(self, client: Client, node_id: ua.NodeId) -> ua.VariantType:
+        data_type = await client.get_node(node_id).read_data_type()
+        if data_type.NamespaceIndex == 0 and isinstance(data_type.Identifier, int) and 1 <= data_type.Identifier <= 25:
+            return ua.VariantType(data_type.Identifier)
+        # a derived type (an enumeration, a vendor subtype of Double, ...): find its base
+        vtype: ua.VariantType = await data_type_to_variant_type(client.get_node(data_type))
+        return vtype
+
+
+_INTEGER_TYPES = frozenset(
+    {
+        ua.VariantType.SByte,
+        ua.VariantType.Byte,
+        ua.VariantType.Int16,
+        ua.VariantType.UInt16,
+        ua.VariantType.Int32,
+        ua.VariantType.UInt32,
+        ua.VariantType.Int64,
+        ua.VariantType.UInt64,
+    }
+)
+
+
+def _coerce(value: Any, vtype: ua.VariantType) -> Any:
+    """``value`` as the Python type asyncua encodes for ``vtype``; ValueError when it does not fit."""
+    if vtype is ua.VariantType.Boolean:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"a Boolean node takes true or false, not {value!r}")
+    if vtype in _INTEGER_TYPES:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return int(value)
+        raise ValueError(f"a {vtype.name} node takes an integer, not {value!r}")
+    if vtype in (ua.VariantType.Float, ua.VariantType.Double):
+        if isinstance(value, int | float):
+            return float(value)
+        raise ValueError(f"a {vtype.name} node takes a number, not {value!r}")
+    if vtype is ua.VariantType.String:
+        return str(value)
+    return value
