@@ -4,8 +4,9 @@
 system's ``mosquitto`` on 127.0.0.1. It can be stopped, killed, frozen and started
 again on the same port, so a test can stage an outage and the recovery. Options:
 a TLS listener with trustme certificates (optionally requiring client
-certificates), a password file, and debug logging of every packet (so a test can
-count what the broker really received from one client).
+certificates), a password file, persistence (sessions and queued messages survive
+a ``stop()``/``start()``), and debug logging of every packet (so a test can count
+what the broker really received from one client).
 
 ``MqttCollector`` is a paho subscriber on its own thread (``loop_start``), which is
 fine in a test: it records ``(topic, payload, retain)`` for every message.
@@ -100,6 +101,7 @@ class MosquittoBroker:
         require_certificate: bool = False,
         users: dict[str, str] | None = None,
         log_debug: bool = False,
+        persistence: bool = False,
     ) -> None:
         self.binary = mosquitto_binary()
         self.workdir = workdir
@@ -118,7 +120,10 @@ class MosquittoBroker:
         lines = [
             # As root, mosquitto would drop to the "mosquitto" user, which cannot read our tmp dir.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
-            "persistence false",
+            # Saved on SIGTERM (stop), loaded on start: a persistent subscriber's session and its
+            # queued QoS 1 messages survive a restart. kill() loses what was not saved, like a crash.
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {workdir}/",
             f"log_dest file {self.log_path}",
             "log_type all" if log_debug else "log_type error\nlog_type warning\nlog_type notice\nlog_type information",
             "connection_messages true",
@@ -304,6 +309,8 @@ class MqttCollector:
 
     ``start()`` returns once the broker confirmed the subscription, so whatever is
     published afterwards is recorded. Use as a context manager or call ``stop()``.
+    With ``clean_session=False`` (and a ``client_id``) on a broker with persistence,
+    messages published while the subscriber or the broker was away arrive later.
     """
 
     def __init__(
@@ -315,6 +322,7 @@ class MqttCollector:
         username: str | None = None,
         password: str | None = None,
         client_id: str = "",
+        clean_session: bool = True,
         qos: int = 1,
     ) -> None:
         self.host = host
@@ -324,7 +332,8 @@ class MqttCollector:
         self.messages: list[Received] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=1)  # back soon after a broker restart
         if username is not None:
             self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
@@ -413,7 +422,7 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
-    """``make(tls=, require_certificate=, users=, log_debug=)``: started brokers, all stopped at teardown."""
+    """``make(tls=, require_certificate=, users=, log_debug=, persistence=)``: started brokers, stopped at teardown."""
     brokers: list[MosquittoBroker] = []
 
     def make(**options: Any) -> MosquittoBroker:
