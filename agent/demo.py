@@ -192,9 +192,9 @@ async def run_demo(*, seconds: float | None, data_dir: Path | None = None) -> in
     press = PressSimulator()
     await press.start()
     mqtt = broker_answers()
-    settings: Settings = parse_settings(
-        DEMO_CONFIG.format(data_dir=directory, endpoint=press.endpoint, mqtt=MQTT_SINK if mqtt else "")
-    )
+    config_text = DEMO_CONFIG.format(data_dir=directory, endpoint=press.endpoint, mqtt=MQTT_SINK if mqtt else "")
+    (directory / "plantgate.toml").write_text(config_text, encoding="utf-8")
+    settings: Settings = parse_settings(config_text)
     agent = Agent(settings)
     view = LiveView(agent, tty=sys.stdout.isatty())
     print(f"plantgate demo: press simulator at {press.endpoint}; data in {directory}")
@@ -228,13 +228,15 @@ def _where_it_went(agent: Agent, directory: Path, mqtt: bool, view: LiveView) ->
     total = sum(view.by_lane.values())
     print(f"\n{total} events made; where they went:")
     for sink in agent.sinks:
-        written = getattr(sink, "written", None)
+        delivered = agent.delivered[sink.name]
+        left = sum(agent.buffer.depth(sink.name, lane) for lane in sink.lanes)
         path = getattr(sink, "path", None)
-        if path is not None:
-            print(f"  {sink.name}: {written} events appended to {path}")
-        else:
-            print(f"  {sink.name}: published to {agent.settings.sinks.mqtt[0].url} under plantgate/demo-plant/#")
-    print(f"  buffer: {directory / 'buffer.db'} (dead letters: {agent.buffer.dead_letter_count};"
-          f" list them with `plantgate buffer dead-letters -c <config>`)")
+        where = f"appended to {path}" if path is not None else (
+            f"published to {agent.settings.sinks.mqtt[0].url} under plantgate/demo-plant/#"
+        )
+        print(f"  {sink.name}: {delivered} events {where}; {left} still buffered for it")
+    config = directory / "plantgate.toml"
+    print(f"  buffer: {directory / 'buffer.db'} (dead letters: {agent.buffer.dead_letter_count})")
+    print(f"  inspect: plantgate buffer stats -c {config}; plantgate buffer dead-letters -c {config}")
     if not mqtt:
         print("  (no MQTT broker was running on localhost:1883)")

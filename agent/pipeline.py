@@ -94,6 +94,8 @@ class Agent:
                 self._tag_owner[tag] = source
         self._lanes_taken: set[Lane] = {lane for sink in self.sinks for lane in sink.lanes}
         self._unrouted: Counter[Lane] = Counter()
+        self.delivered: Counter[str] = Counter()
+        """Events acknowledged per sink since start (the demo's summary)."""
         self._acks: asyncio.Queue[tuple[asyncio.Future[None], list[str]]] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self._oldest: dict[tuple[str, Lane], float] = {}
@@ -126,6 +128,9 @@ class Agent:
             log.info("Agent stopped", extra={"agent": self.settings.agent.id})
 
     async def _run_tasks(self, stop: asyncio.Event) -> None:
+        for sink in self.sinks:
+            # Cursors first: a sink seen for the first time takes events from here on, agent.started included.
+            self._cursors[sink.name] = self.buffer.cursor(sink.name, sink.lanes)
         self._announce_start()
         source_tasks: list[asyncio.Task[None]] = []
         sink_tasks: list[asyncio.Task[None]] = []
@@ -133,9 +138,8 @@ class Agent:
         async with asyncio.TaskGroup() as group:
             for sink in self.sinks:
                 sink_tasks.append(group.create_task(self._guard(sink.run, "sink", sink.name), name=f"sink-{sink.name}"))
-                cursor = self._cursors[sink.name] = self.buffer.cursor(sink.name, sink.lanes)
                 delivery_tasks.append(
-                    group.create_task(self._deliver_loop(sink, cursor), name=f"deliver-{sink.name}")
+                    group.create_task(self._deliver_loop(sink, self._cursors[sink.name]), name=f"deliver-{sink.name}")
                 )
             for source in self.sources:
                 run = functools.partial(source.run, _SourceInlet(self, source))
@@ -333,6 +337,7 @@ class Agent:
             finally:
                 idle.set()
             if settlement.acked:
+                self.delivered[sink.name] += len(settlement.acked)
                 now = time.time()
                 lanes: dict[Lane, list[float]] = {}
                 for event in settlement.acked:

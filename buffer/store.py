@@ -501,8 +501,10 @@ class Buffer:
             log.info("Buffer commits succeed again; writes accepted")
             self._refusing = None
 
-    async def _insert(self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]]) -> dict[Lane, int]:
-        inserted: dict[Lane, int] = {}
+    async def _insert(
+        self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]]
+    ) -> dict[Lane, list[BufferedEvent]]:
+        inserted: dict[Lane, list[BufferedEvent]] = {}
         now = time.time()
         for lane, events in chunk.items():
             if not events:
@@ -514,16 +516,20 @@ class Buffer:
                 f"INSERT INTO {_TABLE[lane]}(first_seq, last_seq, count, enqueued, events) VALUES (?,?,?,?,?)",
                 [(seg[0].seq, seg[-1].seq, len(seg), now, _segment_encoder.encode(seg)) for seg in segments],
             )
-            inserted[lane] = len(events)
+            inserted[lane] = events
         return inserted
 
-    def _count_inserted(self, inserted: dict[Lane, int]) -> None:
-        for lane, count in inserted.items():
+    def _count_inserted(self, inserted: dict[Lane, list[BufferedEvent]]) -> None:
+        for lane, events in inserted.items():
             if lane == "telemetry":
-                self._telemetry_rows += count
+                self._telemetry_rows += len(events)
             for (_, cursor_lane), state in self._cursors.items():
                 if cursor_lane == lane:
-                    state.depth += count
+                    # A cursor made after these were sequenced (a new sink) starts past them.
+                    if state.acked < events[0].seq:
+                        state.depth += len(events)
+                    else:
+                        state.depth += sum(1 for event in events if event.seq > state.acked)
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(
