@@ -321,3 +321,34 @@ def test_bad_config_exits_2_naming_key_or_line(tmp_path: Path, edit: Callable[[s
     assert lines[0].startswith(f"plantgate: {path}")
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+async def test_ready_with_every_sink_down_and_status_names_everything(
+    tmp_path: Path, press_server: PressSimulator, mosquitto: MosquittoBroker
+) -> None:
+    import httpx
+
+    settings = settings_for(tmp_path, press_server, mosquitto)
+    mosquitto.stop()
+    async with running(settings) as agent:
+        assert agent.http is not None
+        async with httpx.AsyncClient(base_url=agent.http.url) as client:
+            await wait_for(lambda: agent.sinks[0].status.state != "connected", timeout=10)
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            degraded = ready.json()["degraded"]
+            assert any(entry.get("sink") == "cloud" for entry in degraded), degraded
+            status = (await client.get("/status")).json()
+            assert set(status["sources"]) == {"press7"}
+            assert set(status["sinks"]) == {"cloud"}
+            assert status["sinks"]["cloud"]["state"] in ("reconnecting", "disconnected", "starting")
+            metrics = (await client.get("/metrics")).text
+            for name in (
+                'plantgate_buffer_depth_events{lane="transaction",sink="cloud"}',
+                'plantgate_buffer_oldest_age_seconds{lane="transaction",sink="cloud"}',
+                'plantgate_events_received_total{lane="telemetry",source="press7"}',
+                'plantgate_events_delivered_total{lane="transaction",sink="cloud"}',
+                "plantgate_dead_letters_total{",
+            ):
+                assert name in metrics, name
+            assert (await client.get("/healthz")).status_code == 200
