@@ -231,6 +231,7 @@ class Buffer:
     ):
         self.path = path
         self.telemetry_max_rows = telemetry_max_rows
+        self._configured_telemetry_max_rows = telemetry_max_rows
         self.max_size_bytes = int(max_size_mb * 1024 * 1024)
         self.synchronous = synchronous.upper()
         self.max_rows_per_commit = max_rows_per_commit
@@ -341,7 +342,10 @@ class Buffer:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return None
         try:
-            async with aiosqlite.connect(self.path) as db, db.execute("PRAGMA quick_check") as cur:
+            # Read-only: a read-write connection would checkpoint the -wal into the suspect file on
+            # close and delete it, destroying the evidence the quarantine must keep byte for byte.
+            uri = f"file:{self.path}?mode=ro"
+            async with aiosqlite.connect(uri, uri=True) as db, db.execute("PRAGMA quick_check") as cur:
                 rows = list(await cur.fetchall())
         except sqlite3.DatabaseError as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -478,7 +482,9 @@ class Buffer:
             last = index == len(chunks) - 1
             await db.execute("BEGIN IMMEDIATE")
             try:
-                inserted = await self._insert(db, chunk)
+                # Counted before eviction so the cap holds right after the commit that crosses it;
+                # a failed commit recounts from the file.
+                self._count_inserted(await self._insert(db, chunk))
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
@@ -495,8 +501,8 @@ class Buffer:
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     await db.execute("ROLLBACK")
+                await self._recount()
                 raise
-            self._count_inserted(inserted)
         if self._refusing is not None and self._refusing.startswith("commit failed"):
             log.info("Buffer commits succeed again; writes accepted")
             self._refusing = None
@@ -623,8 +629,8 @@ class Buffer:
             async with db.execute(
                 f"SELECT first_seq, events FROM {table} WHERE first_seq >= "
                 f"coalesce((SELECT max(first_seq) FROM {table} WHERE first_seq <= ?), 0) "
-                "ORDER BY first_seq LIMIT ?",
-                (state.acked, 1 + (limit - len(batch)) // 64),
+                "ORDER BY first_seq",
+                (state.acked,),
             ) as cur:
                 async for first_seq, blob in cur:
                     events = self._segment(lane, first_seq, blob)
@@ -676,6 +682,16 @@ class Buffer:
         if advance or dead:
             self._wake.set()
 
+    async def _recount(self) -> None:
+        """Depths and the telemetry row count from the file (after a rolled-back commit)."""
+        assert self._db is not None
+        with contextlib.suppress(sqlite3.Error):
+            async with self._db.execute("SELECT coalesce(sum(count), 0) FROM lane_telemetry") as cur:
+                row = await cur.fetchone()
+            self._telemetry_rows = int(row[0]) if row else 0
+            for (_, lane), state in self._cursors.items():
+                state.depth = await self._count_after(lane, state.acked)
+
     async def _count_after(self, lane: Lane, seq: int) -> int:
         assert self._db is not None
         async with self._db.execute(
@@ -724,13 +740,17 @@ class Buffer:
         if self._size_bytes >= self.max_size_bytes:
             if self._telemetry_rows > 0:
                 # Make room the only way allowed: telemetry goes first, counted and reported.
-                self.telemetry_max_rows = max(0, min(self.telemetry_max_rows, self._telemetry_rows // 2))
+                self.telemetry_max_rows = max(0, min(self.telemetry_max_rows, self._telemetry_rows * 9 // 10))
                 self._wake.set()
             elif self._refusing is None:
                 self._refusing = f"buffer is full ({self.max_size_bytes // (1024 * 1024)} MB); sources back-pressured"
                 self._writable.clear()
                 log.error("Buffer full: transactions are back-pressured", extra={"size_bytes": self._size_bytes})
-        elif self._refusing is not None and self._refusing.startswith("buffer is full"):
+        elif self._size_bytes < 0.9 * self.max_size_bytes:
+            # Room again (with hysteresis): the configured telemetry cap applies again.
+            self.telemetry_max_rows = self._configured_telemetry_max_rows
+        full = self._refusing is not None and self._refusing.startswith("buffer is full")
+        if full and self._size_bytes < self.max_size_bytes:
             self._refusing = None
             self._writable.set()
             log.info("Buffer has room again; writes accepted", extra={"size_bytes": self._size_bytes})
