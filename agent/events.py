@@ -340,13 +340,15 @@ def decimal_string(value: object) -> str:
             dec = Decimal(value.strip())
         except ArithmeticError as exc:
             raise ValueError(f"{value!r} is not a decimal number") from exc
-        if not dec.is_finite():
-            raise ValueError(f"{value!r} is not a finite decimal number")
     else:
         raise ValueError(f"a quantity must be a number, got {type(value).__name__}")
-    if dec == dec.to_integral_value():
-        return str(dec.quantize(Decimal(1)))
-    return format(dec.normalize(), "f")
+    if not dec.is_finite():
+        raise ValueError(f"{value!r} is not a finite decimal number")
+    # Plain positional notation, exact, whatever the magnitude (no context precision involved).
+    text = format(dec, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def identifier_string(value: object) -> str:

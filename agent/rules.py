@@ -101,6 +101,9 @@ class Rules:
             self._tags[rule.when].triggers.append(rule)
         self.current: dict[str, Reading] = {}
         """The latest good reading of every tag: rules fill their fields from it."""
+        self._field_tags = frozenset(tag for rule in settings.transactions for tag in rule.fields.values())
+        self._batch_fields: dict[str, list[Reading]] = {}
+        self._before_batch: dict[str, Reading | None] = {}
         self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
 
     def source_uri(self, source: str) -> str:
@@ -116,12 +119,22 @@ class Rules:
         aggregates: list[Aggregate] = []
         triggered: list[tuple[_TagState, Reading]] = []
         tags = self._tags
+        field_tags = self._field_tags
+        current = self.current
+        self._batch_fields.clear()
+        self._before_batch.clear()
         for reading in batch:
             state = tags.get(reading.tag)
             if state is None:
                 continue
             if reading.quality != "bad":
-                self.current[reading.tag] = reading
+                if reading.tag in field_tags:
+                    # Kept per batch: each trigger takes the values current at its own source time.
+                    seen = self._batch_fields.setdefault(reading.tag, [])
+                    if not seen:
+                        self._before_batch[reading.tag] = current.get(reading.tag)
+                    seen.append(reading)
+                current[reading.tag] = reading
             if state.triggers:
                 triggered.append((state, reading))
             kind = state.config.kind
@@ -313,7 +326,7 @@ class Rules:
         data: dict[str, Any] = {}
         problems: list[str] = []
         for key, tag in rule.fields.items():
-            current = self.current.get(tag)
+            current = self._value_at(tag, reading.time)
             if current is None:
                 problems.append(f"field {key}: tag {tag} has no good value yet")
                 data[key] = None
@@ -342,6 +355,24 @@ class Rules:
             return
         out.events.append(event)
 
+    def _value_at(self, tag: str, at: datetime) -> Reading | None:
+        """The reading of ``tag`` current at source time ``at``.
+
+        Within one batch (one OPC UA publish may carry several cycles) that is the
+        latest reading not newer than the trigger; a reading with the same timestamp
+        counts whatever its place in the batch, since a PLC writes the fields and the
+        trigger in one scan.
+        """
+        seen = self._batch_fields.get(tag)
+        if not seen:
+            return self.current.get(tag)
+        chosen = self._before_batch.get(tag)
+        for candidate in seen:
+            if candidate.time > at:
+                break
+            chosen = candidate
+        return chosen
+
     def _map(self, data: dict[str, Any]) -> list[str]:
         """Map item codes and units in place; return what cannot be mapped."""
         problems: list[str] = []
@@ -364,7 +395,7 @@ def _field_value(key: str, value: Any, rule: TransactionRule, problems: list[str
     if key == "quantity" or key.endswith("_quantity"):
         try:
             return Quantity(value=decimal_string(value), uom=rule.uom or "")
-        except ValueError as exc:
+        except (ValueError, ArithmeticError) as exc:
             problems.append(f"field {key}: {exc}")
             return identifier_string(value)
     if key in IDENTIFIER_FIELDS or key.endswith("_item"):

@@ -245,7 +245,7 @@ def parse_settings(text: str, *, path: Path | None = None, environ: Mapping[str,
         line = int(match.group(1)) if match else None
         raise ConfigError(path, "", f"TOML syntax error: {_TOML_LINE.sub('', message).strip()}", line) from exc
     try:
-        apply_env_overrides(data, environ or {})
+        origins = apply_env_overrides(data, environ or {})
     except ValueError as exc:
         raise ConfigError(path, "environment", str(exc)) from exc
     try:
@@ -264,11 +264,20 @@ def parse_settings(text: str, *, path: Path | None = None, environ: Mapping[str,
         more = len(exc.errors()) - 1
         if more:
             message += f" (and {more} more error{'s' if more > 1 else ''})"
+        from_env = next((env for dotted, env in origins.items() if key == dotted or key.startswith(dotted + ".")), None)
+        if from_env is not None:
+            raise ConfigError(path, key, f"{message} (set by {from_env})") from exc
         raise ConfigError(path, key, message, line_of(text, key)) from exc
 
 
-def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Lay ``PLANTGATE__A__B=value`` over the parsed TOML, reaching into lists by name or index."""
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Lay ``PLANTGATE__A__B=value`` over the parsed TOML, reaching into lists by name or index.
+
+    A value stays a string (pydantic converts ``"0"`` or ``"true"`` where the key wants a
+    number or a boolean) unless it is an array or inline table, or replaces a non-string
+    value of the file. Returns the dotted key paths set, each with its variable's name.
+    """
+    origins: dict[str, str] = {}
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -276,21 +285,31 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> Non
         if not parts:
             continue
         node: Any = data
+        path: list[str] = []
         for depth, part in enumerate(parts[:-1]):
             nxt = parts[depth + 1]
-            node = _child(node, part, name, list_expected=nxt.isdigit())
+            if isinstance(node, list):
+                item = _list_item(node, part, name)
+                path.append(str(node.index(item)))
+                node = item
+            else:
+                node = _child(node, part, list_expected=nxt.isdigit())
+                path.append(part)
         last = parts[-1]
-        # Secrets stay strings even when they look like numbers.
-        value = raw if last.endswith(("password", "secret", "token")) else _env_value(raw)
         if isinstance(node, list):
             _list_item(node, last, name)  # validates
             raise ValueError(f"{name}: cannot replace a whole list item; name one of its keys")
-        node[last] = value
+        existing = node.get(last)
+        structured = raw.lstrip().startswith(("[", "{"))
+        if structured or (existing is not None and not isinstance(existing, str)):
+            node[last] = _env_value(raw)
+        else:
+            node[last] = raw
+        origins[".".join([*path, last])] = name
+    return origins
 
 
-def _child(node: Any, part: str, env_name: str, *, list_expected: bool) -> Any:
-    if isinstance(node, list):
-        return _list_item(node, part, env_name)
+def _child(node: dict[str, Any], part: str, *, list_expected: bool) -> Any:
     if part not in node or not isinstance(node[part], dict | list):
         node[part] = [] if list_expected else {}
     return node[part]

@@ -102,8 +102,8 @@ class MqttSinkConfig(ConfigModel):
         description='Topic prefix; events go to "{topic_prefix}/{lane}/{type}", status to '
         '"{topic_prefix}/status/{agent id}". Default "plantgate/{site}"',
     )
-    qos: Literal[0, 1] = Field(
-        1, description="MQTT QoS of event publishes: 1 (acknowledged by PUBACK, at-least-once) or 0 (fire and forget)"
+    qos: int = Field(
+        1, ge=0, le=1, description="MQTT QoS of event publishes: 1 (PUBACK, at-least-once) or 0 (fire and forget)"
     )
     lanes: list[Lane] = Field(
         default_factory=lambda: list(LANES),
