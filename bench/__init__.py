@@ -1,0 +1,1 @@
+"""plantgate benchmark harness: ``python -m bench`` (see bench/README.md)."""
