@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
+import gc
 import logging
 import time
 from collections import Counter
@@ -153,6 +155,7 @@ class Agent:
             ]
             self.state = "running"
             self._started.set()
+            _settle_memory()
             systemd.ready(f"running: {len(self.sources)} sources, {len(self.sinks)} sinks")
             log.info(
                 "Agent started",
@@ -533,6 +536,19 @@ def _status_of(status: Any) -> dict[str, Any]:
         "last_error": status.last_error,
         "degraded": dict(status.degraded),
     }
+
+
+def _settle_memory() -> None:
+    """After start-up: move what imports and config built out of the collector's way, return freed heap.
+
+    Everything alive now (modules, classes, config) lives as long as the process, so
+    freezing it keeps every later full collection from walking it again; trimming gives
+    the start-up garbage back to the OS (glibc only).
+    """
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
