@@ -436,7 +436,7 @@ class Agent:
 
     async def refresh_metrics(self) -> None:
         """Fresh gauges before a /metrics scrape."""
-        if self.buffer._db is None:
+        if not self.buffer.is_open:
             return
         await self._refresh_oldest()
         self.metrics.set_buffer(

@@ -37,7 +37,7 @@ import aiosqlite
 import msgspec
 
 from agent.events import LANES, CloudEvent, Lane, decode_event, encode_event, format_sequence
-from agent.sink import ACKED, RETRY, BufferedEvent, Outcome, Rejected
+from agent.sink import ACKED, BufferedEvent, Outcome, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -736,6 +736,10 @@ class Buffer:
     # --- inspection -----------------------------------------------------------------------------
 
     @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    @property
     def last_sequence(self) -> int:
         return self._seq
 
@@ -907,17 +911,3 @@ def _evictions_of(events: Sequence[BufferedEvent]) -> list[Eviction]:
 
 def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-__all__ = [
-    "ACKED",
-    "NO_SINK",
-    "RETRY",
-    "Buffer",
-    "BufferError",
-    "BufferStats",
-    "DeadLetter",
-    "DeliveryCursor",
-    "Eviction",
-    "Settlement",
-]
