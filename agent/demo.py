@@ -173,7 +173,7 @@ def _brief(event: CloudEvent) -> str:
         return " ".join(parts)
     state = getattr(data, "state", None)
     if state is not None:
-        return f"{getattr(data, 'tag', '')} {getattr(data, 'previous', None)} -> {state}"
+        return f"{getattr(data, 'tag', '')} {getattr(data, 'previous', None) or '(start)'} -> {state}"
     return event.subject or ""
 
 
