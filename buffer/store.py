@@ -36,7 +36,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from agent.events import LANES, CloudEvent, Lane, decode_event, encode_event, format_sequence
+from agent.events import LANES, CloudEvent, Lane, decode_event, encode_event
 from agent.sink import ACKED, BufferedEvent, Outcome, Rejected
 
 log = logging.getLogger(__name__)
@@ -414,16 +414,22 @@ class Buffer:
         seq = self._seq
         rows = pending.rows
         recent = self._recent_ids
+        seen, fresh = recent.ids, recent.order
+        encode = encode_event
         for event in events:
-            if event.lane != "telemetry":
-                if event.id in recent:
+            lane = event.lane
+            event_id = event.id
+            if lane != "telemetry":
+                if event_id in seen:
                     # The same fact again (a source replayed it after a reconnect): same id, stored once.
                     self.duplicates_suppressed += 1
                     continue
-                recent.add(event.id)
+                seen.add(event_id)
+                fresh.append(event_id)
             seq += 1
-            event.sequence = format_sequence(seq)
-            rows[event.lane].append(BufferedEvent(seq, event.lane, event.type, event.id, encode_event(event), now))
+            event.sequence = f"{seq:020d}"  # format_sequence, inlined on the hot path
+            rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, encode(event), now))
+        recent.trim()
         self._seq = seq
         pending.dead.extend(dead_letters)
         pending.count += len(events) + len(dead_letters)
@@ -865,21 +871,24 @@ class RecentIds:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._ids: set[str] = set()
-        self._order: collections.deque[str] = collections.deque()
+        self.ids: set[str] = set()
+        self.order: collections.deque[str] = collections.deque()
+        """Insertion order; ``append`` adds to both and calls ``trim`` once per group."""
 
     def __contains__(self, event_id: object) -> bool:
-        return event_id in self._ids
-
-    def add(self, event_id: str) -> None:
-        self._ids.add(event_id)
-        self._order.append(event_id)
-        if len(self._order) > self.capacity:
-            self._ids.discard(self._order.popleft())
+        return event_id in self.ids
 
     def extend(self, ids: Iterable[str]) -> None:
         for event_id in ids:
-            self.add(event_id)
+            self.ids.add(event_id)
+            self.order.append(event_id)
+        self.trim()
+
+    def trim(self) -> None:
+        """Forget the oldest ids beyond ``capacity``."""
+        order, ids = self.order, self.ids
+        for _ in range(len(order) - self.capacity):
+            ids.discard(order.popleft())
 
 
 def _evictions_of(events: Sequence[BufferedEvent]) -> list[Eviction]:
