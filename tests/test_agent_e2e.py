@@ -352,3 +352,32 @@ async def test_ready_with_every_sink_down_and_status_names_everything(
             ):
                 assert name in metrics, name
             assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_telemetry_cap_evicts_oldest_and_reports_a_gap(
+    tmp_path: Path, press_server: PressSimulator, mosquitto: MosquittoBroker
+) -> None:
+    text = write_config(tmp_path, press_server, mosquitto).read_text(encoding="utf-8")
+    text = text.replace("[http]", "[buffer]\ntelemetry_max_rows = 10\n\n[http]")
+    text = text.replace("deadband = 0.5", "deadband = 0.0")
+    settings = parse_settings(text)
+    mosquitto.stop()  # nothing leaves the buffer: telemetry piles up against its cap
+    seen: list[CloudEvent] = []
+    async with running(settings) as agent:
+        agent.taps.append(seen.extend)
+        for step in range(40):
+            value = 50.0 + step
+            await press_server.set_temperature(value)
+            await wait_for(lambda v=value: agent.rules.current["press7.temperature"].value == v, timeout=5)
+        await wait_for(lambda: any(e.type == "io.plantgate.telemetry.gap" for e in seen), timeout=15)
+        assert agent.buffer.depth("cloud", "telemetry") <= 10 + 1
+        assert agent.buffer.depth("cloud", "transaction") == 0
+    gaps = [e for e in seen if e.type == "io.plantgate.telemetry.gap"]
+    assert len(gaps) == 1, "at most one gap event per source per 10 s"
+    gap = gaps[0]
+    assert gap.lane == "operational"
+    assert gap.data.source == "press7"
+    assert gap.data.tags == ["press7.temperature"]
+    assert gap.data.evicted_events >= 1
+    assert gap.data.evicted_samples >= gap.data.evicted_events
+    assert gap.data.start <= gap.data.end
