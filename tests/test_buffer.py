@@ -818,3 +818,36 @@ async def _scenario(path: Path, ops: list[tuple[Any, ...]]) -> None:
 def test_random_interleavings_never_lose_an_event(ops: list[tuple[Any, ...]]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(_scenario(Path(directory) / "buffer.db", ops))
+
+
+async def test_a_full_buffer_evicts_telemetry_first_then_back_pressures_transactions(tmp_path: Path) -> None:
+    buffer = await open_buffer(tmp_path / "buffer.db", max_size_mb=0.25)
+    try:
+        cursor = buffer.cursor("cloud", ["transaction", "telemetry"])
+        await buffer.append([event("telemetry") for _ in range(400)])
+        await buffer.append([event("transaction") for _ in range(200)])
+        # Grow past the cap: maintain() first makes room from telemetry only...
+        for _ in range(20):
+            await buffer.append([event("transaction") for _ in range(100)])
+            await buffer.maintain()
+            await buffer.commit_now()
+            if buffer.refusing_writes is not None:
+                break
+        assert buffer.depth("cloud", "transaction") == 200 + 100 * (_ + 1), "no transaction is ever evicted"
+        assert buffer.depth("cloud", "telemetry") < 400
+        assert buffer.evictions, "telemetry eviction is reported"
+        # ...then, with the telemetry gone, refuses writes: sources wait in wait_writable().
+        assert buffer.refusing_writes is not None and "full" in buffer.refusing_writes
+        waiter = asyncio.create_task(buffer.wait_writable())
+        await asyncio.sleep(0)  # let the waiter reach its wait (not synchronisation: it must still wait)
+        assert not waiter.done()
+        # Delivering makes room again: writes are accepted.
+        while cursor.depth():
+            batch = await cursor.next_batch(1000)
+            cursor.settle(batch, [ACKED] * len(batch))
+        await buffer.commit_now()
+        await buffer.maintain()
+        assert buffer.refusing_writes is None
+        await asyncio.wait_for(waiter, 5)
+    finally:
+        await buffer.close()
