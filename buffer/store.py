@@ -27,6 +27,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,6 +73,24 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 _SEGMENT_MAX_EVENTS = 1024
 _segment_encoder = msgspec.msgpack.Encoder()
 _segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
+_ZLIB_HEADER = 0x78  # a zlib stream's first byte; a MessagePack array never starts with it
+
+
+def pack_segment(events: Sequence[BufferedEvent]) -> bytes:
+    """One segment's stored form: MessagePack of the events, zlib level 1.
+
+    Events of one lane and source repeat their keys and most values, so this is
+    10-20 times smaller: the disk (WAL, then checkpoint) writes that much less, and
+    zlib releases the GIL while it works, so SQLite's thread keeps going meanwhile.
+    """
+    return zlib.compress(_segment_encoder.encode(events), 1)
+
+
+def unpack_segment(blob: bytes) -> list[BufferedEvent]:
+    """The events of a stored segment (compressed or, as first written, plain)."""
+    if blob and blob[0] == _ZLIB_HEADER:
+        blob = zlib.decompress(blob)
+    return _segment_decoder.decode(blob)
 
 
 class BufferError(Exception):
@@ -315,7 +334,7 @@ class Buffer:
             async with db.execute(f"SELECT events FROM {_TABLE[lane]} ORDER BY first_seq DESC") as cur:
                 taken = 0
                 async for (blob,) in cur:
-                    events = _segment_decoder.decode(blob)
+                    events = unpack_segment(blob)
                     recent.extend((event.seq, event.id) for event in events)
                     taken += len(events)
                     if taken >= self._recent_ids.capacity:
@@ -544,7 +563,7 @@ class Buffer:
             ]
             await db.executemany(
                 f"INSERT INTO {_TABLE[lane]}(first_seq, last_seq, count, enqueued, events) VALUES (?,?,?,?,?)",
-                [(seg[0].seq, seg[-1].seq, len(seg), now, _segment_encoder.encode(seg)) for seg in segments],
+                [(seg[0].seq, seg[-1].seq, len(seg), now, pack_segment(seg)) for seg in segments],
             )
             inserted[lane] = events
         return inserted
@@ -607,7 +626,7 @@ class Buffer:
             "SELECT last_seq, events FROM lane_telemetry ORDER BY first_seq LIMIT ?", (1 + excess // 8,)
         ) as cur:
             async for last_seq, blob in cur:
-                evicted.extend(_segment_decoder.decode(blob))
+                evicted.extend(unpack_segment(blob))
                 last = int(last_seq)
                 if len(evicted) >= min(excess, 20_000):
                     break
@@ -679,7 +698,7 @@ class Buffer:
         key = (lane, first_seq)
         events = self._decoded.get(key)
         if events is None:
-            events = _segment_decoder.decode(blob)
+            events = unpack_segment(blob)
             self._decoded[key] = events
             if len(self._decoded) > 16:
                 del self._decoded[next(iter(self._decoded))]
@@ -736,7 +755,7 @@ class Buffer:
             f"SELECT events FROM {_TABLE[lane]} WHERE first_seq <= ? AND last_seq > ? ", (seq, seq)
         ) as cur:
             async for (blob,) in cur:
-                count += sum(1 for event in _segment_decoder.decode(blob) if event.seq > seq)
+                count += sum(1 for event in unpack_segment(blob) if event.seq > seq)
         return count
 
     # --- inspection -----------------------------------------------------------------------------

@@ -827,13 +827,15 @@ async def test_a_full_buffer_evicts_telemetry_first_then_back_pressures_transact
         await buffer.append([event("telemetry") for _ in range(400)])
         await buffer.append([event("transaction") for _ in range(200)])
         # Grow past the cap: maintain() first makes room from telemetry only...
-        for _ in range(20):
+        appended = 200
+        for _ in range(500):
             await buffer.append([event("transaction") for _ in range(100)])
+            appended += 100
             await buffer.maintain()
             await buffer.commit_now()
             if buffer.refusing_writes is not None:
                 break
-        assert buffer.depth("cloud", "transaction") == 200 + 100 * (_ + 1), "no transaction is ever evicted"
+        assert buffer.depth("cloud", "transaction") == appended, "no transaction is ever evicted"
         assert buffer.depth("cloud", "telemetry") < 400
         assert buffer.evictions, "telemetry eviction is reported"
         # ...then, with the telemetry gone, refuses writes: sources wait in wait_writable().
