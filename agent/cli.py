@@ -238,8 +238,14 @@ def _warnings(settings: Any) -> list[str]:
             warnings.append(
                 f"sources.opcua.{source.name}: password sent with security_mode None; prefer Sign or SignAndEncrypt"
             )
-    if not settings.sinks.mqtt and not settings.sinks.jsonl:
+    sinks = [*settings.sinks.mqtt, *settings.sinks.jsonl]
+    if not sinks:
         warnings.append("no sinks configured: nothing is forwarded")
+    else:
+        taken = {lane for sink in sinks for lane in sink.lanes}
+        for lane in ("transaction", "operational", "telemetry"):
+            if lane not in taken:
+                warnings.append(f"no sink takes the {lane} lane: its events are counted (/status unrouted), not stored")
     return warnings
 
 
