@@ -219,6 +219,22 @@ def test_check_warns_about_credentials_over_plain_mqtt(
     assert SECRET not in out + err
 
 
+def test_check_warns_about_a_lane_no_sink_takes(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = GOOD.format(data_dir=tmp_path, url="mqtts://broker.example.com:8883")
+    url = 'url = "mqtts://broker.example.com:8883"'
+    text = text.replace(url, url + '\nlanes = ["transaction"]')
+    path = _write(tmp_path, "site.toml", text)
+    clean_env.setenv("PLANTGATE__SINKS__MQTT__CLOUD__PASSWORD", SECRET)
+    assert main(["check", "-c", str(path)]) == 0
+    _, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("plantgate: warning:")]
+    assert any("telemetry lane" in line for line in warnings), err
+    assert any("operational lane" in line for line in warnings), err
+    assert not any("transaction lane" in line for line in warnings), err
+
+
 def test_check_reports_a_cross_reference_error_in_one_line(
     tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
