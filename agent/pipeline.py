@@ -179,10 +179,12 @@ class Agent:
         self.state = "stopping"
         systemd.stopping("draining")
         log.info("Stopping: draining in-flight work", extra={"agent": self.settings.agent.id})
+        # PLC acks for cycles already taken go out while the sources' sessions are still open,
+        # so the line is not left waiting for a handshake; then the sources stop.
+        await self.buffer.commit_now()
+        await self._flush_acks()
         await _cancel(source_tasks)
         await self.buffer.commit_now()
-        # PLC acks for cycles already committed still go out while the sources' sessions close.
-        await self._flush_acks()
         self._stopping.set()
         # Deliveries in flight finish (their acks settle into the buffer); no new batch starts.
         with contextlib.suppress(TimeoutError):
