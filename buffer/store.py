@@ -531,7 +531,6 @@ class Buffer:
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
-                        self.dead_letter_count += len(pending.dead)
                     await self._write_cursors(db)
                     await self._delete_delivered(db)
                     await self._evict_telemetry(db)
@@ -544,8 +543,11 @@ class Buffer:
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     await db.execute("ROLLBACK")
+                # The retry writes the rows again; the cursor positions this commit carried too.
+                self._dirty_cursors.update(self._cursors)
                 await self._recount()
                 raise
+        self.dead_letter_count += len(pending.dead)
         if self._refusing is not None and self._refusing.startswith("commit failed"):
             log.info("Buffer commits succeed again; writes accepted")
             self._refusing = None
