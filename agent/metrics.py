@@ -20,13 +20,15 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from agent.events import LANES
 
-# generate_latest() writes the classic text format; name it explicitly rather than use
+# render_text() writes the classic text format; name it explicitly rather than use
 # CONTENT_TYPE_LATEST, which newer prometheus-client releases moved to "version=1.0.0".
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -370,7 +372,7 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE
+        return render_text(self.registry), CONTENT_TYPE
 
     # --- child creation (cold path) --------------------------------------------------------------
 
@@ -412,3 +414,57 @@ class Metrics:
     def _connection_child(self, component: str, name: str) -> Gauge:
         child = self._connection[(component, name)] = self._connection_family.labels(component, name)
         return child
+
+
+def render_text(registry: Collector) -> bytes:
+    """The Prometheus text format (0.0.4) of every metric ``registry`` collects.
+
+    Byte for byte what ``prometheus_client.generate_latest`` writes for metric and
+    label names of the classic character set (all of ours; a test compares the two),
+    without importing ``prometheus_client.exposition``: that module brings HTTP
+    servers, ``urllib.request`` and WSGI code, about 1 MB of memory for code the
+    agent never runs (see ``agent.lean_import``).
+    """
+    out: list[str] = []
+    for metric in registry.collect():
+        name, kind = metric.name, metric.type
+        # OpenMetrics names and types, as the classic format spells them.
+        if kind == "counter":
+            name += "_total"
+        elif kind == "info":
+            name, kind = name + "_info", "gauge"
+        elif kind == "stateset":
+            kind = "gauge"
+        elif kind == "gaugehistogram":
+            kind = "histogram"
+        elif kind == "unknown":
+            kind = "untyped"
+        documentation = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n")
+        # OpenMetrics-only samples go into gauges of their own after the family.
+        separate: dict[str, list[str]] = {}
+        for sample in metric.samples:
+            suffix = sample.name[len(metric.name) :]
+            if suffix in _SEPARATE_SUFFIXES and sample.name.startswith(metric.name):
+                separate.setdefault(suffix, []).append(_sample_line(sample))
+            else:
+                out.append(_sample_line(sample))
+        for suffix, lines in sorted(separate.items()):
+            out.append(f"# HELP {metric.name}{suffix} {documentation}\n# TYPE {metric.name}{suffix} gauge\n")
+            out.extend(lines)
+    return "".join(out).encode("utf-8")
+
+
+_SEPARATE_SUFFIXES = frozenset({"_created", "_gsum", "_gcount"})
+
+
+def _sample_line(sample: Sample) -> str:
+    labels = ""
+    if sample.labels:
+        labels = "{" + ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(sample.labels.items())) + "}"
+    timestamp = "" if sample.timestamp is None else f" {int(float(sample.timestamp) * 1000):d}"
+    return f"{sample.name}{labels} {floatToGoString(sample.value)}{timestamp}\n"
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
