@@ -25,7 +25,6 @@ from typing import Any, TextIO
 
 NOISY_LOGGERS: dict[str, int] = {
     "asyncua": logging.WARNING,  # logs every subscription and keep-alive at INFO
-    "uvicorn": logging.WARNING,  # "Started server", "Shutting down": we log our own line
     "aiosqlite": logging.WARNING,  # logs every executed call at DEBUG
     "httpx": logging.WARNING,  # one INFO line per request: a flood at delivery rate
     "httpcore": logging.WARNING,
@@ -50,7 +49,6 @@ _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dic
     "message",
     "asctime",
     "taskName",  # 3.12+
-    "color_message",  # uvicorn's coloured duplicate of the message
     "suppressed",  # added by RateLimitFilter, written explicitly below
 }
 

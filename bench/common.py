@@ -673,7 +673,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("opcua source callback (readings)", ("_publish_callback",)),
     ("asyncua client (receive, decode, session)", ("asyncua",)),
     ("sqlite (aiosqlite worker thread executing SQL)", ("_connection_worker_thread",)),
-    ("http server", ("uvicorn", "starlette")),
+    ("http server", ("h11/", "agent/http_server")),
     ("other threads", ("Thread._bootstrap",)),
 ]
 

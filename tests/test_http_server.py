@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import socket
 import sys
 import time
@@ -12,13 +14,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
 from agent.health import ComponentStatus
-from agent.http_server import HttpListenError, HttpServer, parse_listen
+from agent.http_server import HttpListenError, HttpServer, Request, Response, Route, parse_listen
 from agent.metrics import DEAD_LETTER_REASONS, LATENCY_BUCKETS, PRE_SINK, Metrics
+from tests.peers.waiting import wait_for
 
 SOURCES = ["press7", "dock1"]
 SINKS = {"cloud": ["transaction", "operational", "telemetry"], "erp": ["transaction"]}
@@ -276,19 +276,250 @@ async def test_status_is_the_views_document_as_json(client: httpx.AsyncClient, a
 
 async def test_unknown_path_is_404_and_wrong_method_405(client: httpx.AsyncClient) -> None:
     assert (await client.get("/nope")).status_code == 404
-    assert (await client.post("/healthz")).status_code == 405
+    response = await client.post("/healthz")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
 
 
 async def test_extra_routes_are_served_beside_the_built_in_ones(agent: StaticAgent) -> None:
-    async def ingest(request: Request) -> Response:
-        return PlainTextResponse(f"got {len(await request.body())} bytes", status_code=202)
+    received: list[Request] = []
 
-    http = HttpServer("127.0.0.1:0", agent, extra_routes=[Route("/v1/events", ingest, methods=["POST"])])
+    async def ingest(request: Request) -> Response:
+        received.append(request)
+        return Response(f"got {len(request.body)} bytes".encode(), status=202, headers={"Location": "/v1/events/1"})
+
+    http = HttpServer(
+        "127.0.0.1:0", agent, extra_routes=[Route("/v1/events", ingest, methods=("POST",))], max_body_bytes=1000
+    )
     async with http, httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=10) as client:
-        response = await client.post("/v1/events", content=b"{}")
+        body = b'{"work_order": "WO-4711", "quantity": 12}'
+        response = await client.post(
+            "/v1/events?dry=1", content=body, headers={"Content-Type": "application/json", "X-Trace": "abc"}
+        )
         assert response.status_code == 202
-        assert response.text == "got 2 bytes"
+        assert response.text == f"got {len(body)} bytes"
+        assert response.headers["location"] == "/v1/events/1"
+        [request] = received
+        assert (request.method, request.path, request.query) == ("POST", "/v1/events", "dry=1")
+        assert request.body == body
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["x-trace"] == "abc"
+
+        # a chunked body (no length up front) arrives whole too
+        async def chunks() -> AsyncIterator[bytes]:
+            for part in (b"[1,", b"2,", b"3]"):
+                yield part
+
+        assert (await client.post("/v1/events", content=chunks())).status_code == 202
+        assert received[-1].body == b"[1,2,3]"
+        assert received[-1].headers["transfer-encoding"] == "chunked"
+
+        assert (await client.get("/v1/events")).status_code == 405
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_body_over_the_limit_is_413_and_never_reaches_the_handler(agent: StaticAgent) -> None:
+    received: list[Request] = []
+
+    async def ingest(request: Request) -> Response:
+        received.append(request)
+        return Response(status=204)
+
+    http = HttpServer(
+        "127.0.0.1:0", agent, extra_routes=[Route("/v1/events", ingest, methods=("POST",))], max_body_bytes=1000
+    )
+    async with http, httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=10) as client:
+        assert (await client.post("/v1/events", content=b"x" * 1000)).status_code == 204  # the limit itself is fine
+        # declared too large: refused from the headers, the body is not read
+        response = await client.post("/v1/events", content=b"x" * 1001)
+        assert response.status_code == 413
+        assert response.json()["error"]
+        big = await client.post("/v1/events", content=b"x" * (4 * 1024 * 1024))
+        assert big.status_code == 413
+
+        # chunked: refused once what arrived passes the limit
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(8):
+                yield b"y" * 500
+
+        assert (await client.post("/v1/events", content=chunks())).status_code == 413
+        assert len(received) == 1
+        assert (await client.get("/healthz")).status_code == 200  # and the server serves on
+
+
+async def test_head_answers_a_get_route_with_its_headers_and_no_body(client: httpx.AsyncClient) -> None:
+    get = await client.get("/healthz")
+    head = await client.head("/healthz")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == "application/json"
+    assert head.headers["content-length"] == str(len(get.content))
+    # the connection stays usable after a HEAD (no body was expected or sent)
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(server: HttpServer) -> None:
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(base_url=server.url, trust_env=False, timeout=10, limits=limits) as client:
+        first = await client.get("/healthz")
+        second = await client.get("/status")
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert "connection" not in first.headers  # HTTP/1.1: persistent unless said otherwise
+
+        def local_address(response: httpx.Response) -> Any:
+            return response.extensions["network_stream"].get_extra_info("client_addr")
+
+        assert local_address(first) == local_address(second)  # the same TCP connection
+
+
+async def raw_exchange(server: HttpServer, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()  # until EOF
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_request_gets_400_and_the_server_serves_on(
+    server: HttpServer, client: httpx.AsyncClient
+) -> None:
+    answer = await raw_exchange(server, b"GARBAGE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b'"error":"bad request"' in answer
+
+    # headers far too large: 431, from h11's own limit
+    answer = await raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"j" * 70000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_pipelined_requests_are_answered_in_order(server: HttpServer) -> None:
+    answer = await raw_exchange(
+        server,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"404", b"200"]
+
+
+async def test_a_failing_handler_gives_500_is_logged_once_and_the_server_serves_on(
+    agent: StaticAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("the MES mapping blew up")
+
+    http = HttpServer("127.0.0.1:0", agent, extra_routes=[Route("/broken", broken)])
+    limits = httpx.Limits(max_connections=1)
+    async with http, httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=10, limits=limits) as client:
+        with caplog.at_level(logging.ERROR, logger="agent.http_server"):
+            response = await client.get("/broken?x=1")
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal server error"}  # nothing of the exception leaks
+        [record] = [r for r in caplog.records if r.name == "agent.http_server"]
+        assert record.getMessage() == "HTTP handler failed"
+        assert (record.method, record.path) == ("GET", "/broken")  # type: ignore[attr-defined]
+        assert record.exc_info is not None
+        assert (await client.get("/healthz")).status_code == 200  # even on the same connection
+
+
+async def test_stop_lets_an_in_flight_request_finish(agent: StaticAgent) -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return Response(b"done")
+
+    http = HttpServer("127.0.0.1:0", agent, extra_routes=[Route("/slow", slow)], graceful_timeout=30)
+    await http.start()
+    port = http.port
+    async with httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=30) as client:
+        request = asyncio.create_task(client.get("/slow"))
+        await wait_for(entered.is_set, message="the slow handler was never entered")
+        stopping = asyncio.create_task(http.stop())
+
+        async def refused() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:
+                return True
+            except ConnectionResetError:  # accepted by the kernel as the listener closed: try again
+                return False
+            writer.close()
+            return False
+
+        await wait_for(refused, message="still accepting connections after stop()")
+        assert not request.done() and not stopping.done()  # waiting on the request in flight
+        started = time.monotonic()
+        release.set()
+        response = await asyncio.wait_for(request, 10)
+        assert response.status_code == 200
+        assert response.text == "done"
+        assert response.headers["connection"] == "close"
+        await asyncio.wait_for(stopping, 10)
+        assert time.monotonic() - started < 5  # not the graceful timeout
+
+
+async def test_stop_cuts_a_request_short_after_the_graceful_timeout(agent: StaticAgent) -> None:
+    entered = asyncio.Event()
+
+    async def stuck(request: Request) -> Response:
+        entered.set()
+        await asyncio.Event().wait()  # never returns
+        raise AssertionError("unreachable")
+
+    http = HttpServer("127.0.0.1:0", agent, extra_routes=[Route("/stuck", stuck)], graceful_timeout=0.2)
+    await http.start()
+    async with httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=30) as client:
+        request = asyncio.create_task(client.get("/stuck"))
+        await wait_for(entered.is_set, message="the stuck handler was never entered")
+        await asyncio.wait_for(http.stop(), 10)
+        with pytest.raises(httpx.TransportError):
+            await asyncio.wait_for(request, 10)
+
+
+async def test_connections_beyond_the_limit_are_closed_at_once(agent: StaticAgent) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    async def answer(http: HttpServer) -> bytes:
+        try:
+            return await raw_exchange(http, request)
+        except ConnectionResetError:  # closed with our request unread: the kernel resets
+            return b""
+
+    async with HttpServer("127.0.0.1:0", agent, max_connections=2) as http:
+        clients = [httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=10) for _ in range(2)]
+        try:
+            for client in clients:  # each holds one kept-alive connection
+                assert (await client.get("/healthz")).status_code == 200
+            assert await answer(http) == b""  # the third is closed without an answer
+            assert (await clients[0].get("/healthz")).status_code == 200  # the others are served on
+        finally:
+            for client in clients:
+                await client.aclose()
+
+        async def served() -> bool:
+            return (await answer(http)).startswith(b"HTTP/1.1 200 ")
+
+        await wait_for(served, message="no connection accepted after the others closed")
+
+
+async def test_silent_connections_are_closed(agent: StaticAgent) -> None:
+    async with HttpServer("127.0.0.1:0", agent, keep_alive_timeout=0.2, header_timeout=0.5) as http:
+        # idle keep-alive after a request
+        answer = await raw_exchange(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        # headers that never complete (a slow-loris client)
+        assert await raw_exchange(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n") == b""
+        # a connection that never says anything
+        assert await raw_exchange(http, b"") == b""
 
 
 async def test_port_in_use_is_a_clear_error_naming_the_address(server: HttpServer, agent: StaticAgent) -> None:
@@ -330,12 +561,15 @@ async def test_stop_closes_idle_keep_alive_connections_promptly(agent: StaticAge
 
 
 async def test_serving_starts_no_background_task(agent: StaticAgent) -> None:
-    # uvicorn's serve() would run main_loop, a task waking every 0.1 s; we must not.
+    # The idle CPU budget is 0.01 core: nothing may run, or wake up, while no client is connected.
     before = asyncio.all_tasks()
     async with HttpServer("127.0.0.1:0", agent) as http:
         assert asyncio.all_tasks() == before
         async with httpx.AsyncClient(base_url=http.url, trust_env=False, timeout=10) as client:
             assert (await client.get("/healthz")).status_code == 200
+            assert len(asyncio.all_tasks()) == len(before) + 1  # the kept-alive connection's coroutine
+        # the client is gone: its connection's task ends, and nothing is left behind
+        await wait_for(lambda: asyncio.all_tasks() == before, message=lambda: f"tasks left: {asyncio.all_tasks()}")
 
 
 def test_parse_listen() -> None:
