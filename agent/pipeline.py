@@ -83,7 +83,9 @@ class Agent:
             site=settings.agent.site,
             version=__version__,
         )
-        self.http = HttpServer(settings.http.listen, self) if serve_http else None
+        self.http = (
+            HttpServer(settings.http.listen, self, max_body_bytes=settings.http.max_body_bytes) if serve_http else None
+        )
         self.drain_timeout = drain_timeout
         self.batch_max = batch_max
         self.taps: list[EventTap] = []
