@@ -65,6 +65,8 @@ _METRICS = (
     "Counter", "disable_created_metrics", "enable_created_metrics", "Enum", "Gauge", "Histogram", "Info", "Summary",
 )  # fmt: skip
 
+# The process-wide REGISTRY gets the gc and platform collectors only when they are first
+# read; the agent keeps metrics in a registry of its own (agent.metrics), so nothing misses them.
 PROMETHEUS_CLIENT = LeanPackage(
     "prometheus_client",
     eager=(
