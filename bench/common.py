@@ -255,9 +255,7 @@ class Broker:
                 sys.path.insert(0, str(REPO))
             from tests.peers.mosquitto import MosquittoBroker
 
-            self._helper = MosquittoBroker(workdir)
-            with self._helper.config_path.open("a", encoding="utf-8") as f:
-                f.write("\n".join(BROKER_OPTIONS) + "\n")
+            self._helper = MosquittoBroker(workdir, extra_config=BROKER_OPTIONS)
             self.port: int = self._helper.port
         except BaseException as exc:  # ImportError, or pytest.skip (a BaseException) when mosquitto is missing
             if isinstance(exc, KeyboardInterrupt | SystemExit):

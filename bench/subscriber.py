@@ -106,12 +106,17 @@ class Subscriber:
         self.subscribed = True
         self._write_progress()
 
-    def _on_ids(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _received(self) -> float:
+        """Count one message and note when it came; the receive time."""
         now = time.time()
         if self.first_receive is None:
             self.first_receive = now
         self.last_receive = now
         self.messages += 1
+        return now
+
+    def _on_ids(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._received()
         try:
             index = int(self._id_decoder.decode(message.payload).id[-12:])
         except (msgspec.DecodeError, ValueError):
@@ -122,11 +127,7 @@ class Subscriber:
             self.duplicates += 1
 
     def _on_samples(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        now = time.time()
-        if self.first_receive is None:
-            self.first_receive = now
-        self.last_receive = now
-        self.messages += 1
+        now = self._received()
         try:
             event = self._samples_decoder.decode(message.payload)
         except msgspec.DecodeError:

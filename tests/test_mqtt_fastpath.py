@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 from collections import Counter
@@ -121,23 +122,10 @@ def test_self_check_refuses_a_paho_whose_internals_differ() -> None:
 
 
 @pytest.fixture
-def roomy_broker(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
+def roomy_broker(mosquitto_factory: Callable[..., MosquittoBroker]) -> Callable[..., MosquittoBroker]:
     """``make(**options)``: started brokers that queue any number of QoS 1 messages for a subscriber
     that is behind, as the bench's broker does (mosquitto's default drops beyond 1000)."""
-    brokers: list[MosquittoBroker] = []
-
-    def make(**options: Any) -> MosquittoBroker:
-        broker = MosquittoBroker(tmp_path / f"mosquitto-{len(brokers)}", **options)
-        brokers.append(broker)
-        with broker.config_path.open("a", encoding="utf-8") as config:
-            config.write("max_queued_messages 0\nmax_inflight_messages 0\n")
-        return broker.start()
-
-    try:
-        yield make
-    finally:
-        for broker in brokers:
-            broker.close()
+    return functools.partial(mosquitto_factory, extra_config=["max_queued_messages 0", "max_inflight_messages 0"])
 
 
 async def test_packet_ids_wrap_around_on_one_connection(

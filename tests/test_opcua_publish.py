@@ -7,7 +7,6 @@ import contextlib
 import math
 import struct
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from agent.simulator import PressSimulator
 from protocols.opcua import OpcUaSource, OpcUaSourceConfig
 from protocols.opcua_publish import _INLINE_LIMIT, FastDataChange, _PublishHook, decode_publish_response
 from tests.peers.waiting import wait_for
+from tests.test_opcua_source import Recorder
 
 VT = ua.VariantType
 
@@ -328,9 +328,9 @@ def test_source_makes_the_same_readings_from_either_decoder(response: ua.Publish
     fast_result = decode_publish_response(data).Parameters
     generic_result = _generic(data).Parameters
 
-    async def run(result: ua.PublishResult) -> tuple[_Recorder, OpcUaSource]:
+    async def run(result: ua.PublishResult) -> tuple[Recorder, OpcUaSource]:
         source = _source_tags(8)
-        out = _Recorder()
+        out = Recorder()
         await source._publish_callback(out)(result)
         return out, source
 
@@ -346,20 +346,6 @@ def test_source_makes_the_same_readings_from_either_decoder(response: ua.Publish
 
 
 # --- in the source, against the press simulator -----------------------------------------------
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.batches: list[list[Reading]] = []
-
-    async def readings(self, batch: Sequence[Reading]) -> None:
-        self.batches.append(list(batch))
-
-    def of(self, tag: str) -> list[Reading]:
-        return [r for batch in self.batches for r in batch if r.tag == tag]
-
-    def values(self, tag: str) -> list[Any]:
-        return [r.value for r in self.of(tag)]
 
 
 async def test_source_decodes_publishes_with_the_fast_path(press_server: PressSimulator, tmp_path: Path) -> None:
@@ -378,7 +364,7 @@ async def test_source_decodes_publishes_with_the_fast_path(press_server: PressSi
         {"name": "press7", "endpoint": press_server.endpoint, "publishing_interval": "50ms", "tags": tags}
     )
     source = config.build(data_dir=tmp_path)
-    out = _Recorder()
+    out = Recorder()
     task = asyncio.create_task(source.run(out))
     try:
         await wait_for(lambda: all(out.of(t) for t in ("temperature", "state", "cycle_done", "work_order", "serial")))

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,6 +102,7 @@ class MosquittoBroker:
         users: dict[str, str] | None = None,
         log_debug: bool = False,
         persistence: bool = False,
+        extra_config: Sequence[str] = (),
     ) -> None:
         self.binary = mosquitto_binary()
         self.workdir = workdir
@@ -135,6 +136,7 @@ class MosquittoBroker:
             lines.append("allow_anonymous true")
         if tls:
             lines += self._tls_listener(require_certificate)
+        lines += extra_config  # mosquitto.conf lines of the caller's own (limits, options)
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     # --- config pieces --------------------------------------------------------------------------
