@@ -174,6 +174,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _summary(settings: Any) -> str:
+    from agent.registry import SINKS, SOURCES, build_context
+
     agent = settings.agent
     lines = [
         f"agent    site={agent.site} id={agent.id} data_dir={agent.data_dir}",
@@ -182,23 +184,12 @@ def _summary(settings: Any) -> str:
         f"http     {settings.http.listen}"
         + (f" ingest_token_file={settings.http.ingest_token_file}" if settings.http.ingest_token_file else ""),
     ]
-    for source in settings.sources.opcua:
-        secure = f"{source.security_policy}/{source.security_mode}"
-        user = ""
-        if source.username:
-            user = f" user={source.username} password={_mask(source.password, source.password_file)}"
-        lines.append(f"source   opcua {source.name} {source.endpoint} security={secure}{user} tags={len(source.tags)}")
-        for tag in source.tags:
-            extra = []
-            if tag.deadband is not None:
-                extra.append(f"deadband={tag.deadband:g}")
-            if tag.aggregate is not None:
-                extra.append(f"aggregate={tag.aggregate:g}s")
-            if tag.states:
-                extra.append(f"states={len(tag.states)}")
-            if tag.forward:
-                extra.append("forward")
-            lines.append(f"  tag    {tag.tag} <- {tag.node} kind={tag.kind} {' '.join(extra)}".rstrip())
+    context = build_context(settings)
+    for key in SOURCES:
+        for source in getattr(settings.sources, key):
+            first, *rest = source.describe(context)
+            lines.append(f"source   {key} {first}")
+            lines.extend(rest)
     for rule in settings.transactions:
         fields = ", ".join(f"{k}={v}" for k, v in rule.fields.items())
         ack = f" ack={rule.ack}" if rule.ack else ""
@@ -209,36 +200,21 @@ def _summary(settings: Any) -> str:
         lines.append(
             f"mappings items={len(mappings.items)} uom={len(mappings.uom)} unknown_items={mappings.unknown_items}"
         )
-    for sink in settings.sinks.mqtt:
-        user = f" user={sink.username} password={_mask(sink.password, sink.password_file)}" if sink.username else ""
-        lines.append(
-            f"sink     mqtt {sink.name} {sink.url} qos={sink.qos} lanes={','.join(sink.lanes)} "
-            f"max_rate={sink.max_rate:g}{user}"
-        )
-    for jsonl in settings.sinks.jsonl:
-        lines.append(f"sink     jsonl {jsonl.name} {settings.data_path(jsonl.path)} lanes={','.join(jsonl.lanes)}")
-    if not settings.sinks.mqtt and not settings.sinks.jsonl:
+    for key in SINKS:
+        for sink in getattr(settings.sinks, key):
+            first, *rest = sink.describe(context)
+            lines.append(f"sink     {key} {first}")
+            lines.extend(rest)
+    if not settings.sink_configs():
         lines.append("sink     (none: events are counted, not stored)")
     return "\n".join(lines)
 
 
-def _mask(secret: Any, path: Path | None) -> str:
-    if path is not None:
-        return f"(from file {path})"
-    return "******** (from environment)" if secret is not None else "(none)"
-
-
 def _warnings(settings: Any) -> list[str]:
     warnings = []
-    for sink in settings.sinks.mqtt:
-        if sink.credentials_in_clear:
-            warnings.append(f"sinks.mqtt.{sink.name}: username/password travel unencrypted over mqtt://; use mqtts://")
-    for source in settings.sources.opcua:
-        if source.username and source.security_mode == "None":
-            warnings.append(
-                f"sources.opcua.{source.name}: password sent with security_mode None; prefer Sign or SignAndEncrypt"
-            )
-    sinks = [*settings.sinks.mqtt, *settings.sinks.jsonl]
+    for component in [*settings.source_configs(), *settings.sink_configs()]:
+        warnings.extend(component.warnings())
+    sinks = settings.sink_configs()
     if not sinks:
         warnings.append("no sinks configured: nothing is forwarded")
     else:
@@ -269,7 +245,7 @@ def _cmd_buffer_stats(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     from buffer import inspect_stats
 
-    configured = [s.name for s in settings.sinks.mqtt] + [s.name for s in settings.sinks.jsonl]
+    configured = [s.name for s in settings.sink_configs()]
     path = settings.data_path(settings.buffer.path)
     try:
         stats = asyncio.run(inspect_stats(path, configured))

@@ -6,13 +6,44 @@ Every protocol module defines its own config model from these, beside its code.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class BuildContext:
+    """What a protocol's config needs to build its source or sink, shared by every instance.
+
+    ``shared`` lets instances of one protocol share a resource: several Modbus
+    units on one RS-485 line get the one worker that owns the port.
+    """
+
+    agent_id: str
+    site: str
+    version: str
+    data_dir: Path
+    _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: Hashable, create: Callable[[], _T]) -> _T:
+        """The object registered under ``key``, created by ``create`` on first use."""
+        if key not in self._shared:
+            self._shared[key] = create()
+        found: _T = self._shared[key]
+        return found
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, relative ones against ``data_dir``."""
+        return path if path.is_absolute() else self.data_dir / path
 
 
 class ConfigModel(BaseModel):
@@ -55,6 +86,13 @@ Duration = Annotated[
     WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$", "examples": ["500ms", "10s", "5m"]}),
 ]
 """A duration in seconds, written in the config as ``"500ms"``, ``"10s"``, ``"5m"``."""
+
+
+def mask_secret(secret: Any, path: Path | None) -> str:
+    """How a secret appears in summaries: where it comes from, never its value."""
+    if path is not None:
+        return f"(from file {path})"
+    return "******** (from environment)" if secret is not None else "(none)"
 
 
 def read_secret(path: Path | None, inline: str | None, *, key: str) -> str | None:

@@ -227,13 +227,13 @@ async def run_demo(*, seconds: float | None, data_dir: Path | None = None) -> in
 def _where_it_went(agent: Agent, directory: Path, mqtt: bool, view: LiveView) -> None:
     total = sum(view.by_lane.values())
     print(f"\n{total} events made; where they went:")
+    configs = {config.name: config for config in agent.settings.sink_configs()}
     for sink in agent.sinks:
         delivered = agent.delivered[sink.name]
         left = sum(agent.buffer.depth(sink.name, lane) for lane in sink.lanes)
         path = getattr(sink, "path", None)
-        where = f"appended to {path}" if path is not None else (
-            f"published to {agent.settings.sinks.mqtt[0].url} under plantgate/demo-plant/#"
-        )
+        url = getattr(configs[sink.name], "url", None)
+        where = f"appended to {path}" if path is not None else f"sent to {url}"
         print(f"  {sink.name}: {delivered} events {where}; {left} still buffered for it")
     config = directory / "plantgate.toml"
     print(f"  buffer: {directory / 'buffer.db'} (dead letters: {agent.buffer.dead_letter_count})")

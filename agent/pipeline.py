@@ -38,9 +38,9 @@ from agent.metrics import Metrics
 from agent.registry import build_sinks, build_sources
 from agent.rules import RuleOutput, Rules
 from agent.settings import Settings
-from agent.sink import Sink
-from agent.source import Source, SourceError
-from buffer import Buffer, DeliveryCursor, Eviction
+from agent.sink import RetryLater, Sink
+from agent.source import BufferUnavailable, Source, SourceError
+from buffer import Buffer, BufferError, DeliveryCursor, Eviction
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class Agent:
         idle = self._idle[sink.name] = asyncio.Event()
         idle.set()
         while not self._stopping.is_set():
-            batch = await cursor.next_batch(self.batch_max)
+            batch = await cursor.next_batch(min(self.batch_max, sink.batch_max))
             if not batch or self._stopping.is_set():
                 continue
             idle.clear()
@@ -360,7 +360,13 @@ class Agent:
                 )
             if settlement.retry:
                 metrics.retried(sink.name, settlement.retry)
-                await backoff.wait(self._stopping)
+                hint = max((o.after for o in outcomes if isinstance(o, RetryLater) and o.after), default=None)
+                if hint is not None:
+                    # The peer said when (Retry-After): wait that long, not our own guess.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), hint)
+                else:
+                    await backoff.wait(self._stopping)
             else:
                 backoff.reset()
 
@@ -520,7 +526,12 @@ class Agent:
 
 
 class _SourceInlet:
-    """Where one source hands its readings: rules, then the buffer (back-pressure here)."""
+    """Where one source hands what it read: rules, then the buffer; returns after the commit.
+
+    Back-pressure is here: while the buffer refuses writes the source waits, and
+    with it its peer (an OPC UA server keeps the notifications, a webhook caller
+    waits for its 202).
+    """
 
     def __init__(self, agent: Agent, source: Source):
         self._agent = agent
@@ -528,8 +539,28 @@ class _SourceInlet:
 
     async def readings(self, batch: Sequence[Reading]) -> None:
         agent = self._agent
-        await agent.buffer.wait_writable()
-        agent.accept(self._name, agent.rules.process(self._name, batch))
+        await self._writable()
+        await self._committed(agent.accept(self._name, agent.rules.process(self._name, batch)))
+
+    async def events(self, batch: Sequence[CloudEvent]) -> None:
+        agent = self._agent
+        await self._writable()
+        await self._committed(agent.accept(self._name, agent.rules.accept_events(self._name, batch)))
+
+    async def _writable(self) -> None:
+        try:
+            await self._agent.buffer.wait_writable()
+        except BufferError as exc:
+            raise BufferUnavailable(str(exc)) from exc
+
+    @staticmethod
+    async def _committed(future: asyncio.Future[None] | None) -> None:
+        if future is None:
+            return
+        try:
+            await asyncio.shield(future)
+        except BufferError as exc:
+            raise BufferUnavailable(str(exc)) from exc
 
 
 def _status_of(status: Any) -> dict[str, Any]:

@@ -94,8 +94,8 @@ class Rules:
         self.agent_id = settings.agent.id
         self.mappings = settings.mappings
         self._tags: dict[str, _TagState] = {}
-        for source in settings.sources.opcua:
-            for tag in source.tags:
+        for source in settings.source_configs():
+            for tag in source.tag_configs():
                 self._tags[tag.tag] = _TagState(config=tag, source=source.name)
         for rule in settings.transactions:
             self._tags[rule.when].triggers.append(rule)
@@ -372,6 +372,44 @@ class Rules:
                 break
             chosen = candidate
         return chosen
+
+    def accept_events(self, source: str, events: Sequence[CloudEvent]) -> RuleOutput:
+        """Canonical events a source built itself (MES, scans): ours to source, mapped, or dead letters.
+
+        Each keeps its ``id``, ``type``, ``time``, ``data`` and ``correlationid``; its
+        ``source`` becomes this agent's source URI and the original goes into
+        ``originsource``. An item or unit that cannot be mapped makes it a dead letter
+        (with sink ``-``), which is stored like an event: nothing is dropped.
+        """
+        out = RuleOutput()
+        uri = self._source_uri.get(source) or self.source_uri(source)
+        for event in events:
+            if event.source != uri:
+                if event.originsource is None:
+                    event.originsource = event.source
+                event.source = uri
+            event.site = self.site
+            if isinstance(event.data, dict):
+                mapped = dict(event.data)
+                problems = self.map_data(mapped)
+                if problems:
+                    out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
+                    continue
+                event.data = mapped
+            out.events.append(event)
+        return out
+
+    def map_data(self, data: dict[str, Any]) -> list[str]:
+        """Map item codes and units of an event's ``data`` in place; return what cannot be mapped.
+
+        Used for rule output, for events sources hand over, and for the replay of
+        dead letters (which carry their data as decoded JSON).
+        """
+        problems = self._map(data)
+        for key, value in data.items():
+            if isinstance(value, dict) and set(value) == {"value", "uom"} and isinstance(value["uom"], str):
+                data[key] = {"value": value["value"], "uom": self.mappings.uom.get(value["uom"], value["uom"])}
+        return problems
 
     def _map(self, data: dict[str, Any]) -> list[str]:
         """Map item codes and units in place; return what cannot be mapped."""

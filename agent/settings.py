@@ -21,15 +21,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.config_types import ConfigModel
+from agent.config_types import ConfigModel, TagConfig
 from agent.events import TRANSACTION_TYPES, TYPE_PREFIX
 from agent.http_server import parse_listen
-from protocols.jsonl import JsonlSinkConfig
-from protocols.mqtt import MqttSinkConfig
-from protocols.opcua import OpcUaSourceConfig
+from agent.registry import SINKS, SOURCES
+from agent.sink import SinkConfig
+from agent.source import SourceConfig
 
 ENV_PREFIX = "PLANTGATE__"
 DEFAULT_CONFIG = Path("/etc/plantgate/plantgate.toml")
@@ -81,17 +81,18 @@ class HttpSection(ConfigModel):
         return value
 
 
-class SourcesSection(ConfigModel):
-    """``[sources]``: one list per protocol."""
+def _section(name: str, doc: str, registry: dict[str, type[Any]]) -> type[ConfigModel]:
+    """A config section with one list per registered protocol (``[[sources.opcua]]``, ...)."""
+    fields: dict[str, Any] = {
+        key: (list[model], Field(default_factory=list, description=(model.__doc__ or key).strip().splitlines()[0]))  # type: ignore[valid-type]
+        for key, model in registry.items()
+    }
+    section: type[ConfigModel] = create_model(name, __base__=ConfigModel, __doc__=doc, **fields)
+    return section
 
-    opcua: list[OpcUaSourceConfig] = Field(default_factory=list, description="OPC UA servers (subscriptions)")
 
-
-class SinksSection(ConfigModel):
-    """``[sinks]``: one list per protocol."""
-
-    mqtt: list[MqttSinkConfig] = Field(default_factory=list, description="MQTT brokers (QoS 1)")
-    jsonl: list[JsonlSinkConfig] = Field(default_factory=list, description="JSON Lines files")
+SourcesSection = _section("SourcesSection", "``[sources]``: one list per protocol.", SOURCES)
+SinksSection = _section("SinksSection", "``[sinks]``: one list per protocol.", SINKS)
 
 
 class TransactionRule(ConfigModel):
@@ -141,8 +142,8 @@ class Settings(BaseSettings):
     agent: AgentSection
     buffer: BufferSection = BufferSection()
     http: HttpSection = HttpSection()
-    sources: SourcesSection = Field(default_factory=SourcesSection)
-    sinks: SinksSection = Field(default_factory=SinksSection)
+    sources: SourcesSection = Field(default_factory=SourcesSection)  # type: ignore[valid-type]
+    sinks: SinksSection = Field(default_factory=SinksSection)  # type: ignore[valid-type]
     transactions: list[TransactionRule] = Field(default_factory=list)
     mappings: MappingsSection = MappingsSection()
 
@@ -162,13 +163,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
         tags: dict[str, str] = {}
-        for source in self.sources.opcua:
-            for tag in source.tags:
+        for source in self.source_configs():
+            for tag in source.tag_configs():
                 if tag.tag in tags:
                     raise ValueError(f"tag {tag.tag!r} is defined by both {tags[tag.tag]!r} and {source.name!r}")
                 tags[tag.tag] = source.name
-        _unique("sources", [s.name for s in self.sources.opcua])
-        _unique("sinks", [s.name for s in self.sinks.mqtt] + [s.name for s in self.sinks.jsonl])
+        _unique("sources", [s.name for s in self.source_configs()])
+        _unique("sinks", [s.name for s in self.sink_configs()])
         _unique("transactions", [rule.name for rule in self.transactions])
         for index, rule in enumerate(self.transactions):
             where = f"transactions.{index}"
@@ -188,9 +189,21 @@ class Settings(BaseSettings):
         """Resolve a configured path against ``agent.data_dir``."""
         return path if path.is_absolute() else self.agent.data_dir / path
 
+    def source_configs(self) -> list[SourceConfig]:
+        """Every configured source, in registry then file order."""
+        return [config for key in SOURCES for config in getattr(self.sources, key)]
+
+    def sink_configs(self) -> list[SinkConfig]:
+        """Every configured sink, in registry then file order."""
+        return [config for key in SINKS for config in getattr(self.sinks, key)]
+
+    def tag_configs(self) -> dict[str, TagConfig]:
+        """Tag name -> its config, over every source."""
+        return {tag.tag: tag for source in self.source_configs() for tag in source.tag_configs()}
+
     def tag_owner(self) -> dict[str, str]:
         """Tag name -> name of the source that defines it."""
-        return {tag.tag: source.name for source in self.sources.opcua for tag in source.tags}
+        return {tag.tag: source.name for source in self.source_configs() for tag in source.tag_configs()}
 
 
 def _unique(section: str, names: list[str]) -> None:

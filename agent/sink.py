@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
+from pydantic import Field, field_validator
 
-from agent.events import Lane
+from agent.config_types import BuildContext, ConfigModel
+from agent.events import LANES, Lane
 from agent.health import ComponentStatus
 
 
@@ -39,16 +41,22 @@ class _Acked(msgspec.Struct, frozen=True):
     pass
 
 
-class _RetryLater(msgspec.Struct, frozen=True):
-    pass
+class RetryLater(msgspec.Struct, frozen=True):
+    """Not delivered now; the same event is handed out again later, same id.
+
+    ``after`` is the peer's own hint in seconds (HTTP ``Retry-After``, a broker's
+    quota); ``None`` leaves the delay to the agent's backoff.
+    """
+
+    after: float | None = None
 
 
 ACKED = _Acked()
 """The peer acknowledged the event (PUBACK, 2xx, 409): the buffer may forget it for this sink."""
-RETRY = _RetryLater()
-"""Not delivered now (peer down, timeout, 429/503): the same event is retried later, same id."""
+RETRY = RetryLater()
+"""Not delivered now (peer down, timeout): the same event is retried later, same id."""
 
-Outcome = _Acked | _RetryLater | Rejected
+Outcome = _Acked | RetryLater | Rejected
 
 
 class Sink(Protocol):
@@ -57,6 +65,8 @@ class Sink(Protocol):
     name: str
     lanes: frozenset[Lane]
     status: ComponentStatus
+    batch_max: int
+    """The most events one ``deliver`` call takes (a broker window, an API's batch limit)."""
 
     async def run(self) -> None:
         """Keep the connection up until cancelled; close cleanly when cancelled."""
@@ -68,3 +78,35 @@ class Sink(Protocol):
         everything it has not acknowledged. Should return promptly (bounded by the
         sink's own timeouts) so the agent can back off and stop.
         """
+
+
+class SinkConfig(ConfigModel):
+    """What every sink's config shares: a unique name, the lanes it takes, how to build it.
+
+    The buffer keys a sink's backlog by ``name``: renaming or removing a sink never
+    deletes its backlog (it shows as orphaned). A protocol module subclasses this
+    beside its code and registers it in ``agent.registry``; ``build`` imports the
+    protocol's library, so an unused protocol is never loaded.
+    """
+
+    name: str = Field(min_length=1, description="Sink name; the buffer keys this sink's backlog by it")
+    lanes: list[Lane] = Field(default_factory=lambda: list(LANES), description="Lanes this sink takes")
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_unique(cls, lanes: list[Lane]) -> list[Lane]:
+        if not lanes or len(set(lanes)) != len(lanes):
+            raise ValueError("lanes must be a non-empty list without repeats")
+        return lanes
+
+    def describe(self, context: BuildContext) -> list[str]:
+        """``plantgate check``'s summary of this sink: one line, then detail lines; secrets masked."""
+        return [self.name]
+
+    def warnings(self) -> list[str]:
+        """What ``plantgate check`` should warn about (valid, but probably not meant)."""
+        return []
+
+    def build(self, context: BuildContext) -> Sink:
+        """The sink this config describes."""
+        raise NotImplementedError

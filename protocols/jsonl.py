@@ -13,35 +13,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from agent.config_types import ConfigModel
-from agent.events import LANES, Lane
+from agent.config_types import BuildContext
+from agent.events import Lane
 from agent.health import ComponentStatus
-from agent.sink import ACKED, RETRY, BufferedEvent, Outcome
+from agent.sink import ACKED, RETRY, BufferedEvent, Outcome, SinkConfig
 
 log = logging.getLogger(__name__)
 
 
-class JsonlSinkConfig(ConfigModel):
+class JsonlSinkConfig(SinkConfig):
     """``[[sinks.jsonl]]``: append every event as a JSON line to a file."""
 
-    name: str = Field(min_length=1, description="Sink name; the buffer keys this sink's backlog by it")
     path: Path = Field(
         Path("events.jsonl"), description="File to append to; relative paths resolve against agent.data_dir"
     )
-    lanes: list[Lane] = Field(default_factory=lambda: list(LANES), description="Lanes this sink takes")
+    def describe(self, context: BuildContext) -> list[str]:
+        """The file and the lanes."""
+        return [f"{self.name} {context.resolve(self.path)} lanes={','.join(self.lanes)}"]
+
+    def build(self, context: BuildContext) -> JsonlSink:
+        """The sink this entry describes."""
+        return JsonlSink(self, data_dir=context.data_dir)
+
     fsync: bool = Field(False, description="fsync after each batch (slower; only for forensic use)")
     max_size_mb: float = Field(
         100, gt=0, description="Rotate to <path>.1 (one old file kept) when the file grows past this"
     )
-
-    @field_validator("lanes")
-    @classmethod
-    def _lanes_unique(cls, lanes: list[Lane]) -> list[Lane]:
-        if not lanes or len(set(lanes)) != len(lanes):
-            raise ValueError("lanes must be a non-empty list without repeats")
-        return lanes
 
 
 class JsonlSink:
@@ -53,6 +52,7 @@ class JsonlSink:
         self.lanes: frozenset[Lane] = frozenset(config.lanes)
         self.path = config.path if config.path.is_absolute() else data_dir / config.path
         self.status = ComponentStatus(name=config.name, kind="jsonl")
+        self.batch_max = 1000
         self._file: BinaryIO | None = None
         self.written = 0
 

@@ -71,10 +71,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from agent.backoff import Backoff
-from agent.config_types import ConfigModel, Duration, read_secret
+from agent.config_types import BuildContext, Duration, mask_secret, read_secret
 from agent.events import LANES, TYPE_PREFIX, Lane, utc_now
 from agent.health import ComponentStatus
-from agent.sink import ACKED, RETRY, BufferedEvent, Outcome, Rejected
+from agent.sink import ACKED, RETRY, BufferedEvent, Outcome, Rejected, SinkConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 # --- configuration ---------------------------------------------------------------------------------
 
 
-class MqttSinkConfig(ConfigModel):
+class MqttSinkConfig(SinkConfig):
     """One ``[[sinks.mqtt]]`` entry: the broker, the topics and the delivery limits."""
 
     name: str = Field(
@@ -247,9 +247,24 @@ class MqttSinkConfig(ConfigModel):
         has_credentials = self.username is not None or self.password_file is not None or self.password is not None
         return has_credentials and not self.tls
 
-    def build(self, *, agent_id: str, site: str, version: str, data_dir: Path) -> MqttSink:
+    def describe(self, context: BuildContext) -> list[str]:
+        """Broker, QoS, lanes and rate; the password masked."""
+        user = ""
+        if self.username:
+            user = f" user={self.username} password={mask_secret(self.password, self.password_file)}"
+        return [f"{self.name} {self.url} qos={self.qos} lanes={','.join(self.lanes)} max_rate={self.max_rate:g}{user}"]
+
+    def warnings(self) -> list[str]:
+        """Credentials over plain TCP."""
+        if self.credentials_in_clear:
+            return [f"sinks.mqtt.{self.name}: username/password travel unencrypted over mqtt://; use mqtts://"]
+        return []
+
+    def build(self, context: BuildContext) -> MqttSink:
         """The sink this entry describes (``MqttSinkConfig`` / ``MqttSink``, as Vector pairs them)."""
-        return MqttSink(self, agent_id=agent_id, site=site, version=version, data_dir=data_dir)
+        return MqttSink(
+            self, agent_id=context.agent_id, site=context.site, version=context.version, data_dir=context.data_dir
+        )
 
 
 # --- the sink --------------------------------------------------------------------------------------
@@ -269,6 +284,7 @@ class MqttSink:
         self.name = config.name
         self.lanes: frozenset[Lane] = frozenset(config.lanes)
         self.status = ComponentStatus(name=config.name, kind="mqtt")
+        self.batch_max = config.window * 2
         self._agent_id = agent_id
         self._site = site
         self._version = version

@@ -46,10 +46,10 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.backoff import Backoff
-from agent.config_types import ConfigModel, Duration, TagConfig, read_secret
+from agent.config_types import BuildContext, Duration, TagConfig, mask_secret, read_secret
 from agent.events import Quality, Reading
 from agent.health import ComponentStatus
-from agent.source import ReadingSink, SourceError
+from agent.source import ReadingSink, SourceConfig, SourceError
 from protocols import opcua_publish
 from protocols.opcua_publish import FastDataChange, Item
 
@@ -121,7 +121,7 @@ class OpcUaTagConfig(TagConfig):
         return value.strip()
 
 
-class OpcUaSourceConfig(ConfigModel):
+class OpcUaSourceConfig(SourceConfig):
     """``[[sources.opcua]]``: one OPC UA server (typically one PLC) and the variables read from it."""
 
     name: str = Field(..., min_length=1, description="Name of this source, used in events, /status and metrics")
@@ -237,9 +237,35 @@ class OpcUaSourceConfig(ConfigModel):
             raise ValueError("username needs password_file (or a password from the environment)")
         return self
 
-    def build(self, *, data_dir: Path) -> OpcUaSource:
-        """The source this config describes (relative paths resolve against ``data_dir``)."""
-        return OpcUaSource(self, data_dir=data_dir)
+    def describe(self, context: BuildContext) -> list[str]:
+        """One line for the server, one per tag; the password masked."""
+        secure = f"{self.security_policy}/{self.security_mode}"
+        user = ""
+        if self.username:
+            user = f" user={self.username} password={mask_secret(self.password, self.password_file)}"
+        lines = [f"{self.name} {self.endpoint} security={secure}{user} tags={len(self.tags)}"]
+        for tag in self.tags:
+            extra = []
+            if tag.deadband is not None:
+                extra.append(f"deadband={tag.deadband:g}")
+            if tag.aggregate is not None:
+                extra.append(f"aggregate={tag.aggregate:g}s")
+            if tag.states:
+                extra.append(f"states={len(tag.states)}")
+            if tag.forward:
+                extra.append("forward")
+            lines.append(f"  tag    {tag.tag} <- {tag.node} kind={tag.kind} {' '.join(extra)}".rstrip())
+        return lines
+
+    def warnings(self) -> list[str]:
+        """A password over an unsigned session."""
+        if self.username and self.security_mode == "None":
+            return [f"sources.opcua.{self.name}: password sent with security_mode None; prefer Sign or SignAndEncrypt"]
+        return []
+
+    def build(self, context: BuildContext) -> OpcUaSource:
+        """The source this config describes (relative paths resolve against the data dir)."""
+        return OpcUaSource(self, data_dir=context.data_dir)
 
 
 class _ConnectionLost(Exception):

@@ -22,6 +22,7 @@ from agent.events import Reading
 from agent.simulator import PressSimulator
 from protocols.opcua import OpcUaSource, OpcUaSourceConfig
 from protocols.opcua_publish import _INLINE_LIMIT, FastDataChange, _PublishHook, decode_publish_response
+from tests.build import context
 from tests.peers.waiting import wait_for
 from tests.test_opcua_source import Recorder
 
@@ -303,7 +304,7 @@ def test_this_asyncua_fits_the_hook() -> None:
 def _source_tags(count: int) -> OpcUaSource:
     tags = [{"tag": f"t{i}", "node": f"ns=2;s=T{i}"} for i in range(count)]
     config = OpcUaSourceConfig.model_validate({"name": "p", "endpoint": "opc.tcp://127.0.0.1:4840", "tags": tags})
-    return config.build(data_dir=Path("."))
+    return config.build(context(Path(".")))
 
 
 def _comparable(batches: list[list[Reading]]) -> list[tuple[Any, ...]]:
@@ -363,7 +364,7 @@ async def test_source_decodes_publishes_with_the_fast_path(press_server: PressSi
     config = OpcUaSourceConfig.model_validate(
         {"name": "press7", "endpoint": press_server.endpoint, "publishing_interval": "50ms", "tags": tags}
     )
-    source = config.build(data_dir=tmp_path)
+    source = config.build(context(tmp_path))
     out = Recorder()
     task = asyncio.create_task(source.run(out))
     try:

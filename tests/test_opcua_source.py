@@ -17,6 +17,7 @@ from agent.events import Reading
 from agent.simulator import APPLICATION_URI, PressSimulator
 from agent.source import SourceError
 from protocols.opcua import OpcUaSource, OpcUaSourceConfig
+from tests.build import context
 from tests.peers.opcua_server import make_certificate
 from tests.peers.waiting import wait_for
 
@@ -81,7 +82,7 @@ async def running(source: OpcUaSource, *, connect: bool = True) -> AsyncIterator
 
 
 async def test_readings_flow_with_source_time_and_quality(press_server: PressSimulator, tmp_path: Path) -> None:
-    source = config(press_server.endpoint).build(data_dir=tmp_path)
+    source = config(press_server.endpoint).build(context(tmp_path))
     assert list(source.tags()) == [t["tag"] for t in TAGS]
     async with running(source) as out:
         # the initial values of every tag arrive after subscribing
@@ -106,7 +107,7 @@ async def test_readings_flow_with_source_time_and_quality(press_server: PressSim
 
 
 async def test_changes_of_one_publish_arrive_as_one_batch(press_server: PressSimulator, tmp_path: Path) -> None:
-    source = config(press_server.endpoint, publishing_interval="200ms").build(data_dir=tmp_path)
+    source = config(press_server.endpoint, publishing_interval="200ms").build(context(tmp_path))
     async with running(source) as out:
         await wait_for(lambda: out.of("press7.cycle_done"))
         await press_server.complete_cycle("WO-4711", "FILL-500", 12)
@@ -127,7 +128,7 @@ async def test_changes_of_one_publish_arrive_as_one_batch(press_server: PressSim
 
 
 async def test_bad_value_is_delivered_as_bad_and_marks_the_node(press_server: PressSimulator, tmp_path: Path) -> None:
-    source = config(press_server.endpoint).build(data_dir=tmp_path)
+    source = config(press_server.endpoint).build(context(tmp_path))
     node = NODE("Temperature")
     async with running(source) as out:
         await wait_for(lambda: out.of("press7.temperature"))
@@ -148,7 +149,7 @@ async def test_unknown_node_is_degraded_while_others_flow(press_server: PressSim
     pressure = NODE("Pressure")
     by_uri = "nsu=urn:plantgate:simulator:press7;s=Press7.State"  # namespace resolved at connect
     tags = [TAGS[0], {"tag": "press7.state", "node": by_uri}, {"tag": "press7.pressure", "node": pressure}]
-    source = config(press_server.endpoint, tags=tags, bad_node_retry="200ms").build(data_dir=tmp_path)
+    source = config(press_server.endpoint, tags=tags, bad_node_retry="200ms").build(context(tmp_path))
     async with running(source) as out:
         assert source.status.degraded == {pressure: "BadNodeIdUnknown"}
         assert source.status.state == "connected"
@@ -164,7 +165,7 @@ async def test_unknown_node_is_degraded_while_others_flow(press_server: PressSim
 
 
 async def test_server_restart_reconnects_and_readings_resume(press_server: PressSimulator, tmp_path: Path) -> None:
-    source = config(press_server.endpoint).build(data_dir=tmp_path)
+    source = config(press_server.endpoint).build(context(tmp_path))
     async with running(source) as out:
         await press_server.set_temperature(30.0)
         await wait_for(lambda: 30.0 in out.values("press7.temperature"))
@@ -183,7 +184,7 @@ async def test_server_restart_reconnects_and_readings_resume(press_server: Press
 
 async def test_a_server_that_stops_answering_is_detected(press_server: PressSimulator, tmp_path: Path) -> None:
     # No FIN, no RST: only the watchdog's probe notices (within about two intervals).
-    source = config(press_server.endpoint, watchdog_interval="300ms", timeout="1s").build(data_dir=tmp_path)
+    source = config(press_server.endpoint, watchdog_interval="300ms", timeout="1s").build(context(tmp_path))
     async with running(source) as out:
         press_server.freeze()
         await wait_for(lambda: source.status.state == "reconnecting", timeout=3, message=lambda: str(source.status))
@@ -195,7 +196,7 @@ async def test_a_server_that_stops_answering_is_detected(press_server: PressSimu
 
 
 async def test_write_acknowledges_the_cycle(press_server: PressSimulator, tmp_path: Path) -> None:
-    source = config(press_server.endpoint).build(data_dir=tmp_path)
+    source = config(press_server.endpoint).build(context(tmp_path))
     async with running(source) as out:
         cycle = asyncio.create_task(press_server.complete_cycle("WO-4712", "FILL-500", 6, wait_ack=10))
         await wait_for(lambda: True in out.values("press7.cycle_done"))
@@ -234,7 +235,7 @@ async def test_secure_channel_with_username_and_password(tmp_path: Path) -> None
             "username": "operator",
             "password_file": "password",
         }
-        source = config(simulator.endpoint, **secure).build(data_dir=tmp_path)
+        source = config(simulator.endpoint, **secure).build(context(tmp_path))
         async with running(source) as out:
             await simulator.set_temperature(42.0)
             await wait_for(lambda: 42.0 in out.values("press7.temperature"))
@@ -243,18 +244,18 @@ async def test_secure_channel_with_username_and_password(tmp_path: Path) -> None
 
         # Sign only, the server certificate pinned, the password from the environment form
         signed = {**secure, "security_mode": "Sign", "server_certificate": str(server_cert), "password_file": None}
-        source = config(simulator.endpoint, **signed, password="s3cret").build(data_dir=tmp_path)
+        source = config(simulator.endpoint, **signed, password="s3cret").build(context(tmp_path))
         async with running(source) as out:
             await wait_for(lambda: out.of("press7.temperature"))
 
         wrong = config(simulator.endpoint, **{**secure, "password_file": None}, password="wrong")
-        source = wrong.build(data_dir=tmp_path)
+        source = wrong.build(context(tmp_path))
         async with running(source, connect=False):
             await wait_for(lambda: source.status.state == "reconnecting", message=lambda: str(source.status))
             assert "BadUserAccessDenied" in (source.status.last_error or "")
 
         # no security at all is refused by this server
-        plain = config(simulator.endpoint, username="operator", password="s3cret").build(data_dir=tmp_path)
+        plain = config(simulator.endpoint, username="operator", password="s3cret").build(context(tmp_path))
         async with running(plain, connect=False):
             await wait_for(lambda: plain.status.state == "reconnecting", message=lambda: str(plain.status))
 
@@ -267,7 +268,7 @@ def test_missing_certificate_file_is_a_config_error(tmp_path: Path) -> None:
         "private_key": "pki/missing.key",
     }
     with pytest.raises(ValueError, match="certificate: cannot read"):
-        config("opc.tcp://127.0.0.1:4840", **settings).build(data_dir=tmp_path)
+        config("opc.tcp://127.0.0.1:4840", **settings).build(context(tmp_path))
 
 
 def _error(exc: pytest.ExceptionInfo[ValidationError]) -> tuple[tuple[Any, ...], str]:
