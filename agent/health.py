@@ -20,6 +20,8 @@ class ComponentStatus(msgspec.Struct):
     last_error: str | None = None
     # Per-item problems that degrade without stopping, e.g. {"ns=2;s=X": "BadNodeIdUnknown"}.
     degraded: dict[str, str] = msgspec.field(default_factory=dict)
+    # Facts monitoring should see that are not errors, e.g. {"decoder": "fast"} for a speedup in use.
+    info: dict[str, str] = msgspec.field(default_factory=dict)
 
     def set_state(self, state: ConnectionState, error: str | None = None) -> None:
         """Move to ``state``; keeps ``since`` when the state does not change."""

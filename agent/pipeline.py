@@ -547,6 +547,12 @@ class _SourceInlet:
         await self._writable()
         await self._committed(agent.accept(self._name, agent.rules.accept_events(self._name, batch)))
 
+    async def load_state(self, key: str) -> str | None:
+        return await self._agent.buffer.load_state(f"source/{self._name}/{key}")
+
+    async def save_state(self, key: str, value: str | None) -> None:
+        await self._committed(self._agent.buffer.save_state(f"source/{self._name}/{key}", value))
+
     async def _writable(self) -> None:
         try:
             await self._agent.buffer.wait_writable()
@@ -570,6 +576,7 @@ def _status_of(status: Any) -> dict[str, Any]:
         "since": datetime.fromtimestamp(status.since, UTC).isoformat(),
         "last_error": status.last_error,
         "degraded": dict(status.degraded),
+        **({"info": dict(status.info)} if status.info else {}),
     }
 
 

@@ -48,6 +48,17 @@ class SourceOutput(Protocol):
         """
 
 
+    async def load_state(self, key: str) -> str | None:
+        """A value this source saved with ``save_state`` (in this or an earlier run), or None.
+
+        Keys are per source. Kept in the buffer database, so it survives restarts
+        and ``kill -9`` exactly as events do (e.g. OPC UA subscription ids to take over).
+        """
+
+    async def save_state(self, key: str, value: str | None) -> None:
+        """Keep ``value`` under ``key`` (None removes it); returns once it is committed."""
+
+
 ReadingSink = SourceOutput
 """Former name of ``SourceOutput``."""
 
