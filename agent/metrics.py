@@ -12,6 +12,9 @@ argument checking and locking cost several times more.
 
 All methods are meant to be called from the agent's event loop (one thread); the
 latency histogram relies on that and uses no lock.
+
+``render()`` is prometheus_client's own exposition (``generate_latest``); the
+batch histogram is a custom collector on the library's public collector API.
 """
 
 from __future__ import annotations
@@ -20,17 +23,14 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from agent.events import LANES
 
-# render_text() writes the classic text format; name it explicitly rather than use
-# CONTENT_TYPE_LATEST, which newer prometheus-client releases moved to "version=1.0.0".
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The content type of ``Metrics.render()``: prometheus_client's own text exposition."""
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -52,6 +52,7 @@ error would become a new time series.
 """
 
 Component = Literal["source", "sink"]
+"""The ``component`` label of connection state and component paths; restarts may name other tasks."""
 
 
 class _HistogramSeries:
@@ -237,6 +238,25 @@ class Metrics:
             registry=reg,
         )
         info.labels(version, agent_id, site).set(1)
+        self._component_info_family = Gauge(
+            "plantgate_component_info",
+            "Constant 1, labelled with the implementation path a source or sink uses "
+            '(e.g. its fast decoder, or "library" after a failed self-check)',
+            ["component", "name", "path"],
+            registry=reg,
+        )
+        self._source_batches_retried_family = Counter(
+            "plantgate_source_batches_retried_total",
+            "Batches the pipeline could not take (buffer refusing writes) that the source kept to offer again",
+            ["source"],
+            registry=reg,
+        )
+        self._restarts_family = Counter(
+            "plantgate_component_restarts_total",
+            "Times a crashed source, sink or agent task was restarted",
+            ["component", "name"],
+            registry=reg,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds: read from
         # /proc only when scraped, they show the agent keeping its idle CPU and memory budget.
         ProcessCollector(registry=reg)
@@ -251,6 +271,9 @@ class Metrics:
         self._duplicates: dict[str, Counter] = {}
         self._suppressed: dict[str, Counter] = {}
         self._connection: dict[tuple[str, str], Gauge] = {}
+        self._source_batches_retried: dict[str, Counter] = {}
+        self._restarts: dict[tuple[str, str], Counter] = {}
+        self._component_paths: dict[tuple[str, str], str] = {}
 
         for source in sources:
             for source_lane in LANES:  # a source may produce every lane (OPC UA: samples, states, rules)
@@ -258,6 +281,8 @@ class Metrics:
             self._duplicate_child(source)
             self._suppressed_child(source)
             self._connection_child("source", source)
+            self._source_batch_retry_child(source)
+            self._restart_child("source", source)
         for sink, lanes in sinks.items():
             for lane in lanes:
                 self._delivered_child(sink, lane)
@@ -265,6 +290,7 @@ class Metrics:
                 self._latency_child(sink, lane)
             self._retry_child(sink)
             self._connection_child("sink", sink)
+            self._restart_child("sink", sink)
         for sink in (*sinks, PRE_SINK):
             for reason in DEAD_LETTER_REASONS:
                 self._dead_letter_child(sink, reason)
@@ -333,6 +359,20 @@ class Metrics:
         self._evicted_events.inc(events)
         self._evicted_samples.inc(samples)
 
+    def source_batch_retried(self, source: str, n: int = 1) -> None:
+        """``n`` batches from ``source`` were not taken by the pipeline; the source kept them to offer again."""
+        child = self._source_batches_retried.get(source)
+        if child is None:
+            child = self._source_batch_retry_child(source)
+        child.inc(n)
+
+    def component_restarted(self, component: str, name: str) -> None:
+        """The task of ``component`` ``name`` (a source, a sink, or an agent task) crashed and was restarted."""
+        child = self._restarts.get((component, name))
+        if child is None:
+            child = self._restart_child(component, name)
+        child.inc()
+
     # --- gauges, set from snapshots --------------------------------------------------------------
 
     def set_buffer(self, lanes: Mapping[tuple[str, str], tuple[int, float]]) -> None:
@@ -368,11 +408,35 @@ class Metrics:
             child = self._connection_child(component, name)
         child.set(1 if up else 0)
 
+    def set_component_path(self, component: str, name: str, path: str) -> None:
+        """Which implementation path ``component`` ``name`` uses now (``plantgate_component_info``).
+
+        E.g. ``("source", "press7", "fast-decoder")``, then ``"asyncua"`` if its
+        self-check fails. The previous path's series is removed, so exactly one is 1.
+        """
+        key = (component, name)
+        previous = self._component_paths.get(key)
+        if previous == path:
+            return
+        if previous is not None:
+            self._component_info_family.remove(component, name, previous)
+        self._component_info_family.labels(component, name, path).set(1)
+        self._component_paths[key] = path
+
+    def component_path(self, component: str, name: str) -> str | None:
+        """The path last set for ``component`` ``name`` (for /status), None when it never said."""
+        return self._component_paths.get((component, name))
+
+    def component_paths(self) -> dict[tuple[str, str], str]:
+        """``(component, name) -> path`` of every component that said which path it uses."""
+        return dict(self._component_paths)
+
     # --- exposition ------------------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition of every metric, and its content type."""
-        return render_text(self.registry), CONTENT_TYPE
+        """The Prometheus text exposition of every metric (``prometheus_client.generate_latest``), and its
+        content type."""
+        return generate_latest(self.registry), CONTENT_TYPE
 
     # --- child creation (cold path) --------------------------------------------------------------
 
@@ -415,56 +479,10 @@ class Metrics:
         child = self._connection[(component, name)] = self._connection_family.labels(component, name)
         return child
 
+    def _source_batch_retry_child(self, source: str) -> Counter:
+        child = self._source_batches_retried[source] = self._source_batches_retried_family.labels(source)
+        return child
 
-def render_text(registry: Collector) -> bytes:
-    """The Prometheus text format (0.0.4) of every metric ``registry`` collects.
-
-    Byte for byte what ``prometheus_client.generate_latest`` writes for metric and
-    label names of the classic character set (all of ours; a test compares the two),
-    without importing ``prometheus_client.exposition``: that module brings HTTP
-    servers, ``urllib.request`` and WSGI code, about 1 MB of memory for code the
-    agent never runs (see ``agent.lean_import``).
-    """
-    out: list[str] = []
-    for metric in registry.collect():
-        name, kind = metric.name, metric.type
-        # OpenMetrics names and types, as the classic format spells them.
-        if kind == "counter":
-            name += "_total"
-        elif kind == "info":
-            name, kind = name + "_info", "gauge"
-        elif kind == "stateset":
-            kind = "gauge"
-        elif kind == "gaugehistogram":
-            kind = "histogram"
-        elif kind == "unknown":
-            kind = "untyped"
-        documentation = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out.append(f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n")
-        # OpenMetrics-only samples go into gauges of their own after the family.
-        separate: dict[str, list[str]] = {}
-        for sample in metric.samples:
-            suffix = sample.name[len(metric.name) :]
-            if suffix in _SEPARATE_SUFFIXES and sample.name.startswith(metric.name):
-                separate.setdefault(suffix, []).append(_sample_line(sample))
-            else:
-                out.append(_sample_line(sample))
-        for suffix, lines in sorted(separate.items()):
-            out.append(f"# HELP {metric.name}{suffix} {documentation}\n# TYPE {metric.name}{suffix} gauge\n")
-            out.extend(lines)
-    return "".join(out).encode("utf-8")
-
-
-_SEPARATE_SUFFIXES = frozenset({"_created", "_gsum", "_gcount"})
-
-
-def _sample_line(sample: Sample) -> str:
-    labels = ""
-    if sample.labels:
-        labels = "{" + ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(sample.labels.items())) + "}"
-    timestamp = "" if sample.timestamp is None else f" {int(float(sample.timestamp) * 1000):d}"
-    return f"{sample.name}{labels} {floatToGoString(sample.value)}{timestamp}\n"
-
-
-def _escape_label_value(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    def _restart_child(self, component: str, name: str) -> Counter:
+        child = self._restarts[(component, name)] = self._restarts_family.labels(component, name)
+        return child
