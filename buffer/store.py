@@ -10,13 +10,24 @@ a row per group does not.
 
 Each sink has a ``DeliveryCursor``: per lane, the sequence up to which it has
 acknowledged (or dead-lettered) everything. A segment is deleted once every
-cursor that takes its lane (configured or orphaned) has passed its last event,
-so a removed or renamed sink never loses its backlog.
+cursor that takes its lane has passed its last event. A cursor whose sink is no
+longer configured, or whose sink no longer takes that lane, is *orphaned*: it is
+frozen at the sequence where that happened (stored, so it survives restarts) and
+keeps the backlog it had then until an operator purges it, but holds nothing
+appended later. Config never deletes a backlog.
 
-Writes go through one commit loop: whatever was appended while the previous
-transaction committed goes into the next one (group commit, no added wait), in
-transactions of at most ``max_rows_per_commit`` rows so the WAL stays bounded.
-Nothing else in the project touches SQLite.
+Writes go through one commit loop on one connection: whatever was appended while
+the previous transaction committed goes into the next one (group commit, no added
+wait), in transactions of at most ``max_rows_per_commit`` rows so the WAL stays
+bounded. A group split into several transactions remembers which of them
+committed, so a retry after a failure (disk full) writes only the rest. Reads
+(delivery, ages, stats) use a second, read-only connection: WAL hands it only
+committed data, so a sink never sees a row whose transaction may still roll back.
+
+The file is locked (``fcntl.flock`` on ``<path>.lock``) while a buffer has it open
+for writing: ``plantgate buffer`` uses that to tell a stopped agent's file (opened
+directly) from a running agent's (asked over HTTP). Nothing else in the project
+touches SQLite.
 """
 
 from __future__ import annotations
@@ -24,11 +35,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +50,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from agent.events import LANES, CloudEvent, Lane, decode_event, encode_event
+from agent.events import LANE_OF_TYPE, LANES, TYPE_PREFIX, CloudEvent, Lane, decode_event, encode_event
 from agent.sink import ACKED, BufferedEvent, Outcome, Rejected
 
 log = logging.getLogger(__name__)
@@ -61,14 +74,19 @@ CREATE TABLE IF NOT EXISTS lane_telemetry (
     enqueued REAL NOT NULL, events BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (
-    sink TEXT NOT NULL, lane TEXT NOT NULL, acked INTEGER NOT NULL, PRIMARY KEY (sink, lane)
+    sink TEXT NOT NULL, lane TEXT NOT NULL, acked INTEGER NOT NULL, frozen_at INTEGER,
+    PRIMARY KEY (sink, lane)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, sink TEXT NOT NULL, reason TEXT NOT NULL, type TEXT NOT NULL,
     subject TEXT, lane TEXT NOT NULL, time REAL NOT NULL, body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
 
 _SEGMENT_MAX_EVENTS = 1024
 _segment_encoder = msgspec.msgpack.Encoder()
@@ -93,8 +111,20 @@ def unpack_segment(blob: bytes) -> list[BufferedEvent]:
     return _segment_decoder.decode(blob)
 
 
+def is_corruption(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite saying the file is damaged (SQLITE_CORRUPT / SQLITE_NOTADB)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return isinstance(exc, sqlite3.DatabaseError) and ("malformed" in str(exc) or "not a database" in str(exc))
+
+
 class BufferError(Exception):
     """The buffer cannot do what was asked (cannot open, corrupt, closed)."""
+
+
+class BufferLocked(BufferError):
+    """Another process (a running agent) has the buffer file open for writing."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -143,15 +173,46 @@ class BufferStats(msgspec.Struct):
 @dataclass
 class _LaneCursor:
     acked: int  # everything <= acked is delivered or dead-lettered for this sink
-    depth: int = 0  # rows in the lane with seq > acked
+    depth: int = 0  # rows in the lane with seq > acked (and <= frozen_at when frozen)
+    frozen_at: int | None = None  # orphaned: holds only rows up to this sequence
+
+    def holds(self, seq: int) -> bool:
+        return seq > self.acked and (self.frozen_at is None or seq <= self.frozen_at)
 
 
 @dataclass
 class _Pending:
     rows: dict[Lane, list[BufferedEvent]] = field(default_factory=lambda: {lane: [] for lane in LANES})
+    done: dict[Lane, int] = field(default_factory=lambda: dict.fromkeys(LANES, 0))
+    """Rows of each lane already committed (a group split into several transactions)."""
     dead: list[DeadLetter] = field(default_factory=list)
+    dead_delete: list[int] = field(default_factory=list)  # dead letters replayed or purged (by row number)
+    dead_reason: list[tuple[str, float, int]] = field(default_factory=list)  # replay failed again: new reason
+    cursor_delete: list[tuple[str, Lane]] = field(default_factory=list)  # purged backlogs
+    state: dict[str, str | None] = field(default_factory=dict)  # None deletes the key
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
+
+    def absorb(self, newer: _Pending) -> None:
+        """Take ``newer``'s work behind this one's, in order."""
+        for lane in LANES:
+            self.rows[lane].extend(newer.rows[lane])
+        self.dead.extend(newer.dead)
+        self.dead_delete.extend(newer.dead_delete)
+        self.dead_reason.extend(newer.dead_reason)
+        self.cursor_delete.extend(newer.cursor_delete)
+        self.state.update(newer.state)
+        self.waiters.extend(newer.waiters)
+        self.count += newer.count
+
+
+@dataclass
+class _Txn:
+    """What one transaction did to the in-memory counters; applied only once it committed."""
+
+    inserted: dict[Lane, list[BufferedEvent]] = field(default_factory=dict)
+    evicted: list[BufferedEvent] = field(default_factory=list)
+    telemetry_delta: int = 0
 
 
 class DeliveryCursor:
@@ -183,7 +244,7 @@ class DeliveryCursor:
             batch = await self._buffer._read(self.sink, self._lanes, max_events)
             if batch or not wait:
                 return batch
-            if self.depth() > 0:
+            if self.depth() > 0 and self._buffer._healthy.is_set():
                 # The depth counters disagree with the file (they never should): trust the
                 # file, say so, and wait for new events instead of spinning.
                 log.warning("Buffer depth out of step with the file; recounting", extra={"sink": self.sink})
@@ -237,8 +298,14 @@ class Settlement:
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
     subject = decode_event(event.body).get("subject")
     return DeadLetter(
-        id=event.id, sink=sink, reason=reason, type=event.type, subject=subject,
-        lane=event.lane, time=time.time(), body=event.body,
+        id=event.id,
+        sink=sink,
+        reason=reason,
+        type=event.type,
+        subject=subject,
+        lane=event.lane,
+        time=time.time(),
+        body=event.body,
     )
 
 
@@ -255,6 +322,8 @@ class Buffer:
         max_rows_per_commit: int = 5000,
         max_pending_rows: int = 20_000,
         recent_ids: int = 20_000,
+        sinks: Mapping[str, Iterable[Lane]] | None = None,
+        commit_retry_interval: float = 1.0,
     ):
         self.path = path
         self.telemetry_max_rows = telemetry_max_rows
@@ -263,19 +332,31 @@ class Buffer:
         self.synchronous = synchronous.upper()
         self.max_rows_per_commit = max_rows_per_commit
         self.max_pending_rows = max_pending_rows
-        self._db: aiosqlite.Connection | None = None
+        self.commit_retry_interval = commit_retry_interval
+        self._db: aiosqlite.Connection | None = None  # the writer: only the commit loop uses it after open
+        self._reader: aiosqlite.Connection | None = None  # read-only: sees committed data only
+        self._readonly = False
+        self._lock_fd: int | None = None
         self._seq = 0
         self._pending = _Pending()
         self._wake = asyncio.Event()  # something to commit
         self._writable = asyncio.Event()  # not back-pressuring appends
         self._writable.set()
+        self._healthy = asyncio.Event()  # not in the middle of moving a corrupt file aside
+        self._healthy.set()
+        self._corrupt: str | None = None  # a reader saw corruption: the commit loop quarantines
+        self._generation = 0  # bumped by each quarantine: reads begun before it are stale
         self._refusing: str | None = None  # why writes are refused (disk full, size cap), None when fine
         self._cursors: dict[tuple[str, Lane], _LaneCursor] = {}
         self._dirty_cursors: set[tuple[str, Lane]] = set()
+        self._configured: dict[str, frozenset[Lane]] | None = (
+            {name: frozenset(lanes) for name, lanes in sinks.items()} if sinks is not None else None
+        )
         self._new_data: dict[str, asyncio.Event] = {}
         self._telemetry_rows = 0
         self._decoded: dict[tuple[Lane, int], list[BufferedEvent]] = {}
         self._size_bytes = 0
+        self._state: dict[str, str] = {}
         self._commit_task: asyncio.Task[None] | None = None
         self._closing = False
         self._commit_error: BaseException | None = None
@@ -286,42 +367,112 @@ class Buffer:
         self.dead_letter_count = 0
         self._recent_ids = RecentIds(recent_ids)
         self.quarantined: dict[str, Any] | None = None
-        """Set when ``open`` found a corrupt file and moved it aside: path, moved_to, reason, size_bytes."""
+        """The last corrupt file moved aside (at open or while running): path, moved_to, reason, size_bytes."""
+        self.quarantines: list[dict[str, Any]] = []
+        """Quarantines while running, not yet reported; the agent drains it into buffer.quarantined events."""
+        self.on_quarantine: asyncio.Event = asyncio.Event()
+        """Set when a corrupt file was moved aside while running (``quarantines`` says which)."""
 
     # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
     async def open(self, *, readonly: bool = False) -> None:
         """Open (creating if needed), check integrity, quarantine a corrupt file, load cursors.
 
         ``readonly`` is for inspecting a buffer, also one a running agent is writing
-        (WAL lets a reader in): no integrity repair, no commit loop, no writes.
+        (WAL lets a reader in): no lock, no integrity repair, no commit loop, no writes.
+        Otherwise the file is locked for this process; ``BufferLocked`` says another
+        one (a running agent) has it.
         """
+        self._readonly = readonly
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(self.path)
-            self._db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            reason = await self._check_integrity()
-            if reason is not None:
-                self.quarantined = self._quarantine(reason)
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        db = self._db
+            self._lock()
+            try:
+                reason = await self._check_integrity()
+                if reason is not None:
+                    self.quarantined = self._quarantine(reason)
+                await self._connect()
+            except BaseException:
+                await self._disconnect()
+                self._unlock()
+                raise
+        try:
+            await self._load()
+        except BaseException:
+            await self._disconnect()
+            self._unlock()
+            raise
         if not readonly:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute(f"PRAGMA synchronous={self.synchronous}")
-            # Keep the WAL from growing without bound after a burst: truncate it back after checkpoints.
-            await db.execute("PRAGMA journal_size_limit=67108864")
-            await db.execute("PRAGMA wal_autocheckpoint=2000")
-            # Segments are read once, right after they are written: a small page cache is enough.
-            await db.execute("PRAGMA cache_size=-4000")
-            await db.execute("PRAGMA temp_store=MEMORY")
-            await db.executescript(_SCHEMA)
-        seq = 0
+            if self._configured is not None:
+                await self._apply_configuration()
+            self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
+
+    def _lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BufferLocked(f"agent is running: {self.path} is in use by process {holder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    async def _connect(self) -> None:
+        """The writer (creates the file and schema), then the read-only reader."""
+        db = self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={self.synchronous}")
+        # Keep the WAL from growing without bound after a burst: truncate it back after checkpoints.
+        await db.execute("PRAGMA journal_size_limit=67108864")
+        await db.execute("PRAGMA wal_autocheckpoint=2000")
+        # Segments are read once, right after they are written: a small page cache is enough.
+        await db.execute("PRAGMA cache_size=-4000")
+        await db.execute("PRAGMA temp_store=MEMORY")
+        await db.executescript(_SCHEMA)
+        async with db.execute("PRAGMA table_info(cursors)") as cur:
+            columns = {row[1] for row in await cur.fetchall()}
+        if "frozen_at" not in columns:  # a file from before orphaned cursors were frozen
+            await db.execute("ALTER TABLE cursors ADD COLUMN frozen_at INTEGER")
+        reader = self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        await reader.execute("PRAGMA cache_size=-4000")
+        # A first read: from now on the reader holds its shared lock on the file, so closing the
+        # writer (quarantine) never checkpoints into, or deletes the WAL of, a file being moved aside.
+        async with reader.execute("SELECT count(*) FROM meta") as cur:
+            await cur.fetchall()
+
+    async def _disconnect(self) -> None:
+        """Close both connections; the writer last, so it checkpoints the WAL into the file."""
+        db, reader = self._db, self._reader
+        self._db = self._reader = None
+        for connection in (reader, db):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+
+    async def _load(self) -> None:
+        """The in-memory view from the file: last sequence, recent ids, cursors, counts, state."""
+        db = self._reader
+        assert db is not None
+        seq = self._seq
         async with db.execute("SELECT value FROM meta WHERE key='last_seq'") as cur:
             row = await cur.fetchone()
             if row:
-                seq = int(row[0])
+                seq = max(seq, int(row[0]))
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -344,36 +495,50 @@ class Buffer:
         async with db.execute("SELECT coalesce(sum(count), 0) FROM lane_telemetry") as cur:
             row = await cur.fetchone()
             self._telemetry_rows = int(row[0]) if row else 0
-        async with db.execute("SELECT sink, lane, acked FROM cursors") as cur:
-            for sink, lane, acked in await cur.fetchall():
+        async with db.execute("PRAGMA table_info(cursors)") as cur:
+            has_frozen = "frozen_at" in {row[1] for row in await cur.fetchall()}
+        query = (
+            "SELECT sink, lane, acked, frozen_at FROM cursors"
+            if has_frozen
+            else ("SELECT sink, lane, acked, NULL FROM cursors")
+        )
+        async with db.execute(query) as cur:
+            for sink, lane, acked, frozen_at in await cur.fetchall():
                 if lane in _TABLE:
-                    self._cursors[(sink, lane)] = _LaneCursor(acked=int(acked))
+                    self._cursors[(sink, lane)] = _LaneCursor(
+                        acked=int(acked), frozen_at=None if frozen_at is None else int(frozen_at)
+                    )
         for (_, lane), state in self._cursors.items():
-            state.depth = await self._count_after(lane, state.acked)
+            state.depth = await self._count_held(lane, state)
         async with db.execute("SELECT count(*) FROM dead_letters") as cur:
             row = await cur.fetchone()
             self.dead_letter_count = int(row[0]) if row else 0
+        async with db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='state'") as cur:
+            has_state = await cur.fetchone() is not None
+        if has_state:
+            async with db.execute("SELECT key, value FROM state") as cur:
+                self._state = {str(key): str(value) for key, value in await cur.fetchall()}
         await self._refresh_size()
-        if not readonly:
-            self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
 
     async def close(self) -> None:
         """Commit what is pending, persist cursors, close the file."""
-        if self._db is None:
+        if self._reader is None and self._db is None:
             return
         if self._commit_task is None:  # read-only
-            await self._db.close()
-            self._db = None
+            await self._disconnect()
+            self._unlock()
             return
         self._closing = True
         self._wake.set()
-        if self._commit_task is not None:
+        try:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._commit_task
-        for event in self._new_data.values():
-            event.set()
-        await self._db.close()
-        self._db = None
+        finally:
+            self._commit_task = None
+            for event in self._new_data.values():
+                event.set()
+            await self._disconnect()
+            self._unlock()
 
     async def _check_integrity(self) -> str | None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -393,17 +558,115 @@ class Buffer:
         """Move the file and its -wal/-shm aside, byte for byte; never delete."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         moved_to = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        suffix_n = 1
+        while moved_to.exists():  # a second quarantine within the same second
+            suffix_n += 1
+            moved_to = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{suffix_n}")
+        tail = moved_to.name.removeprefix(self.path.name)
         size = self.path.stat().st_size
         self.path.rename(moved_to)
         for suffix in ("-wal", "-shm"):
             extra = self.path.with_name(self.path.name + suffix)
             if extra.exists():
-                extra.rename(moved_to.with_name(f"{self.path.name}{suffix}.corrupt-{stamp}"))
+                extra.rename(self.path.with_name(f"{self.path.name}{suffix}{tail}"))
         log.error(
             "Buffer file is corrupt; moved aside and starting on a fresh file",
             extra={"path": str(self.path), "moved_to": str(moved_to), "reason": reason},
         )
         return {"path": str(self.path), "moved_to": str(moved_to), "reason": reason, "size_bytes": size}
+
+    async def _quarantine_live(self, reason: str) -> None:
+        """Corruption seen while running: move the file aside and go on with a fresh one.
+
+        What is only in the moved file stays there (for an operator, never deleted);
+        the in-memory state carries on: the sequence never goes back, cursors keep
+        their positions, recent ids keep deduplicating, state keys are written again,
+        and whatever was not committed yet is written to the fresh file.
+        """
+        self._healthy.clear()
+        self._generation += 1
+        try:
+            writer, reader = self._db, self._reader
+            self._db = self._reader = None
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    await writer.close()  # the reader still holds the file: no checkpoint into it
+            info = self._quarantine(reason) if self.path.exists() else None
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    await reader.close()  # read-only: never checkpoints nor deletes the WAL
+            await self._connect()
+            self._decoded.clear()
+            self._telemetry_rows = 0
+            self.dead_letter_count = 0
+            for key, state in self._cursors.items():
+                state.depth = 0
+                self._dirty_cursors.add(key)
+            self._pending.state.update({key: value for key, value in self._state.items()})
+            self._pending.count += 1
+            self._size_bytes = 0
+            if info is not None:
+                self.quarantined = info
+                self.quarantines.append(info)
+                self.on_quarantine.set()
+        finally:
+            self._corrupt = None
+            self._healthy.set()
+            for event in self._new_data.values():
+                event.set()
+
+    def _saw_corruption(self, exc: BaseException) -> None:
+        """A read hit a damaged page: the commit loop moves the file aside."""
+        if self._corrupt is None and self._commit_task is not None:
+            self._corrupt = f"{type(exc).__name__}: {exc}"
+            log.error("Buffer file is corrupt", extra={"error": str(exc)})
+            self._wake.set()
+
+    # --- configuration --------------------------------------------------------------------------
+
+    async def configure_sinks(self, sinks: Mapping[str, Iterable[Lane]]) -> None:
+        """The sinks of the current config and their lanes (the agent calls this at start).
+
+        A cursor of a sink not in ``sinks``, or of a lane its sink no longer takes, is
+        orphaned: it keeps the backlog it has now (``stats`` lists it as orphaned until
+        ``purge``) but holds nothing appended from here on. A sink or lane that comes
+        back takes its cursor up again.
+        """
+        self._configured = {name: frozenset(lanes) for name, lanes in sinks.items()}
+        if self._db is not None:
+            await self._apply_configuration()
+
+    async def _apply_configuration(self) -> None:
+        configured = self._configured
+        assert configured is not None
+        for key, state in self._cursors.items():
+            sink, lane = key
+            taken = lane in configured.get(sink, ())
+            if taken and state.frozen_at is not None:
+                state.frozen_at = None
+                state.depth = await self._count_held(lane, state)
+                self._dirty_cursors.add(key)
+                log.info("Sink takes its lane again; its cursor resumes", extra={"sink": sink, "lane": lane})
+            elif not taken and state.frozen_at is None:
+                state.frozen_at = self._seq
+                self._dirty_cursors.add(key)
+                if state.depth:
+                    log.warning(
+                        "Backlog of a sink or lane no longer configured is kept as orphaned until purged",
+                        extra={"sink": sink, "lane": lane, "depth": state.depth},
+                    )
+        if self._dirty_cursors:
+            self._wake.set()
+
+    def _is_orphaned(self, sink: str, lane: Lane, state: _LaneCursor, configured: Mapping[str, Any] | None) -> bool:
+        if state.frozen_at is not None:
+            return True
+        if configured is None:
+            return False
+        if sink not in configured:
+            return True
+        lanes = configured[sink]
+        return lanes is not None and lane not in lanes
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -419,6 +682,18 @@ class Buffer:
         if self._commit_error is not None:
             raise BufferError(f"buffer commit failed: {self._commit_error}") from self._commit_error
 
+    def set_max_page_count(self, pages: int) -> asyncio.Future[None]:
+        """Cap the file at ``pages`` pages (SQLite ``max_page_count``; never below its current size).
+
+        An operational knob (a hard ceiling below the disk's own, e.g. on a shared
+        volume) that also gives tests a genuine SQLITE_FULL. Applied by the commit
+        loop on its connection before the next commit; the future resolves after it.
+        """
+        self._page_limit = pages
+        return self.append([])
+
+    _page_limit: int | None = None
+
     def append(self, events: Sequence[CloudEvent], dead_letters: Sequence[DeadLetter] = ()) -> asyncio.Future[None]:
         """Queue events (and dead letters made before any sink) for the next commit.
 
@@ -426,7 +701,7 @@ class Buffer:
         completes when the commit holding them is durable: acknowledge a source (202,
         PLC handshake) only after awaiting it.
         """
-        if self._db is None or self._closing:
+        if self._commit_task is None or self._closing:
             raise BufferError("buffer is not open")
         pending = self._pending
         now = time.time()
@@ -452,6 +727,9 @@ class Buffer:
         self._seq = seq
         pending.dead.extend(dead_letters)
         pending.count += len(events) + len(dead_letters)
+        return self._queued(pending)
+
+    def _queued(self, pending: _Pending) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.waiters.append(future)
         if pending.count >= self.max_pending_rows:
@@ -459,10 +737,39 @@ class Buffer:
         self._wake.set()
         return future
 
+    # --- state: small durable key/value pairs for other components --------------------------------
+
+    async def load_state(self, key: str) -> str | None:
+        """The value last saved under ``key`` (saved in this run or an earlier one), or None."""
+        return self._state.get(key)
+
+    def save_state(self, key: str, value: str | None) -> asyncio.Future[None]:
+        """Save ``value`` under ``key`` (None deletes it) in the next group commit.
+
+        The future resolves once it is durable, in the same transaction as the events
+        appended before it (e.g. the OPC UA source's subscription ids with its readings).
+        """
+        if self._commit_task is None or self._closing:
+            raise BufferError("buffer is not open")
+        if value is None:
+            self._state.pop(key, None)
+        else:
+            self._state[key] = value
+        pending = self._pending
+        pending.state[key] = value
+        pending.count += 1
+        return self._queued(pending)
+
+    # --- the commit loop ------------------------------------------------------------------------
+
     async def _commit_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._corrupt is not None:
+                reason, self._corrupt = self._corrupt, None
+                if not await self._try_quarantine(reason):
+                    continue
             pending, self._pending = self._pending, _Pending()
             if self._refusing is None:
                 # Sources may fill the next group while this one commits: at most two groups in memory.
@@ -481,37 +788,51 @@ class Buffer:
             if self._closing and not self._pending.count and not self._dirty_cursors:
                 return
 
+    async def _try_quarantine(self, reason: str) -> bool:
+        try:
+            await self._quarantine_live(reason)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("Corrupt buffer file could not be moved aside; retrying", extra={"error": str(exc)})
+            self._corrupt = reason
+            self._refusing = f"buffer file is corrupt and could not be replaced: {exc}"
+            self._writable.clear()
+            await asyncio.sleep(self.commit_retry_interval)
+            self._wake.set()
+            return False
+        return True
+
     async def _commit_failed(self, pending: _Pending, exc: sqlite3.Error) -> None:
-        """Keep the rows and retry: a full disk clears up, a transaction must not be lost."""
+        """Keep what did not commit and retry: a full disk clears up, a transaction must not be lost."""
+        # Put the failed work back in front of anything appended since, in order.
+        newer, self._pending = self._pending, pending
+        pending.absorb(newer)
+        if is_corruption(exc):
+            # The file is damaged: everything of this group goes to the fresh file, also what
+            # already committed into the damaged one (its waiters were not told yet).
+            pending.done = dict.fromkeys(LANES, 0)
+            if await self._try_quarantine(f"{type(exc).__name__}: {exc}"):
+                self._wake.set()
+            return
         self._refusing = f"commit failed: {exc}"
         self._writable.clear()
         log.error("Buffer commit failed; writes refused until it succeeds", extra={"error": str(exc)})
-        # Put the failed rows back in front of anything appended since, in order.
-        newer, self._pending = self._pending, pending
-        for lane in LANES:
-            pending.rows[lane].extend(newer.rows[lane])
-        pending.dead.extend(newer.dead)
-        pending.waiters.extend(newer.waiters)
-        pending.count += newer.count
         if self._closing:
             self._commit_error = exc
             for future in pending.waiters:
                 if not future.done():
                     future.set_exception(BufferError(f"buffer commit failed: {exc}"))
             raise BufferError(f"buffer commit failed while closing: {exc}") from exc
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(self.commit_retry_interval)
         self._wake.set()
 
-    async def _commit(self, pending: _Pending) -> None:
-        db = self._db
-        assert db is not None
-        # Split a large backlog of rows into bounded transactions (WAL size), in order.
+    def _chunks(self, pending: _Pending) -> list[dict[Lane, list[BufferedEvent]]]:
+        """What is left of the group, split into bounded transactions (WAL size), in order."""
         chunks: list[dict[Lane, list[BufferedEvent]]] = []
         current: dict[Lane, list[BufferedEvent]] = {}
         size = 0
         for lane in LANES:
             rows = pending.rows[lane]
-            start = 0
+            start = pending.done[lane]
             while start < len(rows):
                 take = min(len(rows) - start, self.max_rows_per_commit - size)
                 current.setdefault(lane, []).extend(rows[start : start + take])
@@ -521,19 +842,29 @@ class Buffer:
                     chunks.append(current)
                     current, size = {}, 0
         chunks.append(current)
+        return chunks
+
+    async def _commit(self, pending: _Pending) -> None:
+        db = self._db
+        assert db is not None
+        if self._page_limit is not None:
+            await db.execute(f"PRAGMA max_page_count={int(self._page_limit)}")
+            self._page_limit = None
+        chunks = self._chunks(pending)
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
+            txn = _Txn()
             await db.execute("BEGIN IMMEDIATE")
+            written: set[tuple[str, Lane]] = set()
             try:
-                # Counted before eviction so the cap holds right after the commit that crosses it;
-                # a failed commit recounts from the file.
-                self._count_inserted(await self._insert(db, chunk))
+                await self._insert(db, chunk, txn)
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
-                    await self._write_cursors(db)
-                    await self._delete_delivered(db)
-                    await self._evict_telemetry(db)
+                    await self._admin_changes(db, pending)
+                    written = await self._write_cursors(db)
+                    await self._delete_delivered(db, txn)
+                    await self._evict_telemetry(db, txn)
                 await db.execute(
                     "INSERT INTO meta(key, value) VALUES ('last_seq', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -543,19 +874,36 @@ class Buffer:
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     await db.execute("ROLLBACK")
-                # The retry writes the rows again; the cursor positions this commit carried too.
-                self._dirty_cursors.update(self._cursors)
-                await self._recount()
+                self._dirty_cursors.update(written)  # the retry writes these positions again
                 raise
-        self.dead_letter_count += len(pending.dead)
+            for lane, events in chunk.items():
+                pending.done[lane] += len(events)
+            self._applied(txn)
+        self.dead_letter_count += len(pending.dead) - len(set(pending.dead_delete))
         if self._refusing is not None and self._refusing.startswith("commit failed"):
             log.info("Buffer commits succeed again; writes accepted")
             self._refusing = None
+        if self._refusing is None and self._pending.count < self.max_pending_rows:
+            self._writable.set()
 
-    async def _insert(
-        self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]]
-    ) -> dict[Lane, list[BufferedEvent]]:
-        inserted: dict[Lane, list[BufferedEvent]] = {}
+    def _applied(self, txn: _Txn) -> None:
+        """A transaction committed: now the counters and readers may count its rows."""
+        self._telemetry_rows += txn.telemetry_delta
+        evicted = txn.evicted
+        for (_, lane), state in self._cursors.items():
+            rows = txn.inserted.get(lane)
+            if rows:
+                if state.frozen_at is None and state.acked < rows[0].seq:
+                    state.depth += len(rows)
+                else:
+                    state.depth += sum(1 for event in rows if state.holds(event.seq))
+            if evicted and lane == "telemetry":
+                state.depth = max(0, state.depth - sum(1 for event in evicted if state.holds(event.seq)))
+        if evicted:
+            self.evictions.extend(_evictions_of(evicted))
+            self.on_eviction.set()
+
+    async def _insert(self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]], txn: _Txn) -> None:
         now = time.time()
         for lane, events in chunk.items():
             if not events:
@@ -567,20 +915,10 @@ class Buffer:
                 f"INSERT INTO {_TABLE[lane]}(first_seq, last_seq, count, enqueued, events) VALUES (?,?,?,?,?)",
                 [(seg[0].seq, seg[-1].seq, len(seg), now, pack_segment(seg)) for seg in segments],
             )
-            inserted[lane] = events
-        return inserted
-
-    def _count_inserted(self, inserted: dict[Lane, list[BufferedEvent]]) -> None:
-        for lane, events in inserted.items():
+            txn.inserted[lane] = events
             if lane == "telemetry":
-                self._telemetry_rows += len(events)
-            for (_, cursor_lane), state in self._cursors.items():
-                if cursor_lane == lane:
-                    # A cursor made after these were sequenced (a new sink) starts past them.
-                    if state.acked < events[0].seq:
-                        state.depth += len(events)
-                    else:
-                        state.depth += sum(1 for event in events if event.seq > state.acked)
+                # Counted before eviction so the cap holds right after the commit that crosses it.
+                txn.telemetry_delta += len(events)
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(
@@ -588,35 +926,70 @@ class Buffer:
             [(d.id, d.sink, d.reason, d.type, d.subject, d.lane, d.time, d.body) for d in dead],
         )
 
-    async def _write_cursors(self, db: aiosqlite.Connection) -> None:
+    async def _admin_changes(self, db: aiosqlite.Connection, pending: _Pending) -> None:
+        """Replays, purges and state: in the same transaction as the events they go with."""
+        if pending.dead_delete:
+            await db.executemany("DELETE FROM dead_letters WHERE n = ?", [(n,) for n in pending.dead_delete])
+        if pending.dead_reason:
+            await db.executemany("UPDATE dead_letters SET reason = ?, time = ? WHERE n = ?", pending.dead_reason)
+        if pending.cursor_delete:
+            await db.executemany("DELETE FROM cursors WHERE sink = ? AND lane = ?", pending.cursor_delete)
+        if pending.state:
+            await db.executemany(
+                "DELETE FROM state WHERE key = ?", [(k,) for k, v in pending.state.items() if v is None]
+            )
+            await db.executemany(
+                "INSERT INTO state(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [(k, v) for k, v in pending.state.items() if v is not None],
+            )
+
+    async def _write_cursors(self, db: aiosqlite.Connection) -> set[tuple[str, Lane]]:
         if not self._dirty_cursors:
-            return
-        rows = [(sink, lane, self._cursors[(sink, lane)].acked) for sink, lane in self._dirty_cursors]
-        self._dirty_cursors.clear()
+            return set()
+        keys, self._dirty_cursors = {key for key in self._dirty_cursors if key in self._cursors}, set()
+        rows = [
+            (sink, lane, self._cursors[(sink, lane)].acked, self._cursors[(sink, lane)].frozen_at)
+            for sink, lane in keys
+        ]
         await db.executemany(
-            "INSERT INTO cursors(sink, lane, acked) VALUES (?,?,?) "
-            "ON CONFLICT(sink, lane) DO UPDATE SET acked=excluded.acked",
+            "INSERT INTO cursors(sink, lane, acked, frozen_at) VALUES (?,?,?,?) "
+            "ON CONFLICT(sink, lane) DO UPDATE SET acked=excluded.acked, frozen_at=excluded.frozen_at",
             rows,
         )
+        return keys
 
-    async def _delete_delivered(self, db: aiosqlite.Connection) -> None:
+    def _deletable(self, lane: Lane) -> tuple[str, list[int]] | None:
+        """The WHERE clause of the segments no cursor of ``lane`` holds any more, or None."""
+        states = [state for (_, cursor_lane), state in self._cursors.items() if cursor_lane == lane]
+        if not states:
+            return None
+        live = [state.acked for state in states if state.frozen_at is None]
+        # Below every live cursor, or past every one when only orphaned cursors are left.
+        clauses, params = ["first_seq <= ? AND last_seq <= ?"], [min(live) if live else self._seq] * 2
+        for state in states:
+            if state.frozen_at is not None and state.frozen_at > state.acked:
+                # ... and outside the backlog (acked, frozen_at] an orphaned cursor keeps.
+                clauses.append("NOT (first_seq <= ? AND last_seq > ?)")
+                params.extend((state.frozen_at, state.acked))
+        return " AND ".join(clauses), params
+
+    async def _delete_delivered(self, db: aiosqlite.Connection, txn: _Txn) -> None:
         for lane in LANES:
-            marks = [state.acked for (_, cursor_lane), state in self._cursors.items() if cursor_lane == lane]
-            if not marks:
+            where = self._deletable(lane)
+            if where is None:
                 continue
-            mark = min(marks)
+            clause, params = where
             if lane == "telemetry":
                 async with db.execute(
-                    "SELECT coalesce(sum(count), 0) FROM lane_telemetry WHERE first_seq <= ? AND last_seq <= ?",
-                    (mark, mark),
+                    f"SELECT coalesce(sum(count), 0) FROM lane_telemetry WHERE {clause}", params
                 ) as cur:
                     row = await cur.fetchone()
-                self._telemetry_rows -= int(row[0]) if row else 0
-            await db.execute(f"DELETE FROM {_TABLE[lane]} WHERE first_seq <= ? AND last_seq <= ?", (mark, mark))
+                txn.telemetry_delta -= int(row[0]) if row else 0
+            await db.execute(f"DELETE FROM {_TABLE[lane]} WHERE {clause}", params)
 
-    async def _evict_telemetry(self, db: aiosqlite.Connection) -> None:
+    async def _evict_telemetry(self, db: aiosqlite.Connection, txn: _Txn) -> None:
         """Oldest telemetry first, only when over the row cap; counted and reported."""
-        excess = self._telemetry_rows - self.telemetry_max_rows
+        excess = self._telemetry_rows + txn.telemetry_delta - self.telemetry_max_rows
         if excess <= 0:
             return
         # Evict a little more than needed so a steady overflow does not evict on every commit,
@@ -637,12 +1010,8 @@ class Buffer:
         if len(evicted) < excess:
             self._wake.set()  # more to evict: next commit
         await db.execute("DELETE FROM lane_telemetry WHERE first_seq <= ?", (last,))
-        self._telemetry_rows -= len(evicted)
-        for (_, lane), state in self._cursors.items():
-            if lane == "telemetry":
-                state.depth = max(0, state.depth - sum(1 for event in evicted if event.seq > state.acked))
-        self.evictions.extend(_evictions_of(evicted))
-        self.on_eviction.set()
+        txn.telemetry_delta -= len(evicted)
+        txn.evicted.extend(evicted)
 
     # --- reading and acknowledging -------------------------------------------------------------
 
@@ -662,17 +1031,34 @@ class Buffer:
         return state
 
     async def _read(self, sink: str, lanes: dict[Lane, _LaneCursor], limit: int) -> list[BufferedEvent]:
-        db = self._db
-        if db is None:
+        db = self._reader
+        if db is None or not self._healthy.is_set():
             return []
+        generation = self._generation
+        try:
+            batch = await self._read_segments(db, lanes, limit)
+        except (sqlite3.Error, ValueError) as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
+                return []
+            if generation != self._generation:
+                return []  # the connection was replaced under this read
+            raise
+        # Rows read from a file that was moved aside meanwhile are not handed out.
+        return batch if generation == self._generation else []
+
+    async def _read_segments(
+        self, db: aiosqlite.Connection, lanes: dict[Lane, _LaneCursor], limit: int
+    ) -> list[BufferedEvent]:
         batch: list[BufferedEvent] = []
         for lane, state in lanes.items():
             if state.depth <= 0:
                 continue
             table = _TABLE[lane]
+            acked, frozen_at = state.acked, state.frozen_at
             # The segment holding acked+1 may start before it: begin at the last segment starting <= acked.
             async with db.execute(
-                f"SELECT coalesce(max(first_seq), 0) FROM {table} WHERE first_seq <= ?", (state.acked,)
+                f"SELECT coalesce(max(first_seq), 0) FROM {table} WHERE first_seq <= ?", (acked,)
             ) as cur:
                 row = await cur.fetchone()
             start = int(row[0]) if row else 0
@@ -687,8 +1073,15 @@ class Buffer:
                 if not rows:
                     break
                 for first_seq, blob in rows:
+                    if frozen_at is not None and first_seq > frozen_at:
+                        break
                     events = self._segment(lane, first_seq, blob)
-                    batch.extend(event for event in events if event.seq > state.acked)
+                    if frozen_at is None:
+                        batch.extend(event for event in events if event.seq > acked)
+                    else:
+                        batch.extend(event for event in events if acked < event.seq <= frozen_at)
+                if frozen_at is not None and int(rows[-1][0]) > frozen_at:
+                    break
                 start = int(rows[-1][0]) + 1
             if len(batch) >= limit:
                 del batch[limit:]
@@ -736,35 +1129,58 @@ class Buffer:
             self._wake.set()
 
     async def _recount(self) -> None:
-        """Depths and the telemetry row count from the file (after a rolled-back commit)."""
-        assert self._db is not None
-        with contextlib.suppress(sqlite3.Error):
-            async with self._db.execute("SELECT coalesce(sum(count), 0) FROM lane_telemetry") as cur:
+        """Depths and the telemetry row count from the file (committed rows only)."""
+        if self._reader is None:
+            return
+        try:
+            async with self._reader.execute("SELECT coalesce(sum(count), 0) FROM lane_telemetry") as cur:
                 row = await cur.fetchone()
             self._telemetry_rows = int(row[0]) if row else 0
             for (_, lane), state in self._cursors.items():
-                state.depth = await self._count_after(lane, state.acked)
+                state.depth = await self._count_held(lane, state)
+        except (sqlite3.Error, ValueError) as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
 
-    async def _count_after(self, lane: Lane, seq: int) -> int:
-        assert self._db is not None
-        async with self._db.execute(
-            f"SELECT coalesce(sum(count), 0) FROM {_TABLE[lane]} WHERE first_seq > ?", (seq,)
-        ) as cur:
+    async def _count_held(self, lane: Lane, state: _LaneCursor) -> int:
+        """Rows of ``lane`` the cursor still holds: after ``acked`` (and up to ``frozen_at``)."""
+        db = self._reader
+        assert db is not None
+        low, high = state.acked, state.frozen_at
+        if high is not None and high <= low:
+            return 0
+        table = _TABLE[lane]
+        params: tuple[int, ...]
+        if high is None:
+            query, params = f"SELECT coalesce(sum(count), 0) FROM {table} WHERE first_seq > ?", (low,)
+        else:
+            query = f"SELECT coalesce(sum(count), 0) FROM {table} WHERE first_seq > ? AND last_seq <= ?"
+            params = (low, high)
+        async with db.execute(query, params) as cur:
             row = await cur.fetchone()
         count = int(row[0]) if row else 0
-        # Plus the part of the segment that straddles ``seq``.
-        async with self._db.execute(
-            f"SELECT events FROM {_TABLE[lane]} WHERE first_seq <= ? AND last_seq > ? ", (seq, seq)
-        ) as cur:
-            async for (blob,) in cur:
-                count += sum(1 for event in unpack_segment(blob) if event.seq > seq)
+        # Plus the parts of the segments that straddle ``low`` (and ``high``).
+        straddling: list[tuple[str, tuple[int, ...]]] = [
+            (f"SELECT events FROM {table} WHERE first_seq <= ? AND last_seq > ?", (low, low))
+        ]
+        if high is not None:
+            straddling.append(
+                (
+                    f"SELECT events FROM {table} WHERE first_seq > ? AND first_seq <= ? AND last_seq > ?",
+                    (low, high, high),
+                )
+            )
+        for query, params in straddling:
+            async with db.execute(query, params) as cur:
+                async for (blob,) in cur:
+                    count += sum(1 for event in unpack_segment(blob) if state.holds(event.seq))
         return count
 
     # --- inspection -----------------------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
-        return self._db is not None
+        return self._reader is not None or self._db is not None
 
     @property
     def last_sequence(self) -> int:
@@ -775,13 +1191,21 @@ class Buffer:
         return state.depth if state else 0
 
     async def _refresh_size(self) -> None:
-        assert self._db is not None
-        async with self._db.execute("PRAGMA page_count") as cur:
-            pages = (await cur.fetchone() or (0,))[0]
-        async with self._db.execute("PRAGMA freelist_count") as cur:
-            free = (await cur.fetchone() or (0,))[0]
-        async with self._db.execute("PRAGMA page_size") as cur:
-            page_size = (await cur.fetchone() or (4096,))[0]
+        db = self._reader
+        if db is None:
+            return
+        try:
+            async with db.execute("PRAGMA page_count") as cur:
+                pages = (await cur.fetchone() or (0,))[0]
+            async with db.execute("PRAGMA freelist_count") as cur:
+                free = (await cur.fetchone() or (0,))[0]
+            async with db.execute("PRAGMA page_size") as cur:
+                page_size = (await cur.fetchone() or (4096,))[0]
+        except (sqlite3.Error, ValueError) as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
+                return
+            raise
         self._size_bytes = (int(pages) - int(free)) * int(page_size)
 
     @property
@@ -815,51 +1239,160 @@ class Buffer:
     async def oldest_age(self, sink: str, lane: Lane) -> float | None:
         """Seconds since the oldest event ``sink`` has not acknowledged in ``lane`` was buffered."""
         state = self._cursors.get((sink, lane))
-        if self._db is None or state is None or state.depth <= 0:
+        db = self._reader
+        if db is None or state is None or state.depth <= 0:
             return None
-        async with self._db.execute(
-            f"SELECT enqueued FROM {_TABLE[lane]} WHERE last_seq > ? ORDER BY first_seq LIMIT 1", (state.acked,)
-        ) as cur:
-            row = await cur.fetchone()
+        query = f"SELECT enqueued FROM {_TABLE[lane]} WHERE last_seq > ? ORDER BY first_seq LIMIT 1"
+        try:
+            async with db.execute(query, (state.acked,)) as cur:
+                row = await cur.fetchone()
+        except (sqlite3.Error, ValueError) as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
+                return None
+            raise
         return max(0.0, time.time() - float(row[0])) if row else None
 
-    async def stats(self, configured_sinks: Iterable[str] | None = None) -> BufferStats:
-        """Depth and oldest age per sink and lane, dead letters, orphaned backlog, size."""
-        assert self._db is not None
-        configured = set(configured_sinks) if configured_sinks is not None else None
+    async def stats(self, configured_sinks: Iterable[str] | Mapping[str, Iterable[Lane]] | None = None) -> BufferStats:
+        """Depth and oldest age per sink and lane, dead letters, orphaned backlog, size.
+
+        Orphaned: cursors of sinks not configured and of lanes their sink no longer
+        takes (by ``configured_sinks`` when given, names or names -> lanes; else by
+        ``configure_sinks``; else only cursors already frozen as orphaned).
+        """
+        configured: dict[str, frozenset[Lane] | None] | None
+        if isinstance(configured_sinks, Mapping):
+            configured = {name: frozenset(lanes) for name, lanes in configured_sinks.items()}
+        elif configured_sinks is not None:
+            configured = dict.fromkeys(configured_sinks, None)
+        elif self._configured is not None:
+            configured = dict(self._configured)
+        else:
+            configured = None
         sinks: dict[str, SinkStats] = {}
         orphaned: dict[str, int] = {}
         for (sink, lane), state in sorted(self._cursors.items()):
-            if configured is not None and sink not in configured:
+            if self._is_orphaned(sink, lane, state, configured):
                 if state.depth:
                     orphaned[sink] = orphaned.get(sink, 0) + state.depth
                 continue
             entry = sinks.setdefault(sink, SinkStats(depth=0, lanes={}))
             entry.lanes[lane] = LaneStats(depth=state.depth, oldest_age_seconds=await self.oldest_age(sink, lane))
             entry.depth += state.depth
-        async with self._db.execute("SELECT count(*) FROM dead_letters") as cur:
-            row = await cur.fetchone()
+        for name, lanes in (configured or {}).items():
+            # A configured sink that has not had a cursor yet: there, empty.
+            entry = sinks.setdefault(name, SinkStats(depth=0, lanes={}))
+            for lane in lanes or ():
+                entry.lanes.setdefault(lane, LaneStats(depth=0, oldest_age_seconds=None))
         await self._refresh_size()
         return BufferStats(
-            sinks=sinks, dead_letters=int(row[0]) if row else 0, orphaned=orphaned, size_bytes=self._size_bytes
+            sinks=sinks, dead_letters=self.dead_letter_count, orphaned=orphaned, size_bytes=self._size_bytes
         )
 
     async def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
         """Every dead letter (optionally of one sink), oldest first."""
-        assert self._db is not None
-        query = "SELECT id, sink, reason, type, subject, lane, time, body FROM dead_letters"
+        return [letter for _, letter in await self.dead_letter_rows(sink)]
+
+    async def dead_letter_rows(self, sink: str | None = None) -> list[tuple[int, DeadLetter]]:
+        """Every dead letter with its row number (what replay and purge name it by), oldest first."""
+        db = self._reader
+        if db is None:
+            raise BufferError("buffer is not open")
+        query = "SELECT n, id, sink, reason, type, subject, lane, time, body FROM dead_letters"
         params: tuple[Any, ...] = ()
         if sink is not None:
             query += " WHERE sink = ?"
             params = (sink,)
-        async with self._db.execute(query + " ORDER BY n", params) as cur:
-            rows = await cur.fetchall()
-        return [DeadLetter(*row) for row in rows]
+        try:
+            async with db.execute(query + " ORDER BY n", params) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
+                raise BufferError(f"buffer file is corrupt: {exc}") from exc
+            raise
+        return [(int(row[0]), DeadLetter(*row[1:])) for row in rows]
 
     async def commit_now(self) -> None:
         """Wait until everything appended or acknowledged so far is committed."""
         future = self.append([])
         await future
+
+    # --- operator actions: replay and purge (``buffer.admin`` wraps these) ------------------------
+
+    def requeue(
+        self, replayed: Sequence[tuple[int, dict[str, Any]]], failed: Sequence[tuple[int, str]] = ()
+    ) -> asyncio.Future[None]:
+        """Replay dead letters: each ``(row number, event)`` goes back into its lane, under its id.
+
+        The event gets a fresh sequence and is delivered to every sink that takes its
+        lane (one that had already acknowledged it gets it again, same id: the cloud
+        dedupes). It bypasses the recent-ids dedupe, which would swallow it. Its dead
+        letter row is removed in the same commit; each ``(row number, reason)`` in
+        ``failed`` stays a dead letter with the new reason.
+        """
+        if self._commit_task is None or self._closing:
+            raise BufferError("buffer is not open")
+        pending = self._pending
+        now = time.time()
+        recent = self._recent_ids
+        for n, event in replayed:
+            lane = event_lane(event)
+            self._seq += 1
+            event = {**event, "lane": lane, "sequence": f"{self._seq:020d}"}
+            body = msgspec.json.encode(event)
+            pending.rows[lane].append(BufferedEvent(self._seq, lane, event["type"], event["id"], body, now))
+            if lane != "telemetry" and event["id"] not in recent:
+                recent.extend([event["id"]])
+            pending.dead_delete.append(n)
+        pending.dead_reason.extend((reason, now, n) for n, reason in failed)
+        pending.count += len(replayed) + len(failed)
+        return self._queued(pending)
+
+    async def purge_sink(self, sink: str) -> dict[Lane, int]:
+        """Drop ``sink``'s backlog (what it has not acknowledged), lane by lane; returns how many per lane.
+
+        Its cursors are removed (a configured sink's jump to the head instead); the
+        rows no other cursor holds are deleted in the same commit.
+        """
+        if self._commit_task is None:
+            raise BufferError("buffer is not open")
+        removed: dict[Lane, int] = {}
+        for key in [key for key in self._cursors if key[0] == sink]:
+            state = self._cursors[key]
+            removed[key[1]] = state.depth
+            if self._configured is not None and key[1] in self._configured.get(sink, ()):
+                state.acked, state.frozen_at, state.depth = self._seq, None, 0
+                self._dirty_cursors.add(key)
+            else:
+                del self._cursors[key]
+                self._dirty_cursors.discard(key)
+                self._pending.cursor_delete.append(key)
+                self._pending.count += 1
+        if removed:
+            await self._queued(self._pending)
+        return removed
+
+    async def purge_dead_letters(self, sink: str | None = None) -> int:
+        """Delete the dead letters (of one sink, or all); returns how many."""
+        if self._commit_task is None:
+            raise BufferError("buffer is not open")
+        rows = [n for n, _ in await self.dead_letter_rows(sink)]
+        self._pending.dead_delete.extend(rows)
+        self._pending.count += len(rows)
+        await self._queued(self._pending)
+        return len(rows)
+
+
+def event_lane(event: Mapping[str, Any]) -> Lane:
+    """The lane of a decoded CloudEvent, from its type (ValueError for a type not in the canonical list)."""
+    type_ = event.get("type")
+    name = type_.removeprefix(TYPE_PREFIX) if isinstance(type_, str) and type_.startswith(TYPE_PREFIX) else None
+    if name not in LANE_OF_TYPE:
+        raise ValueError(f"type {type_!r} is not a canonical event type")
+    if not isinstance(event.get("id"), str) or not event["id"]:
+        raise ValueError("the event has no id")
+    return LANE_OF_TYPE[name]
 
 
 async def inspect_stats(path: Path, configured_sinks: Iterable[str]) -> BufferStats:
