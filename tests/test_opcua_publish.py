@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from agent.events import Reading
 from agent.simulator import PressSimulator
-from protocols.opcua import OpcUaSource, OpcUaSourceConfig
-from protocols.opcua_publish import _INLINE_LIMIT, FastDataChange, _PublishHook, decode_publish_response
+from protocols.opcua import OpcUaSourceConfig
+from protocols.opcua.publish import _INLINE_LIMIT, FastDataChange, decode_publish_response, problem, self_check
+from protocols.opcua.source import OpcUaSource
 from tests.build import context
 from tests.peers.waiting import wait_for
 from tests.test_opcua_source import Recorder
@@ -292,10 +293,12 @@ def test_a_truncated_response_raises_as_in_asyncua() -> None:
             decode_publish_response(data[:cut])
 
 
-def test_this_asyncua_fits_the_hook() -> None:
-    """An asyncua upgrade that moves what the hook relies on fails here (the source would still work, slower)."""
-    assert _PublishHook.problem(Client("opc.tcp://127.0.0.1:4840")) is None
+def test_this_asyncua_passes_the_self_check() -> None:
+    """An asyncua upgrade that changes what the decoder relies on fails here (the source would fall back)."""
+    assert self_check() is None
     assert _INLINE_LIMIT > 0  # timestamps converted inline, as asyncua does
+    # not connected: no connection to send the request through
+    assert problem(Client("opc.tcp://127.0.0.1:4840")) == "UaClient.protocol.send_request is missing"
 
 
 # --- the source's callback: the same readings from either decoder ----------------------------
@@ -332,7 +335,9 @@ def test_source_makes_the_same_readings_from_either_decoder(response: ua.Publish
     async def run(result: ua.PublishResult) -> tuple[Recorder, OpcUaSource]:
         source = _source_tags(8)
         out = Recorder()
-        await source._publish_callback(out)(result)
+        batch = source._readings_of(result.NotificationMessage.NotificationData)
+        if batch:
+            await out.readings(batch)
         return out, source
 
     fast_out, fast_source = asyncio.run(run(fast_result))
@@ -384,6 +389,7 @@ async def test_source_decodes_publishes_with_the_fast_path(press_server: PressSi
             await task
 
     assert source.fast_notifications > 0
+    assert source.status.info["decoder"] == "fast"
     assert out.values("temperature") == [20.0, 181.25, None]
     assert out.of("temperature")[1] == Reading("temperature", 181.25, stamp, "good")
     assert out.of("temperature")[2].quality == "bad"

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from agent.events import Reading
 from agent.simulator import APPLICATION_URI, PressSimulator
 from agent.source import SourceError
-from protocols.opcua import OpcUaSource, OpcUaSourceConfig
+from protocols.opcua import OpcUaSourceConfig
+from protocols.opcua.source import OpcUaSource
 from tests.build import context
 from tests.peers.opcua_server import make_certificate
 from tests.peers.waiting import wait_for
@@ -39,9 +40,22 @@ class Recorder:
 
     def __init__(self) -> None:
         self.batches: list[list[Reading]] = []
+        self.state: dict[str, str] = {}
 
     async def readings(self, batch: Sequence[Reading]) -> None:
         self.batches.append(list(batch))
+
+    async def events(self, batch: Sequence[Any]) -> None:
+        raise NotImplementedError
+
+    async def load_state(self, key: str) -> str | None:
+        return self.state.get(key)
+
+    async def save_state(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.state.pop(key, None)
+        else:
+            self.state[key] = value
 
     def of(self, tag: str) -> list[Reading]:
         return [r for batch in self.batches for r in batch if r.tag == tag]

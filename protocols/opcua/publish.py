@@ -1,4 +1,4 @@
-"""A fast decoder for OPC UA PublishResponses, and the hook that makes asyncua's publish loop use it.
+"""A fast decoder for OPC UA PublishResponses, the source's publish request that uses it, and its self-check.
 
 asyncua decodes every PublishResponse generically: per value a ``MonitoredItemNotification``,
 a ``DataValue`` and a ``Variant`` dataclass, an ``EnumType`` call for the variant type and a
@@ -12,7 +12,10 @@ asyncua's own functions, and any surprise in the fast path makes the whole respo
 through asyncua's generic decoder instead: a library upgrade or an odd server may cost
 speed, never correctness.
 
-``install(client)`` puts it into a connected ``asyncua.Client`` (see ``_PublishHook``).
+``publisher(client)`` sends a PublishRequest through the connection's public
+``send_request`` and decodes the answer with it; ``problem(client)`` says whether that
+is possible and whether ``self_check`` (the fast path against asyncua's decoder on a
+sample response, once per process) passed. Nothing of asyncua is patched or replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import dataclasses
 import logging
 import struct
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from asyncua import Client, ua
@@ -33,6 +36,7 @@ from asyncua.ua.ua_binary import (
     get_string_encoding,
     nodeid_from_binary,
     struct_from_binary,
+    struct_to_binary,
     variant_from_binary,
 )
 from asyncua.ua.uaerrors import UaStructParsingError
@@ -101,7 +105,7 @@ _MESSAGE_HINTS = get_safe_type_hints(ua.NotificationMessage, {"ua": ua})
 _CHANGE_HINTS = get_safe_type_hints(ua.DataChangeNotification, {"ua": ua})
 
 # The layouts this decoder was written against (asyncua 2.1). A different layout means an
-# asyncua whose types changed: install() then leaves asyncua's decoding alone.
+# asyncua whose types changed: the self-check then fails and asyncua decodes.
 _LAYOUTS: dict[type, tuple[str, ...]] = {
     ua.PublishResponse: ("TypeId", "ResponseHeader", "Parameters"),
     ua.PublishResult: (
@@ -325,87 +329,139 @@ def decode_publish_response(data: bytes | Buffer) -> ua.PublishResponse:
         return struct_from_binary(ua.PublishResponse, Buffer(raw))
 
 
-# --- the hook into asyncua --------------------------------------------------------------------
+# --- in the source: the publish request, and the check at connect -------------------------------
 
 
-class _PublishHook:
-    """The one place that touches asyncua internals (checked against asyncua 2.1).
+def publisher(client: Client) -> Callable[[list[ua.SubscriptionAcknowledgement]], Awaitable[ua.PublishResponse]]:
+    """A ``publish(acks)`` like ``client.uaclient.publish`` that decodes with ``decode_publish_response``.
 
-    asyncua's ``UaSession._publish_loop`` sends every PublishRequest through
-    ``self.publish(acks)``, which builds a ``ua.PublishRequest``, sends it with
-    ``self._send_request(request, timeout=0)`` and decodes the answer with
-    ``struct_from_binary(ua.PublishResponse, data)``. We set an instance attribute
-    ``publish`` on that client's session that does the same with
-    ``decode_publish_response``. Used, and checked before installing:
-
-    - ``Client.uaclient`` (public) and ``UaClient.session``: the client's ``UaSession``;
-    - ``UaSession._send_request(request, timeout)`` (private): returns the response as a
-      ``Buffer`` positioned at its TypeId (ServiceFaults already turned into exceptions);
-    - ``UaSession._publish_loop`` (private) calling ``self.publish``: seen in its code's
-      names, so an instance attribute takes effect;
-    - ``UaSession.logger`` and ``UaStructParsingError``: a response neither decoder can
-      read is logged and raised as asyncua does (its loop skips it and goes on);
-    - the dataclass layouts in ``_LAYOUTS``;
-    - (not for installing) ``asyncua.ua.uatypes.MAX_OPC_FILETIME``, the upper bound of
-      ``win_epoch_to_datetime``'s plain formula, which ``_inline_times_agree`` checks at import.
-
-    When any of these is missing, ``install`` leaves asyncua's own decoding in place and
-    logs once.
+    The request goes out through the connection's public ``UASocketProtocol.send_request``,
+    which returns the response's bytes (ServiceFaults already raised as asyncua's
+    exceptions), the same path ``UaClient.publish`` takes; nothing of asyncua is replaced.
+    The connection is looked up at every call (None once closed: ConnectionError).
     """
+    uaclient = client.uaclient
 
-    problem_logged = False
+    async def publish(acks: list[ua.SubscriptionAcknowledgement]) -> ua.PublishResponse:
+        protocol = uaclient.protocol
+        if protocol is None:
+            raise ConnectionError("connection is not open")
+        request = ua.PublishRequest()
+        request.Parameters.SubscriptionAcknowledgements = list(acks)
+        # timeout 0: no timeout hint; the server holds the request until it has something to send
+        data = await protocol.send_request(request, timeout=0)
+        try:
+            return decode_publish_response(data)
+        except Exception as exc:
+            raise UaStructParsingError(f"unreadable PublishResponse: {exc!r}") from exc
 
-    @staticmethod
-    def problem(client: Client) -> str | None:
-        session = getattr(getattr(client, "uaclient", None), "session", None)
-        if session is None:
-            return "Client.uaclient.session is missing"
-        for name in ("_send_request", "publish", "_publish_loop", "logger"):
-            if not hasattr(session, name):
-                return f"UaSession.{name} is missing"
-        loop = getattr(type(session), "_publish_loop", None)
-        code = getattr(loop, "__code__", None)
-        if code is None or "publish" not in code.co_names:
-            return "UaSession._publish_loop no longer calls self.publish"
-        if not hasattr(ua, "PublishRequest"):
-            return "ua.PublishRequest is missing"
-        return _layout_problem()
-
-    @staticmethod
-    def publish_function(
-        client: Client,
-    ) -> Callable[[list[ua.SubscriptionAcknowledgement]], Awaitable[ua.PublishResponse]]:
-        session: Any = client.uaclient.session
-        send = session._send_request
-
-        async def publish(acks: list[ua.SubscriptionAcknowledgement]) -> ua.PublishResponse:
-            request = ua.PublishRequest()
-            request.Parameters.SubscriptionAcknowledgements = acks if acks else []
-            data = await send(request, timeout=0)
-            try:
-                return decode_publish_response(data)
-            except Exception as ex:
-                session.logger.exception("Error parsing notification from server")
-                raise UaStructParsingError from ex
-
-        return publish
+    return publish
 
 
-def install(client: Client) -> bool:
-    """Make ``client``'s publish loop decode with ``decode_publish_response``; False if asyncua does not fit.
+def _sample_response() -> ua.PublishResponse:
+    """A publish response with every kind of value the fast path reads itself, and some it hands over."""
+    stamp: Any = datetime(2026, 3, 1, 6, 30, 15, 250000, tzinfo=UTC)
+    vt = ua.VariantType
 
-    Call it after ``client.connect()`` and before the first subscription (the publish loop
-    starts with it). Affects only this client instance.
+    def code(value: int) -> ua.StatusCode:
+        return ua.StatusCode(ua.UInt32(value))
+
+    values: list[ua.DataValue] = [
+        ua.DataValue(ua.Variant(21.5, vt.Double), SourceTimestamp=stamp),
+        ua.DataValue(ua.Variant(-7, vt.Int32), StatusCode=code(ua.StatusCodes.UncertainLastUsableValue)),
+        ua.DataValue(ua.Variant(True, vt.Boolean), SourceTimestamp=stamp, ServerTimestamp=stamp),
+        ua.DataValue(ua.Variant("WO-4711 \u00e4", vt.String), SourceTimestamp=stamp),
+        ua.DataValue(ua.Variant(None, vt.String)),
+        ua.DataValue(ua.Variant(stamp, vt.DateTime)),
+        ua.DataValue(ua.Variant(2**40, vt.UInt64), StatusCode=code(ua.StatusCodes.Good | 0x0480)),
+        ua.DataValue(ua.Variant(1.25, vt.Float), SourceTimestamp=stamp, SourcePicoseconds=ua.UInt16(5)),
+        ua.DataValue(ua.Variant([1.0, 2.0], vt.Double)),
+        ua.DataValue(StatusCode=code(ua.StatusCodes.BadSensorFailure), SourceTimestamp=stamp),
+    ]
+    values[-1].Value = None
+    change = ua.DataChangeNotification(
+        MonitoredItems=[ua.MonitoredItemNotification(ClientHandle=h, Value=v) for h, v in enumerate(values)]
+    )
+    response = ua.PublishResponse()
+    response.Parameters = ua.PublishResult(
+        SubscriptionId=7,
+        AvailableSequenceNumbers=[3, 4],
+        MoreNotifications=False,
+        NotificationMessage=ua.NotificationMessage(
+            SequenceNumber=4,
+            PublishTime=stamp,
+            NotificationData=[change, ua.StatusChangeNotification(Status=code(ua.StatusCodes.Good))],
+        ),
+        Results=[code(ua.StatusCodes.Good)],
+        DiagnosticInfos=[],
+    )
+    return response
+
+
+def _as_item(notification: ua.MonitoredItemNotification) -> Item:
+    dv = notification.Value
+    variant = dv.Value
+    plain = variant is not None and not variant.is_array and variant.VariantType.value <= ua.VariantType.DateTime.value
+    value = variant.Value if plain else variant
+    code = dv.StatusCode.value if dv.StatusCode is not None else 0
+    # asyncua and the spec disagree on where ServerTimestamp sits next to SourcePicoseconds
+    server = dv.ServerTimestamp if dv.SourcePicoseconds is None else None
+    return (notification.ClientHandle, value, code, dv.SourceTimestamp, server)
+
+
+def self_check() -> str | None:
+    """None when the fast decoder reads a sample response exactly as asyncua does; else what differs.
+
+    Run at every connect (the result is cached per process): an asyncua release whose
+    encoding or types moved makes the source fall back to asyncua's decoder.
     """
-    problem = _PublishHook.problem(client)
-    if problem is not None:
-        if not _PublishHook.problem_logged:
-            _PublishHook.problem_logged = True
-            logger.warning(
-                "Fast OPC UA publish decoding not installed; asyncua decodes (slower, same results)",
-                extra={"reason": problem},
-            )
-        return False
-    session: Any = client.uaclient.session
-    session.publish = _PublishHook.publish_function(client)
-    return True
+    global _self_check_result
+    if _self_check_result is not _UNCHECKED:
+        return _self_check_result
+    try:
+        problem = _layout_problem() or _compare(struct_to_binary(_sample_response()))
+    except Exception as exc:
+        problem = f"self-check failed: {exc!r}"
+    _self_check_result = problem
+    return problem
+
+
+def _compare(data: bytes) -> str | None:
+    fast = decode_publish_response(data).Parameters
+    generic = struct_from_binary(ua.PublishResponse, Buffer(data)).Parameters
+    for name in ("SubscriptionId", "AvailableSequenceNumbers", "MoreNotifications", "Results", "DiagnosticInfos"):
+        if getattr(fast, name) != getattr(generic, name):
+            return f"PublishResult.{name} differs"
+    f, g = fast.NotificationMessage, generic.NotificationMessage
+    if (f.SequenceNumber, f.PublishTime) != (g.SequenceNumber, g.PublishTime):
+        return "NotificationMessage header differs"
+    if len(f.NotificationData) != len(g.NotificationData):
+        return "number of notifications differs"
+    for fn, gn in zip(f.NotificationData, g.NotificationData, strict=True):
+        if isinstance(gn, ua.DataChangeNotification):
+            if type(fn) is not FastDataChange:
+                return "the fast path was not taken"
+            want = [_as_item(item) for item in gn.MonitoredItems]
+            got = [
+                (h, v, c, s, server if item.Value.SourcePicoseconds is None else None)
+                for (h, v, c, s, server), item in zip(fn.items, gn.MonitoredItems, strict=True)
+            ]
+            for w, o in zip(want, got, strict=True):
+                if w != o or type(w[1]) is not type(o[1]):
+                    return f"item differs: asyncua {w!r}, fast {o!r}"
+        elif fn != gn:
+            return f"{type(gn).__name__} differs"
+    return None
+
+
+_UNCHECKED = "unchecked"
+_self_check_result: str | None = _UNCHECKED
+
+
+def problem(client: Client) -> str | None:
+    """Why the fast decoder cannot serve ``client`` (None: it can): the public seam missing, or the self-check."""
+    uaclient = getattr(client, "uaclient", None)
+    protocol = getattr(uaclient, "protocol", None)
+    if not callable(getattr(protocol, "send_request", None)):
+        return "UaClient.protocol.send_request is missing"
+    return self_check()

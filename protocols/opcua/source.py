@@ -2,29 +2,48 @@
 
 One subscription carries every tag, each a monitored item with an explicit
 server-side queue. Every publish response becomes exactly one
-``output.readings(batch)`` call: the source registers its own publish callback on
-asyncua's low-level session (``client.uaclient.create_subscription``), which hands
-over the whole ``PublishResult``, instead of asyncua's ``Subscription`` object, which
-would split the response into one task (or one bounded, drop-oldest queue entry) per
-value. The callback is awaited by asyncua's publish loop, so when the agent
-back-pressures, no new Publish request goes out and values wait in the server's
-per-item queues (``queue_size``, oldest discarded first, reported through the
-status code's overflow bit) instead of being dropped silently on our side.
-Publish responses are decoded by ``protocols.opcua_publish`` (values as tuples straight
-from the bytes) instead of asyncua's generic per-value dataclasses, which cost most of
-the agent's CPU at high change rates; asyncua's decoder remains the fallback.
+``output.readings(batch)`` call.
+
+Nothing the server can still give back is lost. The source runs its own publish
+loop instead of asyncua's (which acknowledges every notification as soon as its
+callback returns): a notification is acknowledged, in the next PublishRequest, only
+after ``output.readings`` returned, i.e. once the batch is committed to the buffer.
+A batch that cannot be committed is retried (counted in ``uncommitted`` and in
+``status.info``), and no Publish request goes out meanwhile: the values wait in the
+server's per-item queues (``queue_size``, oldest dropped first, reported through the
+status code's overflow bit) and in its retransmission queue.
+
+The subscription outlives the session (``subscription_lifetime``). Its id, the last
+committed sequence number and the revised parameters are kept in the buffer
+database (``output.save_state``). A new session, after a reconnect or a restart
+(also after ``kill -9``), takes it over with TransferSubscriptions and fetches with
+Republish every notification the server still holds that was not committed, so the
+values produced while the agent was away are recovered up to what the server
+queued. A server that cannot transfer it (expired, server restarted, service not
+supported) gets a new subscription, logged once.
+
+Publish responses are decoded by ``protocols.opcua.publish`` (values as tuples
+straight from the bytes, read through the connection's public ``send_request``)
+when it passes its self-check against asyncua's decoder at connect and
+``fast_decoder`` is on; otherwise asyncua's ``UaClient.publish`` decodes them.
+``status.info["decoder"]`` says which.
 
 Connection loss is seen by asyncua's connection supervisor: at once when the
 socket closes (server restart), within about twice ``watchdog_interval`` when the
-server stops answering (it reads ``ServerStatus.State`` once per interval), and
-by our own keep-alive check when publish responses stop arriving. Then the source
-drops the client, backs off (``agent.backoff.Backoff``), builds a new client and
-subscribes everything again.
+server stops answering (it reads ``ServerStatus.State`` once per interval), by the
+publish loop when a request fails, and by our own keep-alive check when publish
+responses stop arriving. Then the source drops the client, backs off
+(``agent.backoff.Backoff``, capped at ``reconnect_max_backoff``), builds a new
+client and takes the subscription over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import socket
@@ -34,29 +53,28 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 from asyncua import Client, ua
+from asyncua.client.ua_client import UASocketProtocol
 from asyncua.common.ua_utils import data_type_to_variant_type
 from asyncua.crypto import security_policies
 from asyncua.crypto.uacrypto import CertProperties
+from asyncua.ua.ua_binary import struct_from_binary
+from asyncua.ua.uaerrors import UaStructParsingError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.backoff import Backoff
-from agent.config_types import BuildContext, Duration, TagConfig, mask_secret, read_secret
+from agent.config_types import read_secret
 from agent.events import Quality, Reading
 from agent.health import ComponentStatus
-from agent.source import ReadingSink, SourceConfig, SourceError
-from protocols import opcua_publish
-from protocols.opcua_publish import FastDataChange, Item
+from agent.source import BufferUnavailable, ReadingSink, SourceError
+from protocols.opcua import OpcUaSourceConfig
+from protocols.opcua import publish as fast_publish
+from protocols.opcua.publish import FastDataChange, Item
 
 logger = logging.getLogger(__name__)
-
-SecurityPolicyName = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
-SecurityModeName = Literal["None", "Sign", "SignAndEncrypt"]
 
 _POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
     "None": security_policies.SecurityPolicyNone,
@@ -72,12 +90,12 @@ _MODES = {
 
 # The server answers a subscription with no changes by a keep-alive about this often.
 _KEEPALIVE_PERIOD = 5.0
-# A subscription outlives this much silence from the client (e.g. while the agent
-# back-pressures and no Publish request goes out) before the server expires it.
-_LIFETIME_PERIOD = 600.0
-# Sessions of a client that vanished are reclaimed by the server after this long;
-# PLCs allow only a handful of sessions, so keep it short (the watchdog keeps ours alive).
-_SESSION_TIMEOUT = 60.0
+# Sessions of a client that vanished are reclaimed by the server after this long: long
+# enough to outlive a short network outage (asyncua's server deletes the subscriptions of
+# a timed-out session), short because PLCs allow only a handful of sessions. The
+# subscription itself lives for ``subscription_lifetime`` on servers that keep it.
+_SESSION_TIMEOUT = 120.0
+_STATE_KEY = "subscription"
 _MAX_NOTIFICATIONS_PER_PUBLISH = 10_000
 # PLCs limit the operations per request (MaxMonitoredItemsPerCall, often 1000); stay below.
 _MAX_ITEMS_PER_CALL = 500
@@ -104,168 +122,43 @@ def parse_node_id(text: str) -> ua.NodeId:
     return node
 
 
-class OpcUaTagConfig(TagConfig):
-    """One OPC UA variable read by subscription: the common tag settings plus its ``node``."""
+@dataclasses.dataclass
+class _Subscription:
+    """The subscription a session reads from, as kept in the buffer for the next session to take over."""
 
-    node: str = Field(
-        ...,
-        description="Node id of the variable, e.g. \"ns=2;s=Press7.Temperature\", \"ns=3;i=1001\" "
-        "or \"nsu=urn:vendor:plc;s=Press7.Temperature\" (namespace by URI, resolved at every connect)",
-        examples=["ns=2;s=Press7.Temperature"],
-    )
+    subscription_id: int
+    committed: int  # sequence number of the last notification committed (0: none yet)
+    fingerprint: str  # of the config its monitored items were made from
+    interval: float  # revised publishing interval, seconds
+    keepalive: int  # revised max keep-alive count
+    monitored: list[int]  # client handles (tag indexes) with a monitored item
 
-    @field_validator("node")
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
     @classmethod
-    def _valid_node(cls, value: str) -> str:
-        parse_node_id(value)
-        return value.strip()
+    def from_json(cls, text: str) -> _Subscription:
+        data = json.loads(text)
+        return cls(
+            subscription_id=int(data["subscription_id"]),
+            committed=int(data["committed"]),
+            fingerprint=str(data["fingerprint"]),
+            interval=float(data["interval"]),
+            keepalive=int(data["keepalive"]),
+            monitored=[int(h) for h in data["monitored"]],
+        )
 
 
-class OpcUaSourceConfig(SourceConfig):
-    """``[[sources.opcua]]``: one OPC UA server (typically one PLC) and the variables read from it."""
+def _after(number: int, reference: int) -> bool:
+    """Whether sequence number ``number`` comes after ``reference`` (they wrap at 2**32)."""
+    return 0 < (number - reference) % 2**32 < 2**31
 
-    name: str = Field(..., min_length=1, description="Name of this source, used in events, /status and metrics")
-    endpoint: str = Field(
-        ...,
-        description="Server endpoint URL, opc.tcp://host:port[/path]",
-        examples=["opc.tcp://10.1.3.7:4840"],
-    )
-    security_policy: SecurityPolicyName = Field(
-        "None", description="None | Basic256Sha256 | Aes128_Sha256_RsaOaep | Aes256_Sha256_RsaPss"
-    )
-    security_mode: SecurityModeName = Field(
-        "None", description="None | Sign | SignAndEncrypt; None exactly when security_policy is None"
-    )
-    certificate: Path | None = Field(
-        None,
-        description="The agent's application instance certificate (DER or PEM) for a secure policy; "
-        "its URI subject alternative name becomes the client's application URI",
-    )
-    private_key: Path | None = Field(None, description="Private key (DER or PEM, unencrypted) of `certificate`")
-    server_certificate: Path | None = Field(
-        None,
-        description="The server's certificate (DER or PEM) to pin; without it the certificate the server "
-        "offers in its endpoint list is used",
-    )
-    username: str | None = Field(None, min_length=1, description="User name for a username/password identity")
-    password_file: Path | None = Field(None, description="File holding the password (e.g. a systemd credential)")
-    password: SecretStr | None = Field(
-        None, description="The password, from the environment; password_file wins when both are set"
-    )
-    publishing_interval: Duration = Field(
-        0.1, gt=0, description="How often the server sends the changes it collected (one batch per publish)"
-    )
-    sampling_interval: Duration = Field(
-        0.0, description="How often the server samples each variable; 0 = at the publishing interval"
-    )
-    queue_size: int = Field(
-        100,
-        ge=1,
-        description="Values the server keeps per variable between two publishes (oldest dropped first, "
-        "logged) so fast changes and short back-pressure lose nothing",
-    )
-    timeout: Duration = Field(4.0, gt=0, description="Timeout of each request to the server")
-    watchdog_interval: Duration = Field(
-        1.0,
-        gt=0,
-        description="How often the connection is probed; a server that stops answering is detected "
-        "within about twice this (a closed connection at once)",
-    )
-    reconnect_max_backoff: Duration = Field(
-        10.0, gt=0, description="Longest wait between reconnect attempts (exponential backoff with jitter)"
-    )
-    bad_node_retry: Duration = Field(
-        30.0,
-        gt=0,
-        description="How often a node the server refused (unknown node id, bad status) is tried again; "
-        "the other tags keep flowing meanwhile",
-    )
-    tags: list[OpcUaTagConfig] = Field(..., min_length=1, description="The variables to subscribe to")
 
-    @field_validator("endpoint")
-    @classmethod
-    def _valid_endpoint(cls, value: str) -> str:
-        value = value.strip()
-        parts = urlsplit(value)
-        if parts.scheme != "opc.tcp":
-            raise ValueError(f"{value!r} is not an OPC UA endpoint; write it as opc.tcp://host:port")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("put credentials in username and password_file, not in the endpoint URL")
-        if not parts.hostname:
-            raise ValueError(f"{value!r} has no host; write it as opc.tcp://host:port")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"{value!r} has an invalid port") from exc
-        if port is None:
-            raise ValueError(f"{value!r} has no port; write it as opc.tcp://{parts.hostname}:4840")
-        return value
-
-    @field_validator("tags")
-    @classmethod
-    def _unique_tags(cls, tags: list[OpcUaTagConfig]) -> list[OpcUaTagConfig]:
-        names: set[str] = set()
-        nodes: dict[str, str] = {}
-        for tag in tags:
-            if tag.tag in names:
-                raise ValueError(f"tag {tag.tag!r} appears twice")
-            names.add(tag.tag)
-            key = parse_node_id(tag.node).to_string()
-            if key in nodes:
-                raise ValueError(f"node {tag.node!r} is used by both {nodes[key]!r} and {tag.tag!r}")
-            nodes[key] = tag.tag
-        return tags
-
-    @model_validator(mode="after")
-    def _security(self) -> OpcUaSourceConfig:
-        if (self.security_policy == "None") != (self.security_mode == "None"):
-            raise ValueError(
-                f"security_policy {self.security_policy!r} does not go with security_mode {self.security_mode!r}: "
-                "use None for both, or a policy with Sign or SignAndEncrypt"
-            )
-        if self.security_policy != "None" and (self.certificate is None or self.private_key is None):
-            raise ValueError(f"security_policy {self.security_policy!r} needs certificate and private_key")
-        if self.security_policy == "None":
-            unused = [
-                key for key in ("certificate", "private_key", "server_certificate") if getattr(self, key) is not None
-            ]
-            if unused:
-                raise ValueError(f"{', '.join(unused)} apply only with a security_policy other than None")
-        if (self.password_file is not None or self.password is not None) and self.username is None:
-            raise ValueError("password_file/password need a username")
-        if self.username is not None and self.password_file is None and self.password is None:
-            raise ValueError("username needs password_file (or a password from the environment)")
-        return self
-
-    def describe(self, context: BuildContext) -> list[str]:
-        """One line for the server, one per tag; the password masked."""
-        secure = f"{self.security_policy}/{self.security_mode}"
-        user = ""
-        if self.username:
-            user = f" user={self.username} password={mask_secret(self.password, self.password_file)}"
-        lines = [f"{self.name} {self.endpoint} security={secure}{user} tags={len(self.tags)}"]
-        for tag in self.tags:
-            extra = []
-            if tag.deadband is not None:
-                extra.append(f"deadband={tag.deadband:g}")
-            if tag.aggregate is not None:
-                extra.append(f"aggregate={tag.aggregate:g}s")
-            if tag.states:
-                extra.append(f"states={len(tag.states)}")
-            if tag.forward:
-                extra.append("forward")
-            lines.append(f"  tag    {tag.tag} <- {tag.node} kind={tag.kind} {' '.join(extra)}".rstrip())
-        return lines
-
-    def warnings(self) -> list[str]:
-        """A password over an unsigned session."""
-        if self.username and self.security_mode == "None":
-            return [f"sources.opcua.{self.name}: password sent with security_mode None; prefer Sign or SignAndEncrypt"]
-        return []
-
-    def build(self, context: BuildContext) -> OpcUaSource:
-        """The source this config describes (relative paths resolve against the data dir)."""
-        return OpcUaSource(self, data_dir=context.data_dir)
+def _protocol(client: Client) -> UASocketProtocol:
+    protocol = client.uaclient.protocol
+    if protocol is None:
+        raise ConnectionError("connection is not open")
+    return protocol
 
 
 class _ConnectionLost(Exception):
@@ -442,7 +335,23 @@ class OpcUaSource:
         self.overflows = 0
         """Values the server reported as dropped from a full monitored-item queue (overflow bit)."""
         self.fast_notifications = 0
-        """DataChangeNotifications decoded by ``protocols.opcua_publish`` (not asyncua's generic decoder)."""
+        """DataChangeNotifications decoded by ``protocols.opcua.publish`` (not asyncua's generic decoder)."""
+        self.uncommitted = 0
+        """Batches ``output.readings`` failed to commit (not acknowledged, retried)."""
+        self.transfers = 0
+        """Subscriptions taken over from an earlier session (TransferSubscriptions)."""
+        self.transfer_fallbacks = 0
+        """Take-overs the server refused (a new subscription was created instead)."""
+        self.republished = 0
+        """Notifications fetched again with Republish after a take-over."""
+        self._take = self._items_taker()
+        self._acks: list[ua.SubscriptionAcknowledgement] = []  # committed, to send with the next Publish
+        self._taken: _Subscription | None = None  # the subscription to take over / in use
+        self._state_loaded = False
+        self._state_errors = 0
+        self._fallback_logged = False
+        self._decoder_logged = False
+        self._uncommitted_logged_at = -math.inf
 
     def tags(self) -> Sequence[str]:
         """The tag names of this source, in config order."""
@@ -506,27 +415,36 @@ class OpcUaSource:
             raise
 
     async def _session(self, output: ReadingSink, *, on_connected: Callable[[], None]) -> None:
-        """One connection: connect, subscribe, deliver until the connection is lost (raises)."""
+        """One connection: connect, take over or create the subscription, deliver until lost (raises)."""
         self._lost = asyncio.Event()
         self._lost_reason = ""
         self._resolved = {}
         self._write_types = {}
+        if not self._state_loaded:
+            self._taken = await self._load_state(output)
+            self._state_loaded = True
         client = self._new_client()
         try:
             await self._secure(client)
             await client.connect()
-            # Before the subscription: its creation starts asyncua's publish loop.
-            opcua_publish.install(client)
-            subscription = await client.uaclient.create_subscription(
-                self._subscription_parameters(), self._publish_callback(output)
-            )
+            publish = self._publisher(client)
+            subscription = await self._take_over(client, output)
+            if subscription is None:
+                subscription = await self._subscribe(client, output)
             self._last_publish = time.monotonic()
-            pending = await self._monitor(client, subscription.SubscriptionId, range(len(self._tags)))
             self._client = client
             # Reset the backoff only after the subscription stands: a server that accepts
             # sessions but fails every subscription must not be hammered.
             on_connected()
-            await self._watch(client, subscription, pending)
+            publisher = asyncio.create_task(
+                self._publish_loop(publish, output, subscription), name=f"opcua-publish-{self.name}"
+            )
+            try:
+                await self._watch(client, output, subscription)
+            finally:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
         finally:
             self._client = None
             await self._close(client, polite=not self._lost.is_set())
@@ -569,7 +487,9 @@ class OpcUaSource:
         keepalive = max(3, math.ceil(_KEEPALIVE_PERIOD / interval))
         return ua.CreateSubscriptionParameters(
             RequestedPublishingInterval=interval * 1000,
-            RequestedLifetimeCount=max(3 * keepalive, math.ceil(_LIFETIME_PERIOD / interval)),
+            # The server keeps the subscription (and what we did not acknowledge) this long
+            # without Publish requests: while we back-pressure, and after we went away.
+            RequestedLifetimeCount=max(3 * keepalive, math.ceil(self.config.subscription_lifetime / interval)),
             RequestedMaxKeepAliveCount=keepalive,
             MaxNotificationsPerPublish=_MAX_NOTIFICATIONS_PER_PUBLISH,
             PublishingEnabled=True,
@@ -577,13 +497,19 @@ class OpcUaSource:
         )
 
     async def _close(self, client: Client, *, polite: bool) -> None:
-        """Close the session (``polite``: tell the server) and stop asyncua's tasks; bounded in time."""
+        """Close the session and stop asyncua's tasks; bounded in time. The subscription stays on the server.
+
+        ``polite``: tell the server (CloseSession, keeping the subscription, so the next
+        start takes it over with the values produced meanwhile). Otherwise the connection
+        is dead or hung: a CloseSession request would only wait out the timeout, so the
+        socket is dropped first and disconnect() skips the requests.
+        """
         if not polite:
-            # The connection is dead or hung: a CloseSession request would only wait out the
-            # timeout. Dropping the socket first makes disconnect() skip the requests.
             client.disconnect_socket()
         try:
             async with asyncio.timeout(self.config.timeout):
+                if polite:
+                    await client.uaclient.close_session(delete_subscriptions=False)
                 await client.disconnect()
         except Exception as exc:
             logger.debug("Closing the OPC UA client failed", extra={"source": self.name, "error": _describe(exc)})
@@ -593,7 +519,255 @@ class OpcUaSource:
             self._lost_reason = reason
             self._lost.set()
 
-    async def _watch(self, client: Client, subscription: ua.CreateSubscriptionResult, pending: list[int]) -> None:
+    # --- the subscription: take over the previous one, or create one ----------------------------
+
+    def _fingerprint(self) -> str:
+        """What the monitored items of a subscription depend on: a changed config is not taken over."""
+        config = self.config
+        what = [config.endpoint, self._nodes, config.queue_size, config.sampling_interval]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+    async def _load_state(self, output: ReadingSink) -> _Subscription | None:
+        try:
+            text = await output.load_state(_STATE_KEY)
+        except Exception as exc:
+            logger.warning(
+                "Cannot read the OPC UA subscription kept in the buffer; creating a new one",
+                extra={"source": self.name, "error": _describe(exc)},
+            )
+            return None
+        if not text:
+            return None
+        try:
+            return _Subscription.from_json(text)
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning(
+                "Ignoring an unreadable OPC UA subscription state", extra={"source": self.name, "error": repr(exc)}
+            )
+            return None
+
+    async def _save_state(self, output: ReadingSink, subscription: _Subscription | None) -> None:
+        """Keep what the next session or start needs to take ``subscription`` over (after a commit)."""
+        self._taken = subscription
+        try:
+            await output.save_state(_STATE_KEY, subscription.to_json() if subscription is not None else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Only the take-over after a restart suffers (it would repeat or miss a batch).
+            self._state_errors += 1
+            if self._state_errors == 1 or self._state_errors % 1000 == 0:
+                logger.warning(
+                    "Cannot keep the OPC UA subscription state in the buffer",
+                    extra={"source": self.name, "error": _describe(exc), "failures": self._state_errors},
+                )
+
+    async def _take_over(self, client: Client, output: ReadingSink) -> _Subscription | None:
+        """Transfer the previous session's subscription to this one, and republish what the server kept.
+
+        Returns None (a new subscription is then created) when there is none, the config
+        changed, or the server cannot transfer it (expired, restarted, not supported).
+        """
+        previous = self._taken
+        if previous is None:
+            return None
+        log = {"source": self.name, "subscription_id": previous.subscription_id}
+        if previous.fingerprint != self._fingerprint():
+            logger.info("OPC UA tags changed since the last subscription; not taking it over", extra=log)
+            await self._save_state(output, None)
+            return None
+        try:
+            results = await client.uaclient.transfer_subscriptions(
+                ua.TransferSubscriptionsParameters(
+                    SubscriptionIds=[ua.UInt32(previous.subscription_id)], SendInitialValues=False
+                )
+            )
+            status = results[0].StatusCode if results else ua.StatusCode(ua.UInt32(ua.StatusCodes.BadUnexpectedError))
+        except ua.UaStatusCodeError as exc:  # BadServiceUnsupported, BadNotImplemented, ...
+            status = ua.StatusCode(ua.UInt32(exc.code))
+            results = []
+        if not status.is_good():
+            self.transfer_fallbacks += 1
+            self.status.info["subscription"] = f"new ({status.name} on transfer)"
+            if not self._fallback_logged:
+                self._fallback_logged = True
+                logger.warning(
+                    "OPC UA server cannot transfer the previous subscription; creating a new one "
+                    "(values it held are not recovered)",
+                    extra={**log, "error": status.name},
+                )
+            else:
+                logger.info("OPC UA subscription not transferred", extra={**log, "error": status.name})
+            await self._save_state(output, None)
+            return None
+        subscription = dataclasses.replace(previous)
+        self.transfers += 1
+        await self._resolve_all(client)
+        refused = [h for h in range(len(self._tags)) if h not in subscription.monitored]
+        for handle in refused:
+            self._refused.setdefault(handle, "not monitored")
+        available = sorted(int(n) for n in results[0].AvailableSequenceNumbers)
+        republished = 0
+        for number in available:
+            if not _after(number, subscription.committed):
+                self._acks.append(ua.SubscriptionAcknowledgement(subscription.subscription_id, number))
+                continue
+            try:
+                message = await client.uaclient.session.republish(subscription.subscription_id, number)
+            except ua.UaStatusCodeError as exc:  # BadMessageNotAvailable: the server dropped it meanwhile
+                logger.warning(
+                    "OPC UA server no longer holds a notification", extra={**log, "sequence": number, "error": str(exc)}
+                )
+                continue
+            if message.NotificationData:
+                await self._deliver(output, subscription, message)
+                republished += 1
+        self.republished += republished
+        self.status.info["subscription"] = f"taken over ({republished} republished)"
+        logger.info(
+            "OPC UA subscription taken over",
+            extra={**log, "available": len(available), "republished": republished},
+        )
+        await self._save_state(output, subscription)
+        return subscription
+
+    async def _subscribe(self, client: Client, output: ReadingSink) -> _Subscription:
+        """A new subscription with a monitored item per tag (the ones the server refuses are retried)."""
+        request = ua.CreateSubscriptionRequest()
+        request.Parameters = self._subscription_parameters()
+        # Sent through the connection's public send_request, not uaclient.create_subscription,
+        # which would start asyncua's publish loop (it acknowledges what it receives at once).
+        data = await _protocol(client).send_request(request)
+        response = struct_from_binary(ua.CreateSubscriptionResponse, data)
+        response.ResponseHeader.ServiceResult.check()
+        result = response.Parameters
+        refused = await self._monitor(client, result.SubscriptionId, range(len(self._tags)))
+        subscription = _Subscription(
+            subscription_id=int(result.SubscriptionId),
+            committed=0,
+            fingerprint=self._fingerprint(),
+            interval=max(result.RevisedPublishingInterval / 1000, 0.0),
+            keepalive=max(int(result.RevisedMaxKeepAliveCount), 1),
+            monitored=[h for h in range(len(self._tags)) if h not in refused],
+        )
+        self._acks = []
+        self.status.info.setdefault("subscription", "new")
+        await self._save_state(output, subscription)
+        return subscription
+
+    async def _resolve_all(self, client: Client) -> None:
+        """The server's namespace indexes of every node (for writes after a take-over)."""
+        if any(isinstance(node_id, ua.ExpandedNodeId) for node_id in self._node_ids):
+            namespaces = await client.get_namespace_array()
+        else:
+            namespaces = []
+        for handle in range(len(self._tags)):
+            self._resolve(handle, namespaces)
+
+    # --- publish: our own loop, acknowledging only what is committed -----------------------------
+
+    def _publisher(self, client: Client) -> Callable[[list[ua.SubscriptionAcknowledgement]], Awaitable[Any]]:
+        """How this session sends a PublishRequest: with the fast decoder if it passes its check, else asyncua's."""
+        problem: str | None = "turned off (fast_decoder = false)"
+        if self.config.fast_decoder:
+            problem = fast_publish.problem(client)
+        if problem is None:
+            self.status.info["decoder"] = "fast"
+            return fast_publish.publisher(client)
+        if self.config.fast_decoder and not self._decoder_logged:
+            self._decoder_logged = True
+            logger.warning(
+                "Fast OPC UA publish decoder not used; asyncua decodes (slower, same results)",
+                extra={"source": self.name, "reason": problem},
+            )
+        self.status.info["decoder"] = "asyncua"
+        return client.uaclient.publish
+
+    async def _publish_loop(
+        self,
+        publish: Callable[[list[ua.SubscriptionAcknowledgement]], Awaitable[Any]],
+        output: ReadingSink,
+        subscription: _Subscription,
+    ) -> None:
+        """Publish, commit, acknowledge in the next request; until the connection ends (then sets ``_lost``).
+
+        One request is outstanding at a time, so while a batch waits for its commit (the
+        buffer back-pressures) no request goes out and the server keeps the values.
+        """
+        sid = subscription.subscription_id
+        try:
+            while True:
+                acks = self._acks
+                try:
+                    response = await publish(acks)
+                except (ua.uaerrors.BadTimeout, ua.uaerrors.BadTooManyPublishRequests):
+                    continue  # the acks are sent again (harmless if the server has them)
+                except UaStructParsingError:
+                    # asyncua logged it; the notification is not acknowledged, so the server
+                    # keeps it for the take-over of the next session
+                    raise _ConnectionLost("unreadable publish response") from None
+                if self._acks is acks:
+                    self._acks = []
+                else:
+                    del self._acks[: len(acks)]
+                self._last_publish = time.monotonic()
+                result = response.Parameters
+                if result.SubscriptionId != sid:
+                    continue  # not ours (a subscription of this session we do not know)
+                message = result.NotificationMessage
+                if message.NotificationData:
+                    await self._deliver(output, subscription, message)
+        except asyncio.CancelledError:
+            raise
+        except (ua.uaerrors.BadNoSubscription, ua.uaerrors.BadSubscriptionIdInvalid) as exc:
+            self._connection_lost(f"subscription gone ({_describe(exc)})")
+        except Exception as exc:
+            self._connection_lost(f"publish failed ({_describe(exc)})")
+
+    async def _deliver(self, output: ReadingSink, subscription: _Subscription, message: ua.NotificationMessage) -> None:
+        """Commit one notification message as one batch (retrying until it is), then queue its acknowledgement."""
+        self._publishing = True
+        try:
+            backoff: Backoff | None = None
+            batch: list[Reading] | None = None
+            while True:
+                try:
+                    if batch is None:
+                        batch = self._readings_of(message.NotificationData)
+                    if batch:
+                        await output.readings(batch)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Not acknowledged: the server keeps it (and, as we send no Publish meanwhile,
+                    # the values after it) until the commit succeeds.
+                    self.uncommitted += 1
+                    self.status.info["uncommitted"] = str(self.uncommitted)
+                    now = time.monotonic()
+                    if now - self._uncommitted_logged_at >= 60:
+                        self._uncommitted_logged_at = now
+                        logger.warning(
+                            "OPC UA readings not committed; not acknowledged to the server, retrying",
+                            extra={
+                                "source": self.name,
+                                "error": _describe(exc),
+                                "sequence": message.SequenceNumber,
+                                "failures": self.uncommitted,
+                            },
+                            exc_info=None if isinstance(exc, BufferUnavailable) else exc,
+                        )
+                    backoff = backoff or Backoff(base=0.05, cap=2.0, minimum=0.02)
+                    await backoff.wait()
+        finally:
+            self._publishing = False
+            self._last_publish = time.monotonic()
+        self._acks.append(ua.SubscriptionAcknowledgement(subscription.subscription_id, message.SequenceNumber))
+        if _after(message.SequenceNumber, subscription.committed):
+            subscription.committed = int(message.SequenceNumber)
+        await self._save_state(output, subscription)
+
+    async def _watch(self, client: Client, output: ReadingSink, subscription: _Subscription) -> None:
         """Wait for the connection to end; meanwhile retry refused nodes and check keep-alives.
 
         Wakes only for a retry or a keep-alive deadline (seconds apart), never polls.
@@ -601,16 +775,20 @@ class OpcUaSource:
         # The server sends at least a keep-alive every keepalive period; silence much longer
         # than that (while we are not ourselves holding the publish loop) means the
         # subscription or the publish loop died even though the socket is up.
-        interval = max(subscription.RevisedPublishingInterval / 1000, 0.0)
-        keepalive_period = max(subscription.RevisedMaxKeepAliveCount, 1) * interval or _KEEPALIVE_PERIOD
+        interval = subscription.interval
+        keepalive_period = subscription.keepalive * interval or _KEEPALIVE_PERIOD
         keepalive_timeout = 2 * keepalive_period + interval + self.config.timeout
         retry_at = time.monotonic() + self.config.bad_node_retry
         while True:
             now = time.monotonic()
             if not self._publishing and now - self._last_publish > keepalive_timeout:
                 self._connection_lost(f"no publish response for {round(now - self._last_publish)}s")
+            pending = [h for h in range(len(self._tags)) if h not in subscription.monitored]
             if pending and now >= retry_at:
-                pending = await self._monitor(client, subscription.SubscriptionId, pending, retry=True)
+                refused = await self._monitor(client, subscription.subscription_id, pending, retry=True)
+                if len(refused) < len(pending):
+                    subscription.monitored = sorted(set(subscription.monitored) | (set(pending) - set(refused)))
+                    await self._save_state(output, subscription)
                 retry_at = now + self.config.bad_node_retry
             wake = self._last_publish + keepalive_timeout if not self._publishing else now + keepalive_timeout
             if pending:
@@ -705,40 +883,20 @@ class OpcUaSource:
 
     # --- the hot path: one publish response -> one batch ----------------------------------------
 
-    def _publish_callback(self, output: ReadingSink) -> Callable[[ua.PublishResult], Awaitable[None]]:
-        log = {"source": self.name}
-        take = self._items_taker()
-        data_change = ua.DataChangeNotification
-        fast = FastDataChange
-
-        async def on_publish(result: ua.PublishResult) -> None:
-            self._last_publish = time.monotonic()
-            notifications = result.NotificationMessage.NotificationData
-            if not notifications:
-                return  # keep-alive
-            batch: list[Reading] = []
-            for notification in notifications:
-                kind = type(notification)
-                if kind is fast:
-                    self.fast_notifications += 1
-                    take(notification.items, batch)
-                elif kind is data_change:
-                    take([_item(n) for n in notification.MonitoredItems], batch)
-                elif isinstance(notification, ua.StatusChangeNotification):
-                    self._subscription_status(notification.Status)
-            if not batch:
-                return
-            self._publishing = True
-            try:
-                await output.readings(batch)
-            except Exception:
-                # asyncua would log and swallow it; say which source and how much was affected.
-                logger.exception("Pipeline failed to take OPC UA readings", extra={**log, "readings": len(batch)})
-            finally:
-                self._publishing = False
-                self._last_publish = time.monotonic()
-
-        return on_publish
+    def _readings_of(self, notifications: Sequence[Any]) -> list[Reading]:
+        """The readings of one notification message (either decoder's), in server order."""
+        take = self._take
+        batch: list[Reading] = []
+        for notification in notifications:
+            kind = type(notification)
+            if kind is FastDataChange:
+                self.fast_notifications += 1
+                take(notification.items, batch)
+            elif kind is ua.DataChangeNotification:
+                take([_item(n) for n in notification.MonitoredItems], batch)
+            elif isinstance(notification, ua.StatusChangeNotification):
+                self._subscription_status(notification.Status)
+        return batch
 
     def _items_taker(self) -> Callable[[list[Item], list[Reading]], None]:
         """The per-value logic, shared by both decoders: items -> readings appended to a batch.
