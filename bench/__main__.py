@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--profile] [--primed] [SCENARIO ...]``: run the benchmarks, print the table.
 
 Scenarios (all by default, in this order): ``ingest`` (a), ``drain`` (b), ``e2e`` (c),
-``idle`` (d); the letters work as names too. Each writes ``bench/results/<name>.json``
+``idle`` (d), ``tags`` (e); the letters work as names too. Each writes ``bench/results/<name>.json``
 (``<name>.quick.json`` with ``--quick``) with every raw figure and the machine.
 Exit status: 0 when every scenario ran (targets missed or not), 1 when one failed to
 run, 1 with ``--strict`` when a target was missed.
@@ -18,8 +18,8 @@ from typing import Any
 
 from bench.common import Row, ScenarioResult, SystemCpu, loadavg, machine_info
 
-SCENARIOS = ("ingest", "drain", "e2e", "idle")
-ALIASES = {"a": "ingest", "b": "drain", "c": "e2e", "d": "idle"}
+SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags")
+ALIASES = {"a": "ingest", "b": "drain", "c": "e2e", "d": "idle", "e": "tags"}
 
 
 def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]:
@@ -31,6 +31,10 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]
         from bench import drain
 
         return lambda: drain.run(quick=args.quick, profile=args.profile)
+    if name == "tags":
+        from bench import tags
+
+        return lambda: tags.run(quick=args.quick, profile=args.profile)
     from bench import e2e
 
     if name == "e2e":
@@ -84,9 +88,13 @@ def print_table(rows: list[Row], out: Any = sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", help=f"which to run: {', '.join(SCENARIOS)} (or a b c d); default all")
+    parser.add_argument(
+        "scenarios", nargs="*", help=f"which to run: {', '.join(SCENARIOS)} (or a b c d e); default all"
+    )
     parser.add_argument("--quick", action="store_true", help="short versions of every scenario (a smoke test)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the agent in drain and e2e (adds overhead)")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the agent in drain, e2e and tags (adds overhead)"
+    )
     parser.add_argument(
         "--primed",
         action="store_true",
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for raw in args.scenarios or SCENARIOS:
         name = ALIASES.get(raw.lower(), raw.lower())
         if name not in SCENARIOS:
-            parser.error(f"unknown scenario {raw!r}; choose from {', '.join(SCENARIOS)} (or a b c d)")
+            parser.error(f"unknown scenario {raw!r}; choose from {', '.join(SCENARIOS)} (or a b c d e)")
         if name not in names:
             names.append(name)
 
