@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench install dev mosquitto clean
+.PHONY: demo test lint bench install dev mosquitto node-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +35,22 @@ mosquitto:
 	  fi; \
 	fi
 
+# node-opcua test server (supports TransferSubscriptions): installed from its lockfile when
+# npm is present; without it the tests that need it are skipped with the reason.
+NODE_PEER := tests/peers/node_opcua
+node-peers:
+	@if command -v npm >/dev/null 2>&1; then \
+	  if [ ! -d $(NODE_PEER)/node_modules ] || [ $(NODE_PEER)/package-lock.json -nt $(NODE_PEER)/node_modules ]; then \
+	    echo "Installing the node-opcua test server"; \
+	    (cd $(NODE_PEER) && npm ci --no-audit --no-fund --loglevel=error) && touch $(NODE_PEER)/node_modules; \
+	  fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check agent protocols buffer tests bench
 	$(BIN)/mypy
 
-test: lint mosquitto
+test: lint mosquitto node-peers
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP) mosquitto
