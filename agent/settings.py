@@ -26,7 +26,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from agent.config_types import ConfigModel, TagConfig
 from agent.events import TRANSACTION_TYPES, TYPE_PREFIX
-from agent.http_server import parse_listen
 from agent.registry import SINKS, SOURCES
 from agent.sink import SinkConfig
 from agent.source import SourceConfig
@@ -77,6 +76,8 @@ class HttpSection(ConfigModel):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
+        from agent.http_server import parse_listen  # loads aiohttp: only when the key is given
+
         parse_listen(value)  # the same rule the server binds with
         return value
 
