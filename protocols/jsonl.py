@@ -2,6 +2,10 @@
 
 It is a real sink with the same contract as MQTT or HTTPS: an event leaves the
 buffer for this sink only once its line is written (and, with ``fsync``, on disk).
+The "peer" is the file: when it cannot be opened or written (a full disk, a
+directory that went away) every event of the batch is retried later, and the
+status says ``disconnected``. If the file is moved or deleted behind the sink's
+back (an external logrotate), the next batch goes to a new file at ``path``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ class JsonlSinkConfig(SinkConfig):
     path: Path = Field(
         Path("events.jsonl"), description="File to append to; relative paths resolve against agent.data_dir"
     )
+    fsync: bool = Field(False, description="fsync after each batch (slower; only for forensic use)")
+    max_size_mb: float = Field(
+        100, gt=0, description="Rotate to <path>.1 (one old file kept) when the file grows past this"
+    )
+
     def describe(self, context: BuildContext) -> list[str]:
         """The file and the lanes."""
         return [f"{self.name} {context.resolve(self.path)} lanes={','.join(self.lanes)}"]
@@ -37,14 +46,12 @@ class JsonlSinkConfig(SinkConfig):
         """The sink this entry describes."""
         return JsonlSink(self, data_dir=context.data_dir)
 
-    fsync: bool = Field(False, description="fsync after each batch (slower; only for forensic use)")
-    max_size_mb: float = Field(
-        100, gt=0, description="Rotate to <path>.1 (one old file kept) when the file grows past this"
-    )
-
 
 class JsonlSink:
     """Writes structured-mode CloudEvents, one per line, exactly as the buffer holds them."""
+
+    batch_max = 1000
+    """Events per ``deliver``: one write (and with ``fsync`` one sync) per thousand lines."""
 
     def __init__(self, config: JsonlSinkConfig, *, data_dir: Path):
         self.config = config
@@ -52,12 +59,12 @@ class JsonlSink:
         self.lanes: frozenset[Lane] = frozenset(config.lanes)
         self.path = config.path if config.path.is_absolute() else data_dir / config.path
         self.status = ComponentStatus(name=config.name, kind="jsonl")
-        self.batch_max = 1000
         self._file: BinaryIO | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self.written = 0
 
     async def run(self) -> None:
-        """Open the file and hold it until cancelled."""
+        """Open the file and hold it until cancelled; then close it."""
         try:
             self._open()
             await asyncio.Event().wait()
@@ -68,7 +75,7 @@ class JsonlSink:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("ab", buffering=1024 * 1024)
+            handle = self.path.open("ab", buffering=1024 * 1024)
         except OSError as exc:
             self.status.set_state("disconnected", f"cannot open {self.path}: {exc.strerror}")
             log.warning(
@@ -76,6 +83,8 @@ class JsonlSink:
             )
             self._file = None
             return
+        stat = os.fstat(handle.fileno())
+        self._file, self._identity = handle, (stat.st_dev, stat.st_ino)
         self.status.set_state("connected")
 
     def _close(self) -> None:
@@ -84,8 +93,20 @@ class JsonlSink:
         if handle is not None:
             handle.close()
 
+    def _moved(self) -> bool:
+        """True when ``path`` is no longer the open file (moved, deleted or replaced from outside)."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return True
+        return (stat.st_dev, stat.st_ino) != self._identity
+
     async def deliver(self, batch: Sequence[BufferedEvent]) -> Sequence[Outcome]:
-        """Write the batch as lines; RETRY all of it if the file cannot be written."""
+        """Write the batch as lines; ``ACKED`` once written (and synced), ``RETRY`` all if it cannot be."""
+        if not batch:
+            return []
+        if self._file is not None and self._moved():
+            self._close()
         if self._file is None:
             self._open()
             if self._file is None:
@@ -108,6 +129,7 @@ class JsonlSink:
         return [ACKED] * len(batch)
 
     def _rotate(self) -> None:
+        """``path`` becomes ``path.1`` (replacing an older one); new lines go to a fresh ``path``."""
         self._close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
         self._open()

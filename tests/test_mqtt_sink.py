@@ -244,6 +244,42 @@ async def test_broker_down_retry_promptly_then_reconnect_and_ack(
         assert ids_of(collector.snapshot()) == Counter({e.id: 1 for e in batch})
 
 
+async def deliver_like_the_agent(sink: MqttSink, batch: list[BufferedEvent], within: float) -> float:
+    """Deliver ``batch`` as the agent's delivery loop does, honouring each ``RetryLater.after``; seconds taken."""
+    started = time.monotonic()
+    while True:
+        outcomes = await sink.deliver(batch)
+        if all_acked(outcomes):
+            return time.monotonic() - started
+        hints = [o.after for o in outcomes if isinstance(o, RetryLater) and o.after is not None]
+        assert hints, outcomes  # while disconnected the sink always says when to come back
+        assert time.monotonic() - started < within, f"not delivered within {within} s"
+        await asyncio.sleep(max(hints))  # the agent's wait, as the sink asked (not synchronisation)
+
+
+async def test_a_broker_back_after_a_long_outage_is_found_within_seconds(
+    mosquitto: MosquittoBroker, runner: SinkRunner
+) -> None:
+    started = time.monotonic()
+    sink = await runner.start(mosquitto.url)  # default reconnect_max_backoff
+    assert time.monotonic() - started < 2.0  # a fresh start connects at once, no backoff first
+    assert sink.config.reconnect_max_backoff <= 5.0
+    assert all_acked(await sink.deliver(make_batch(5)))
+
+    mosquitto.stop()
+    # Long enough for the backoff to reach its cap: 0.2, 0.4, 0.8, 1.6, then capped.
+    await wait_for(lambda: sink.failed_attempts >= 6, timeout=30)
+    batch = make_batch(20, start=100)
+    assert all_retry(await sink.deliver(batch), 20)
+
+    mosquitto.start()  # same port
+    restarted = time.monotonic()
+    with MqttCollector(mosquitto.host, mosquitto.port) as collector:
+        await deliver_like_the_agent(sink, batch, within=6.0)
+        assert time.monotonic() - restarted < 6.0
+        await wait_for(lambda: ids_of(collector.snapshot()) == Counter({e.id: 1 for e in batch}), timeout=10)
+
+
 async def test_outage_mid_delivery_retries_each_event_once_and_paho_resends_nothing(
     mosquitto_factory: Callable[..., MosquittoBroker], runner: SinkRunner
 ) -> None:
