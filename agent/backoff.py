@@ -22,8 +22,9 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
+        """The next delay: never above ``cap``, however many attempts failed."""
         ceiling = min(self.cap, self.base * self.factor ** min(self.attempt, 32))
-        self.attempt += 1
+        self.attempt = min(self.attempt + 1, 64)  # the ceiling stopped growing long before
         return random.uniform(min(self.minimum, ceiling), ceiling)
 
     def reset(self) -> None:

@@ -35,11 +35,13 @@ from agent.events import (
 )
 from agent.http_server import HttpServer
 from agent.metrics import Metrics
+from agent.plc_acks import PlcAckWriter
 from agent.registry import build_sinks, build_sources
 from agent.rules import RuleOutput, Rules
 from agent.settings import Settings
 from agent.sink import RetryLater, Sink
-from agent.source import BufferUnavailable, Source, SourceError
+from agent.source import BufferUnavailable, Source
+from agent.supervision import TaskHealth, supervise
 from buffer import Buffer, BufferError, DeliveryCursor, Eviction
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ AGENT_SOURCE = "agent"
 
 GAP_INTERVAL = 10.0
 """At most one telemetry.gap event per source per this many seconds."""
+
+RETRY_AFTER_CAP = 60.0
+"""The longest a peer's retry hint (HTTP Retry-After) holds a delivery loop back."""
 
 EventTap = Callable[[Sequence[CloudEvent]], None]
 
@@ -92,16 +97,19 @@ class Agent:
         """Called with every group of events accepted into the buffer (the demo's live view)."""
         self.state = "starting"
         self.started_at = time.time()
-        self._tag_owner: dict[str, Source] = {}
-        for source in self.sources:
-            for tag in source.tags():
-                self._tag_owner[tag] = source
         self._lanes_taken: set[Lane] = {lane for sink in self.sinks for lane in sink.lanes}
         self._unrouted: Counter[Lane] = Counter()
         self.delivered: Counter[str] = Counter()
         """Events acknowledged per sink since start (the demo's summary)."""
-        self._acks: asyncio.Queue[tuple[asyncio.Future[None], list[str]]] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        self.acks = PlcAckWriter(
+            self.sources,
+            triggers={rule.ack: rule.when for rule in settings.transactions if rule.ack is not None},
+            current=self.rules.current,
+        )
+        """The PLC handshakes: one queue and writer per source."""
+        self.tasks: dict[str, TaskHealth] = {}
+        """Every supervised long-running task, for /status."""
         self._oldest: dict[tuple[str, Lane], float] = {}
         self._gap_pending: dict[str, Eviction] = {}
         self._gap_sent: dict[str, float] = {}
@@ -140,21 +148,36 @@ class Agent:
         sink_tasks: list[asyncio.Task[None]] = []
         delivery_tasks: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as group:
+
+            def start(
+                name: str, component: str, owner: str, run: Callable[[], Awaitable[None]], **options: Any
+            ) -> asyncio.Task[None]:
+                health = self.tasks[name] = TaskHealth(name, component, owner)
+                restarted = functools.partial(self.metrics.component_restarted, component, owner)
+                supervised = supervise(health, run, stopping=self._stopping, on_restart=restarted, **options)
+                return group.create_task(supervised, name=name)
+
             for sink in self.sinks:
-                sink_tasks.append(group.create_task(self._guard(sink.run, "sink", sink.name), name=f"sink-{sink.name}"))
-                delivery_tasks.append(
-                    group.create_task(self._deliver_loop(sink, self._cursors[sink.name]), name=f"deliver-{sink.name}")
+                # A crashed sink lost its connection: it says "reconnecting" until it is up again.
+                run_sink = start(
+                    f"sink-{sink.name}", "sink", sink.name, sink.run, status=sink.status, state_on_crash="reconnecting"
                 )
+                sink_tasks.append(run_sink)
+                deliver = functools.partial(self._deliver_loop, sink, self._cursors[sink.name])
+                delivery_tasks.append(start(f"deliver-{sink.name}", "delivery", sink.name, deliver, status=sink.status))
             for source in self.sources:
                 run = functools.partial(source.run, _SourceInlet(self, source))
-                source_tasks.append(
-                    group.create_task(self._guard(run, "source", source.name), name=f"source-{source.name}")
+                run_source = start(
+                    f"source-{source.name}", "source", source.name, run, status=source.status,
+                    state_on_crash="reconnecting",
                 )
+                source_tasks.append(run_source)
             helpers = [
-                group.create_task(self._ack_writer(), name="plc-acks"),
-                group.create_task(self._maintenance(), name="maintenance"),
-                group.create_task(systemd.watchdog_loop(self._stopping), name="watchdog"),
+                start(f"plc-acks-{name}", "plc-acks", name, functools.partial(self.acks.run, name))
+                for name in self.acks.source_names
             ]
+            helpers.append(start("maintenance", "agent", "agent", self._maintenance))
+            helpers.append(group.create_task(systemd.watchdog_loop(self._stopping), name="watchdog"))
             self.state = "running"
             self._started.set()
             _settle_memory()
@@ -184,7 +207,7 @@ class Agent:
         # PLC acks for cycles already taken go out while the sources' sessions are still open,
         # so the line is not left waiting for a handshake; then the sources stop.
         await self.buffer.commit_now()
-        await self._flush_acks()
+        await self.acks.flush(5.0)
         await _cancel(source_tasks)
         await self.buffer.commit_now()
         self._stopping.set()
@@ -197,20 +220,6 @@ class Agent:
         await self.buffer.commit_now()
         await _cancel(sink_tasks)
         await _cancel(helpers)
-
-    async def _guard(self, run: Callable[[], Awaitable[None]], component: str, name: str) -> None:
-        """Run a source or sink; a bug in one must not take the agent (and the buffer) down."""
-        backoff = Backoff(cap=60.0)
-        while True:
-            try:
-                await run()
-                return
-            except Exception as exc:  # a crash is logged and the component restarted
-                log.exception(
-                    "Component crashed; restarting it", extra={"component": component, "name": name, "error": str(exc)}
-                )
-                if await backoff.wait(self._stopping):
-                    return
 
     def _announce_start(self) -> None:
         agent = self.settings.agent
@@ -273,7 +282,10 @@ class Agent:
         if out.suppressed:
             self.metrics.telemetry_suppressed(source, out.suppressed)
         if out.acks:
-            self._acks.put_nowait((future, out.acks))
+            if future is None:  # the cycle's lane goes to no sink: nothing to commit, the line goes on
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(None)
+            self.acks.submit(future, out.acks)
         return future
 
     def _unrouted_lanes(self, events: Sequence[CloudEvent]) -> bool:
@@ -283,47 +295,6 @@ class Agent:
                 self._unrouted[event.lane] += 1
                 unrouted = True
         return unrouted
-
-    async def _ack_writer(self) -> None:
-        """PLC handshakes, in order: each written once, only after its event is committed."""
-        while True:
-            future, tags = await self._acks.get()
-            try:
-                await future
-            except Exception as exc:
-                log.error("Event not committed; PLC ack withheld", extra={"tags": tags, "error": str(exc)})
-                continue
-            for tag in tags:
-                await self._write_ack(tag)
-
-    async def _write_ack(self, tag: str) -> None:
-        source = self._tag_owner.get(tag)
-        if source is None:
-            log.error("No source owns the ack tag", extra={"tag": tag})
-            return
-        backoff = Backoff(base=0.2, cap=5.0)
-        deadline = time.monotonic() + 60.0
-        while True:
-            try:
-                await source.write(tag, True)
-                return
-            except SourceError as exc:
-                if time.monotonic() > deadline or self._stopping.is_set():
-                    log.error(
-                        "PLC ack could not be written", extra={"tag": tag, "source": source.name, "error": str(exc)}
-                    )
-                    return
-                await backoff.wait(self._stopping)
-
-    async def _flush_acks(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                while not self._acks.empty():
-                    future, tags = self._acks.get_nowait()
-                    with contextlib.suppress(Exception):
-                        await future
-                        for tag in tags:
-                            await self._write_ack(tag)
 
     # --- delivery -------------------------------------------------------------------------------
 
@@ -362,9 +333,9 @@ class Agent:
                 metrics.retried(sink.name, settlement.retry)
                 hint = max((o.after for o in outcomes if isinstance(o, RetryLater) and o.after), default=None)
                 if hint is not None:
-                    # The peer said when (Retry-After): wait that long, not our own guess.
+                    # The peer said when (Retry-After): wait that long, not our own guess, within a cap.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), hint)
+                        await asyncio.wait_for(self._stopping.wait(), min(hint, RETRY_AFTER_CAP))
                 else:
                     await backoff.wait(self._stopping)
             else:
@@ -480,6 +451,9 @@ class Agent:
                     )
                 for key, reason in status.degraded.items():
                     degraded.append({component: item.name, "item": key, "error": reason})
+        for name, health in self.tasks.items():
+            if health.state == "restarting":
+                degraded.append({"task": name, "state": health.state, "error": health.last_error})
         return True, {"status": "ready", "degraded": degraded}
 
     def status(self) -> dict[str, Any]:
@@ -518,6 +492,8 @@ class Agent:
                 "duplicates_suppressed": self.buffer.duplicates_suppressed,
             },
             "unrouted": dict(self._unrouted),
+            "tasks": {name: health.as_dict() for name, health in self.tasks.items()},
+            "plc_acks": self.acks.status(),
         }
 
     async def wait_started(self) -> None:

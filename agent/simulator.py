@@ -125,6 +125,8 @@ class PressSimulator:
         self._server: Server | None = None
         self._extra: dict[str, tuple[ua.VariantType | None, Any]] = {}
         self._ack = asyncio.Event()
+        self.acknowledged: list[tuple[str, str, float]] = []
+        """``(work_order, item, qty)`` of every cycle a client acknowledged in time, in order."""
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -252,6 +254,14 @@ class PressSimulator:
         await press.add_variable(_node(f"{PRESS}.{name}"), ua.QualifiedName(name, 2), value, varianttype)
         return self.node_id(name)
 
+    async def set_writable(self, name: str, writable: bool = True) -> None:
+        """Let clients write ``Press7.<name>``, or refuse their writes (BadNotWritable) as a locked PLC does."""
+        node = self._require().get_node(_node(f"{PRESS}.{name}"))
+        if writable:
+            await node.set_writable()
+        else:
+            await node.set_read_only()
+
     async def set_temperature(self, value: float) -> None:
         await self.write("Temperature", float(value))
 
@@ -280,6 +290,8 @@ class PressSimulator:
                 acked = True
             except TimeoutError:
                 acked = False
+        if acked:
+            self.acknowledged.append((work_order, item, float(qty)))
         if self._server is None:  # stopped while waiting: nothing left to reset
             return acked
         await self.write("CycleAck", False)
