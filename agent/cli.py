@@ -81,6 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="machine-readable output")
     dead.add_argument("--sink", default=None, help="only this sink's dead letters ('-': before any sink)")
     dead.set_defaults(handler=_cmd_buffer_dead_letters)
+    replay = buffer_commands.add_parser(
+        "replay", help="send dead letters again (through the config's mappings) under their ids"
+    )
+    config_option(replay)
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    which.add_argument("--id", dest="ids", action="extend", nargs="+", metavar="ID", help="these event ids")
+    which.add_argument("--sink", default=None, help="the dead letters of this sink ('-': before any sink)")
+    which.add_argument("--reason", default=None, help="the dead letters whose reason contains TEXT", metavar="TEXT")
+    replay.set_defaults(handler=_cmd_buffer_replay)
+    purge = buffer_commands.add_parser("purge", help="drop a sink's backlog, or the dead letters")
+    config_option(purge)
+    purge.add_argument("--json", action="store_true", help="machine-readable output")
+    purge.add_argument("--sink", default=None, help="drop this sink's backlog (with --dead-letters: its dead letters)")
+    purge.add_argument("--dead-letters", action="store_true", help="delete the dead letters")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(handler=_cmd_buffer_purge)
 
     schema = commands.add_parser("schema", help="print a JSON Schema")
     schema.add_argument("what", choices=["events", "config"], help="canonical events, or the config file")
@@ -237,55 +255,256 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- buffer --------------------------------------------------------------------------------------
+#
+# A stopped agent's file is opened directly (read-only for stats and dead-letters; read-write, under
+# the buffer's lock, for replay and purge). While an agent holds the lock, the request goes to it over
+# HTTP at [http].listen (bearer: the ingest token), so only one process ever writes the file.
 
 
-def _cmd_buffer_stats(args: argparse.Namespace) -> int:
+class _BufferTarget:
+    """Where ``plantgate buffer`` acts: the config's buffer file, offline or through the running agent."""
+
+    def __init__(self, settings: Any):
+        from buffer import lock_holder
+
+        self.settings = settings
+        self.path: Path = settings.data_path(settings.buffer.path)
+        self.sinks: dict[str, Any] = {s.name: list(s.lanes) for s in settings.sink_configs()}
+        self.holder = lock_holder(self.path)
+
+    @property
+    def live(self) -> bool:
+        return self.holder is not None
+
+    def remap(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        from agent.rules import map_event
+
+        mappings = self.settings.mappings
+        return lambda event: map_event(mappings, event)
+
+    def url(self, endpoint: str) -> str:
+        listen: str = self.settings.http.listen
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}{endpoint}"
+
+    def request(self, method: str, endpoint: str, body: Any = None) -> Any:
+        """Ask the running agent; ``_AgentUnreachable`` (the message says why) when it does not answer."""
+        import urllib.error
+        import urllib.request
+
+        headers = {"Accept": "application/json"}
+        token_file = self.settings.http.ingest_token_file
+        if token_file is not None:
+            try:
+                token = Path(token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise _AgentUnreachable(f"{token_file}: cannot read the ingest token: {exc.strerror}") from exc
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        url = self.url(endpoint)
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read() or b"{}").get("error") or exc.reason
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            raise _AgentUnreachable(f"{method} {url}: {exc.code} {detail}") from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise _AgentUnreachable(f"{method} {url}: {reason}") from exc
+
+    def running(self, why: str) -> str:
+        return f"agent is running: {self.path} is in use by process {self.holder}; {why}"
+
+
+class _AgentUnreachable(Exception):
+    """The running agent's HTTP API did not give an answer."""
+
+
+def _buffer_target(args: argparse.Namespace) -> _BufferTarget | int:
     settings = _load(args)
     if settings is None:
         return EXIT_BAD_INPUT
-    from buffer import inspect_stats
+    target = _BufferTarget(settings)
+    if not target.path.exists():
+        return _fail(f"{target.path}: no buffer file (has the agent run with this config?)")
+    return target
 
-    configured = [s.name for s in settings.sink_configs()]
-    path = settings.data_path(settings.buffer.path)
-    try:
-        stats = asyncio.run(inspect_stats(path, configured))
-    except FileNotFoundError:
-        return _fail(f"{path}: no buffer file (has the agent run with this config?)")
+
+def _cmd_buffer_stats(args: argparse.Namespace) -> int:
+    target = _buffer_target(args)
+    if isinstance(target, int):
+        return target
+    from buffer import BufferStats, inspect_stats
+
+    stats: BufferStats | None = None
+    if target.live:
+        with contextlib.suppress(_AgentUnreachable):  # then the file itself: WAL lets a reader in
+            stats = msgspec.convert(target.request("GET", "/v1/buffer/stats"), BufferStats)
+    if stats is None:
+        stats = asyncio.run(inspect_stats(target.path, target.sinks))
     if args.json:
         print(msgspec.json.encode(stats).decode())
         return EXIT_OK
-    print(f"buffer {path}: {stats.size_bytes / 1e6:.1f} MB, {stats.dead_letters} dead letters")
+    print(f"buffer {target.path}: {stats.size_bytes / 1e6:.1f} MB, {stats.dead_letters} dead letters")
     for name, sink in stats.sinks.items():
         print(f"  sink {name}: depth {sink.depth}")
         for lane, entry in sink.lanes.items():
             age = "-" if entry.oldest_age_seconds is None else f"{entry.oldest_age_seconds:.1f}s"
             print(f"    {lane:<12} depth {entry.depth:>10}  oldest {age}")
     for name, depth in stats.orphaned.items():
-        print(f"  orphaned {name}: {depth} events (sink no longer configured; purge with `buffer purge --sink {name}`)")
+        print(
+            f"  orphaned {name}: {depth} events (sink or lane no longer configured; "
+            f"purge with `buffer purge --sink {name}`)"
+        )
     return EXIT_OK
 
 
-def _cmd_buffer_dead_letters(args: argparse.Namespace) -> int:
-    settings = _load(args)
-    if settings is None:
-        return EXIT_BAD_INPUT
-    from buffer import inspect_dead_letters
+def _dead_letter_list(target: _BufferTarget, sink: str | None) -> list[Any]:
+    from buffer import DeadLetterEntry, inspect_dead_letters
 
-    path = settings.data_path(settings.buffer.path)
-    try:
-        letters = asyncio.run(inspect_dead_letters(path, args.sink))
-    except FileNotFoundError:
-        return _fail(f"{path}: no buffer file (has the agent run with this config?)")
+    if target.live:
+        import urllib.parse
+
+        query = "" if sink is None else "?" + urllib.parse.urlencode({"sink": sink})
+        with contextlib.suppress(_AgentUnreachable):
+            return msgspec.convert(target.request("GET", "/v1/buffer/dead-letters" + query), list[DeadLetterEntry])
+    return [
+        DeadLetterEntry(id=d.id, type=d.type, subject=d.subject, sink=d.sink, reason=d.reason, time=d.time)
+        for d in asyncio.run(inspect_dead_letters(target.path, sink))
+    ]
+
+
+def _cmd_buffer_dead_letters(args: argparse.Namespace) -> int:
+    target = _buffer_target(args)
+    if isinstance(target, int):
+        return target
+    letters = _dead_letter_list(target, args.sink)
     if args.json:
-        rows = [
-            {"id": d.id, "type": d.type, "subject": d.subject, "sink": d.sink, "reason": d.reason, "time": d.time}
-            for d in letters
-        ]
-        print(json.dumps(rows))
+        print(msgspec.json.encode(letters).decode())
         return EXIT_OK
     for d in letters:
         print(f"{d.id}  {d.type}  subject={d.subject}  sink={d.sink}  reason={d.reason}")
     print(f"{len(letters)} dead letter(s)")
+    return EXIT_OK
+
+
+def _offline(target: _BufferTarget, action: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    """Run ``action(admin)`` on the stopped agent's file; None when an agent took the lock meanwhile."""
+    from buffer import BufferLocked, open_admin
+
+    async def run() -> Any:
+        async with open_admin(target.path, sinks=target.sinks, remap=target.remap()) as admin:
+            return await action(admin)
+
+    try:
+        return _run_loop(run)
+    except BufferLocked:
+        return None
+
+
+def _cmd_buffer_replay(args: argparse.Namespace) -> int:
+    target = _buffer_target(args)
+    if isinstance(target, int):
+        return target
+    from buffer import ReplayRequest, ReplayResult
+
+    request = ReplayRequest(all=args.all, ids=args.ids or [], sink=args.sink, reason=args.reason)
+    result: ReplayResult | None = None
+    if not target.live:
+        result = _offline(target, lambda admin: admin.replay(request))
+    if result is None:
+        from buffer import lock_holder
+
+        target.holder = target.holder or lock_holder(target.path) or "?"
+        try:
+            answer = target.request("POST", "/v1/buffer/replay", msgspec.to_builtins(request))
+            result = msgspec.convert(answer, ReplayResult)
+        except (_AgentUnreachable, msgspec.ValidationError) as exc:
+            return _fail(target.running(f"its HTTP API did not replay: {exc}"), EXIT_FAILURE)
+    if args.json:
+        print(msgspec.json.encode(result).decode())
+    else:
+        print(f"replayed {result.replayed}, failed {result.failed}")
+    return EXIT_OK if result.failed == 0 else EXIT_FAILURE
+
+
+def _purge_preview(target: _BufferTarget, request: Any) -> tuple[str, int]:
+    """What the purge would remove, in words, and how many items."""
+    if request.dead_letters:
+        count = len(_dead_letter_list(target, request.sink))
+        whose = f" of sink {request.sink}" if request.sink is not None else ""
+        return f"{count} dead letter(s){whose} from {target.path}", count
+    from buffer import BufferStats, inspect_stats
+
+    stats: BufferStats | None = None
+    if target.live:
+        with contextlib.suppress(_AgentUnreachable):
+            stats = msgspec.convert(target.request("GET", "/v1/buffer/stats"), BufferStats)
+    if stats is None:
+        stats = asyncio.run(inspect_stats(target.path, target.sinks))
+    sink = stats.sinks.get(request.sink)
+    pending = sink.depth if sink is not None else 0
+    orphaned = stats.orphaned.get(request.sink, 0)
+    parts = []
+    if pending:
+        parts.append(f"{pending} undelivered event(s)")
+    if orphaned:
+        parts.append(f"{orphaned} orphaned event(s)")
+    what = " and ".join(parts) or "no events"
+    return f"the backlog of sink {request.sink} ({what}) from {target.path}", pending + orphaned
+
+
+def _cmd_buffer_purge(args: argparse.Namespace) -> int:
+    if args.sink is None and not args.dead_letters:
+        return _fail("buffer purge: say what to remove: --sink NAME or --dead-letters")
+    target = _buffer_target(args)
+    if isinstance(target, int):
+        return target
+    from buffer import PurgeRequest, PurgeResult
+
+    request = PurgeRequest(sink=args.sink, dead_letters=args.dead_letters)
+    what, _ = _purge_preview(target, request)
+    if not args.yes:
+        print(f"This removes {what}.", file=sys.stderr)
+        try:
+            answer = input("Remove it? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            return _fail("purge not confirmed; nothing removed (use --yes to skip the question)", EXIT_FAILURE)
+    result: PurgeResult | None = None
+    if not target.live:
+        result = _offline(target, lambda admin: admin.purge(request))
+    if result is None:
+        from buffer import lock_holder
+
+        target.holder = target.holder or lock_holder(target.path) or "?"
+        try:
+            answer_json = target.request("POST", "/v1/buffer/purge", msgspec.to_builtins(request))
+            result = msgspec.convert(answer_json, PurgeResult)
+        except (_AgentUnreachable, msgspec.ValidationError) as exc:
+            return _fail(target.running(f"its HTTP API did not purge: {exc}"), EXIT_FAILURE)
+    if args.json:
+        print(msgspec.json.encode(result).decode())
+    elif request.dead_letters:
+        print(f"removed {result.dead_letters} dead letter(s)")
+    else:
+        lanes = ", ".join(f"{lane} {n}" for lane, n in result.lanes.items()) or "nothing pending"
+        print(f"removed the backlog of sink {result.sink}: {result.events} event(s) ({lanes})")
     return EXIT_OK
 
 

@@ -34,7 +34,7 @@ from agent.events import (
     make_event,
     stable_id,
 )
-from agent.settings import ItemMapping, Settings, TransactionRule
+from agent.settings import ItemMapping, MappingsSection, Settings, TransactionRule
 from buffer import NO_SINK, DeadLetter
 
 MAX_SAMPLES_PER_EVENT = 1000
@@ -482,3 +482,34 @@ def _dead_letter(event: CloudEvent, reason: str) -> DeadLetter:
         time=datetime.now(UTC).timestamp(),
         body=encode_event(event),
     )
+
+
+def map_event(mappings: MappingsSection, event: dict[str, Any]) -> dict[str, Any]:
+    """``[mappings]`` applied to a decoded CloudEvent (what ``plantgate buffer replay`` sends again).
+
+    Item codes (``item`` and ``*_item`` fields of ``data``) and the units of
+    quantities (``{"value", "uom"}``) are mapped as the rules map them; a code that is
+    already canonical (a value of ``[mappings.items]``) passes, so mapping twice is
+    harmless. ``ValueError`` names what cannot be mapped (obsolete or unknown code).
+    """
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return event
+    canonical = {code for code in mappings.items.values() if isinstance(code, str)}
+    mapped = dict(data)
+    problems: list[str] = []
+    for key, value in data.items():
+        if (key == "item" or key.endswith("_item")) and isinstance(value, str):
+            target = mappings.items.get(value)
+            if isinstance(target, ItemMapping):
+                if target.obsolete:
+                    problems.append(f"{key}: item code {value!r} is obsolete")
+            elif target is not None:
+                mapped[key] = target
+            elif value not in canonical and mappings.unknown_items == "dead-letter":
+                problems.append(f"{key}: item code {value!r} is not in [mappings.items]")
+        elif isinstance(value, dict) and set(value) == {"value", "uom"} and isinstance(value["uom"], str):
+            mapped[key] = {**value, "uom": mappings.uom.get(value["uom"], value["uom"])}
+    if problems:
+        raise ValueError("; ".join(problems))
+    return {**event, "data": mapped}

@@ -1,5 +1,14 @@
 """The SQLite store-and-forward buffer and its dead letters; nothing else touches SQLite."""
 
+from buffer.admin import (
+    BufferAdmin,
+    DeadLetterEntry,
+    PurgeRequest,
+    PurgeResult,
+    ReplayRequest,
+    ReplayResult,
+    open_admin,
+)
 from buffer.store import (
     NO_SINK,
     Buffer,
@@ -14,20 +23,29 @@ from buffer.store import (
     inspect_dead_letters,
     inspect_stats,
     is_corruption,
+    lock_holder,
 )
 
 __all__ = [
     "NO_SINK",
     "Buffer",
+    "BufferAdmin",
     "BufferError",
     "BufferLocked",
     "BufferStats",
     "DeadLetter",
+    "DeadLetterEntry",
     "DeliveryCursor",
     "Eviction",
+    "PurgeRequest",
+    "PurgeResult",
+    "ReplayRequest",
+    "ReplayResult",
     "Settlement",
     "event_lane",
     "inspect_dead_letters",
     "inspect_stats",
     "is_corruption",
+    "lock_holder",
+    "open_admin",
 ]

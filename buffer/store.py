@@ -1395,7 +1395,25 @@ def event_lane(event: Mapping[str, Any]) -> Lane:
     return LANE_OF_TYPE[name]
 
 
-async def inspect_stats(path: Path, configured_sinks: Iterable[str]) -> BufferStats:
+def lock_holder(path: Path) -> str | None:
+    """The process holding ``path``'s buffer lock (a running agent), or None when nobody does."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # releases the probe's shared lock too
+    return None
+
+
+async def inspect_stats(
+    path: Path, configured_sinks: Iterable[str] | Mapping[str, Iterable[Lane]] | None = None
+) -> BufferStats:
     """``plantgate buffer stats`` on a buffer file, read-only (the agent may be running)."""
     buffer = Buffer(path)
     await buffer.open(readonly=True)
