@@ -77,9 +77,11 @@ def config(endpoint: str, **overrides: Any) -> OpcUaSourceConfig:
 
 
 @contextlib.asynccontextmanager
-async def running(source: OpcUaSource, *, connect: bool = True) -> AsyncIterator[Recorder]:
-    """Run ``source`` in a task (connected, unless ``connect=False``); cancel it on exit."""
-    recorder = Recorder()
+async def running(
+    source: OpcUaSource, *, connect: bool = True, output: Recorder | None = None
+) -> AsyncIterator[Recorder]:
+    """Run ``source`` in a task (connected, unless ``connect=False``) into ``output``; cancel it on exit."""
+    recorder = output if output is not None else Recorder()
     task = asyncio.create_task(source.run(recorder))
     try:
         if connect:

@@ -603,9 +603,6 @@ class OpcUaSource:
         subscription = dataclasses.replace(previous)
         self.transfers += 1
         await self._resolve_all(client)
-        refused = [h for h in range(len(self._tags)) if h not in subscription.monitored]
-        for handle in refused:
-            self._refused.setdefault(handle, "not monitored")
         available = sorted(int(n) for n in results[0].AvailableSequenceNumbers)
         republished = 0
         for number in available:
@@ -623,6 +620,11 @@ class OpcUaSource:
                 await self._deliver(output, subscription, message)
                 republished += 1
         self.republished += republished
+        # The nodes the server refused before: tried again now, as a new subscription would.
+        pending = [h for h in range(len(self._tags)) if h not in subscription.monitored]
+        if pending:
+            refused = await self._monitor(client, subscription.subscription_id, pending)
+            subscription.monitored = sorted(set(subscription.monitored) | (set(pending) - set(refused)))
         self.status.info["subscription"] = f"taken over ({republished} republished)"
         logger.info(
             "OPC UA subscription taken over",

@@ -5,6 +5,9 @@
 //
 // ns=1;s=Counter  UInt32, +1 every PERIOD_MS (default 100)
 // ns=1;s=Running  Boolean, toggles with every tenth counter value
+// Users: operator / s3cret (anonymous allowed too). node-opcua transfers a subscription to a
+// session of the same user; anonymous ones only over a signed channel from the same
+// application (OPC UA Part 4, 5.13.7).
 // Prints "ready opc.tcp://127.0.0.1:PORT" on stdout once it accepts connections; stops on SIGTERM.
 "use strict";
 const { OPCUAServer } = require("node-opcua-server");
@@ -20,6 +23,8 @@ async function main() {
         resourcePath: "",
         buildInfo: { productName: "plantgate-test-peer" },
         serverCapabilities: { maxSessions: 20 },
+        allowAnonymous: true,
+        userManager: { isValidUser: (user, password) => user === "operator" && password === "s3cret" },
     });
     await server.initialize();
     const addressSpace = server.engine.addressSpace;
