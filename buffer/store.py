@@ -443,6 +443,8 @@ class Buffer:
         # Segments are read once, right after they are written: a small page cache is enough.
         await db.execute("PRAGMA cache_size=-4000")
         await db.execute("PRAGMA temp_store=MEMORY")
+        if self._page_limit is not None:
+            await db.execute(f"PRAGMA max_page_count={int(self._page_limit)}")
         await db.executescript(_SCHEMA)
         async with db.execute("PRAGMA table_info(cursors)") as cur:
             columns = {row[1] for row in await cur.fetchall()}
@@ -682,15 +684,21 @@ class Buffer:
         if self._commit_error is not None:
             raise BufferError(f"buffer commit failed: {self._commit_error}") from self._commit_error
 
-    def set_max_page_count(self, pages: int) -> asyncio.Future[None]:
-        """Cap the file at ``pages`` pages (SQLite ``max_page_count``; never below its current size).
+    async def set_max_page_count(self, pages: int) -> int:
+        """Cap the file at ``pages`` pages (SQLite ``max_page_count``); returns the cap in force.
 
         An operational knob (a hard ceiling below the disk's own, e.g. on a shared
-        volume) that also gives tests a genuine SQLITE_FULL. Applied by the commit
-        loop on its connection before the next commit; the future resolves after it.
+        volume; SQLite never sets it below the file's current size) that also gives
+        tests a genuine SQLITE_FULL. It applies to the writer at once, also in the
+        middle of a transaction, and to the fresh file after a quarantine.
         """
         self._page_limit = pages
-        return self.append([])
+        db = self._db
+        if db is None:
+            return pages
+        async with db.execute(f"PRAGMA max_page_count={int(pages)}") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else pages
 
     _page_limit: int | None = None
 
@@ -847,9 +855,6 @@ class Buffer:
     async def _commit(self, pending: _Pending) -> None:
         db = self._db
         assert db is not None
-        if self._page_limit is not None:
-            await db.execute(f"PRAGMA max_page_count={int(self._page_limit)}")
-            self._page_limit = None
         chunks = self._chunks(pending)
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1

@@ -18,12 +18,15 @@ import re
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from agent.events import LANES, CloudEvent, decode_event, format_sequence, make_event
+from agent.events import LANES, CloudEvent, decode_event, encode_event, format_sequence, make_event
 from agent.sink import ACKED, BufferedEvent
 from buffer import Buffer, BufferLocked, DeadLetter, DeliveryCursor
 from tests.peers.waiting import wait_for
@@ -419,3 +422,69 @@ async def test_a_file_open_for_writing_is_locked_against_a_second_writer(tmp_pat
     again = Buffer(path)
     await again.open()
     await again.close()
+
+
+# --- property: a disk that fills and frees at any moment loses and duplicates nothing ----------------
+
+_append = st.tuples(st.just("append"), st.lists(st.sampled_from(LANES), min_size=1, max_size=20))
+_full = st.tuples(st.just("full"), st.integers(min_value=0, max_value=3))
+fault_op = st.one_of(  # appends and full disks weighted up: the interesting interleavings
+    _append,
+    _append,
+    _append,
+    _full,
+    _full,
+    st.tuples(st.just("free")),
+    st.tuples(st.just("take"), st.sampled_from([1, 7, 1000])),
+    st.tuples(st.just("settle")),
+)
+
+
+async def _disk_scenario(path: Path, ops: list[tuple[Any, ...]]) -> None:
+    buffer = Buffer(path, synchronous="NORMAL", max_rows_per_commit=8, commit_retry_interval=0.005)
+    await buffer.open()
+    try:
+        cursor = buffer.cursor("cloud", LANES)
+        await buffer.commit_now()
+        appended: dict[str, CloudEvent] = {}
+        futures: list[asyncio.Future[None]] = []
+        delivered: list[BufferedEvent] = []
+        outstanding: list[BufferedEvent] = []
+        for op in ops:
+            if op[0] == "append":
+                made = [event(lane, payload=noise(4000)) for lane in op[1]]
+                appended.update((e.id, e) for e in made)
+                future = buffer.append(made)
+                futures.append(future)
+                # Its commit either succeeds or hits the full disk before the next operation.
+                await wait_for(lambda f=future: f.done() or buffer.refusing_writes is not None, interval=0.001)
+            elif op[0] == "full":
+                await buffer.set_max_page_count(page_count(path) + op[1])
+            elif op[0] == "free":
+                await buffer.set_max_page_count(1 << 30)
+            elif op[0] == "take" and not outstanding:
+                outstanding = await cursor.next_batch(op[1], wait=False)
+            elif op[0] == "settle" and outstanding:
+                cursor.settle(outstanding, [ACKED] * len(outstanding))
+                delivered.extend(outstanding)
+                outstanding = []
+        await buffer.set_max_page_count(1 << 30)
+        await asyncio.wait_for(asyncio.gather(*futures), 20)
+        assert buffer.refusing_writes is None
+        delivered.extend(await take_all(buffer, cursor))
+    finally:
+        await buffer.close()
+    ids = [item.id for item in delivered]
+    assert sorted(ids) == sorted(appended)  # every event, each exactly once (every outcome was ACKED)
+    for lane in LANES:
+        seqs = [item.seq for item in delivered if item.lane == lane]
+        assert seqs == sorted(set(seqs))
+    for item in delivered:
+        assert item.body == encode_event(appended[item.id])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(fault_op, min_size=3, max_size=25))
+def test_a_disk_that_fills_and_frees_at_any_moment_loses_and_duplicates_nothing(ops: list[tuple[Any, ...]]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(_disk_scenario(Path(directory) / "buffer.db", ops))
