@@ -35,7 +35,7 @@ again by the next ``deliver`` (same CloudEvent id), never re-sent by paho on its
 own; nothing is handed to paho while disconnected.
 
 Reconnecting: the first attempt is immediate; after a failure or a loss the wait is
-jittered exponential backoff capped at ``reconnect_max_backoff`` (default 3 s), so a
+jittered exponential backoff capped at ``reconnect_max_backoff`` (default 4 s), so a
 broker that comes back is found within a few seconds while a fleet of agents does
 not reconnect in step. While disconnected, ``deliver`` answers at once with
 ``RetryLater(after=...)``: the time until the next connection attempt (plus a short
