@@ -89,7 +89,7 @@ async def supervise(
             extra = {
                 "task": health.name,
                 "component": health.component,
-                "name": health.owner,
+                "owner": health.owner,
                 "error": error,
                 "restarts": health.restarts,
             }

@@ -13,15 +13,20 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.backoff import Backoff
+from agent.events import LANES, Lane
+from agent.health import ComponentStatus
 from agent.pipeline import Agent
 from agent.settings import Settings, parse_settings
 from agent.simulator import PressSimulator
+from agent.sink import ACKED, BufferedEvent, Outcome
+from agent.supervision import TaskHealth, supervise
 from tests.peers.waiting import wait_for
 
 PRESS_TAGS = """
@@ -176,14 +181,164 @@ async def test_plc_handshake_comes_back_after_a_full_disk(
         for n in range(5):
             acked = await press_server.complete_cycle(f"WO-B{n}", "FILL-500", 20 + n, wait_ack=10.0)
             assert acked, f"cycle WO-B{n} after the disk had room again was not acknowledged"
-        delivered = lambda: {event["subject"] for event in completions(tmp_path / "events.jsonl")}  # noqa: E731
-        await wait_for(lambda: "WO-B4" in delivered(), timeout=10, message=lambda: f"depth {agent.buffer.depth('file', 'transaction')} delivered {sorted(delivered())}")
-    subjects = {event["subject"] for event in completions(tmp_path / "events.jsonl")}
+        await wait_for(lambda: "WO-B4" in subjects_of(tmp_path / "events.jsonl"), timeout=10)
+    subjects = subjects_of(tmp_path / "events.jsonl")
     assert {f"WO-A{n}" for n in range(3)} | {f"WO-B{n}" for n in range(5)} <= subjects
     assert agent.acks.status()["press7"]["pending"] == 0
+
+
+def subjects_of(path: Path) -> set[str]:
+    return {event["subject"] for event in completions(path)}
 
 
 def completions(path: Path) -> list[dict[str, Any]]:
     """The production.completed events a JSON Lines sink wrote."""
     events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return [event for event in events if event["type"] == "io.plantgate.production.completed"]
+
+
+# --- supervision: a crashing component is restarted, shown and counted -----------------------------
+
+
+class FlakySink:
+    """A sink whose ``run`` crashes once and whose ``deliver`` crashes twice, then works (keeps what it got)."""
+
+    def __init__(self, name: str = "flaky") -> None:
+        self.name = name
+        self.lanes: frozenset[Lane] = frozenset(LANES)
+        self.status = ComponentStatus(name=name, kind="test")
+        self.batch_max = 100
+        self.runs = 0
+        self.deliveries = 0
+        self.got: list[dict[str, Any]] = []
+
+    async def run(self) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise RuntimeError("sink run exploded")
+        self.status.set_state("connected")
+        await asyncio.Event().wait()
+
+    async def deliver(self, batch: Sequence[BufferedEvent]) -> Sequence[Outcome]:
+        self.deliveries += 1
+        if self.deliveries <= 2:
+            raise RuntimeError(f"deliver exploded ({self.deliveries})")
+        self.got.extend(json.loads(event.body) for event in batch)
+        return [ACKED] * len(batch)
+
+
+async def test_crashing_sink_and_delivery_loop_are_restarted_and_shown(
+    tmp_path: Path, press_server: PressSimulator
+) -> None:
+    settings = agent_config(tmp_path / "data", {"press7": press_server.endpoint}, tmp_path / "events.jsonl")
+    sink = FlakySink()
+    agent = Agent(settings, sinks=[sink])
+    async with running(agent, connected=("press7",)):
+        for n in range(3):
+            assert await press_server.complete_cycle(f"WO-S{n}", "FILL-500", 1, wait_ack=10.0)
+        await wait_for(
+            lambda: {f"WO-S{n}" for n in range(3)} <= {e["subject"] for e in sink.got}, timeout=20,
+            message=lambda: str(agent.status()["tasks"]),
+        )
+        status = agent.status()
+        tasks = status["tasks"]
+        assert tasks["sink-flaky"]["restarts"] == 1
+        assert "sink run exploded" in tasks["sink-flaky"]["last_error"]
+        assert tasks["deliver-flaky"]["restarts"] == 2
+        assert "deliver exploded (2)" in tasks["deliver-flaky"]["last_error"]
+        assert tasks["deliver-flaky"]["state"] == "running"
+        assert "crashed" in status["sinks"]["flaky"]["last_error"]
+        assert status["sinks"]["flaky"]["state"] == "connected"
+        assert tasks["source-press7"]["restarts"] == 0
+        assert tasks["plc-acks-press7"]["state"] == "running"
+        assert agent.readiness()[0]
+        metrics = agent.metrics.render()[0].decode()
+        restarts = [line for line in metrics.splitlines() if line.startswith("plantgate_") and "flaky" in line
+                    and "restart" in line]
+        assert restarts, "restarts are counted in /metrics"
+    assert agent.state == "stopped"
+
+
+async def test_supervise_restarts_with_backoff_and_passes_cancellation() -> None:
+    stopping = asyncio.Event()
+    health = TaskHealth("t", "agent", "agent")
+    calls = 0
+    restarted: list[int] = []
+
+    async def run() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 4:
+            raise ValueError(f"boom {calls}")
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(
+        supervise(health, run, stopping=stopping, on_restart=lambda: restarted.append(calls),
+                  backoff=Backoff(base=0.01, cap=0.05))
+    )
+    await wait_for(lambda: calls == 4, timeout=5)
+    assert health.restarts == 3 and restarted == [1, 2, 3]
+    assert health.last_error == "ValueError: boom 3"
+    assert health.state == "running"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_backoff_never_exceeds_its_cap_and_reset_starts_over() -> None:
+    backoff = Backoff(base=0.2, cap=5.0)
+    delays = [backoff.next_delay() for _ in range(10_000)]
+    assert max(delays) <= 5.0
+    assert min(delays) >= 0.0
+    assert backoff.attempt <= 64
+    backoff.reset()
+    assert backoff.next_delay() <= 0.2
+
+
+# --- PLC acks: per source, retried until written or the PLC moved on -------------------------------
+
+
+@pytest.fixture
+async def second_press() -> AsyncIterator[PressSimulator]:
+    simulator = PressSimulator(port=0)
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+
+
+async def test_acks_are_per_source_retried_until_written_or_abandoned(
+    tmp_path: Path, press_server: PressSimulator, second_press: PressSimulator
+) -> None:
+    settings = agent_config(
+        tmp_path / "data",
+        {"press7": press_server.endpoint, "press8": second_press.endpoint},
+        tmp_path / "events.jsonl",
+    )
+    agent = Agent(settings)
+    async with running(agent, connected=("press7", "press8")):
+        # press8 refuses the ack write (a locked PLC): its ack is retried ...
+        await second_press.set_writable("CycleAck", False)
+        waiting = asyncio.create_task(second_press.complete_cycle("WO-8a", "FILL-500", 1, wait_ack=30.0))
+        await wait_for(lambda: agent.acks.status()["press8"]["last_error"] is not None, timeout=10)
+        # ... while press7's handshake goes on undelayed.
+        for n in range(3):
+            assert await press_server.complete_cycle(f"WO-7{n}", "FILL-500", 1, wait_ack=5.0)
+        assert agent.acks.status()["press8"]["pending"] == 1
+        # Once press8 takes writes again, the same ack is written: the cycle is acknowledged.
+        await second_press.set_writable("CycleAck", True)
+        assert await asyncio.wait_for(waiting, 30)
+        await wait_for(lambda: agent.acks.status()["press8"]["pending"] == 0, timeout=5)
+        written_before = agent.acks.status()["press8"]["written"]
+        # A cycle the PLC gives up on (its trigger falls) has its ack abandoned, not written late.
+        await second_press.set_writable("CycleAck", False)
+        assert not await second_press.complete_cycle("WO-8b", "FILL-500", 1, wait_ack=1.0)
+        await wait_for(lambda: agent.acks.status()["press8"]["abandoned"] == 1, timeout=10)
+        await second_press.set_writable("CycleAck", True)
+        assert second_press.value("CycleAck") is False, "no stale ack left for the next cycle"
+        assert await second_press.complete_cycle("WO-8c", "FILL-500", 1, wait_ack=10.0)
+        await wait_for(lambda: agent.acks.status()["press8"]["written"] == written_before + 1, timeout=5)
+        assert agent.acks.status()["press8"]["abandoned"] == 1
+        assert agent.acks.status()["press7"]["abandoned"] == 0
+    assert [cycle[0] for cycle in second_press.acknowledged] == ["WO-8a", "WO-8c"]
