@@ -480,10 +480,8 @@ def _cmd_buffer_purge(args: argparse.Namespace) -> int:
     what, _ = _purge_preview(target, request)
     if not args.yes:
         print(f"This removes {what}.", file=sys.stderr)
-        try:
-            answer = input("Remove it? [y/N] ")
-        except EOFError:
-            answer = ""
+        print("Remove it? [y/N] ", end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline()
         if answer.strip().lower() not in ("y", "yes"):
             return _fail("purge not confirmed; nothing removed (use --yes to skip the question)", EXIT_FAILURE)
     result: PurgeResult | None = None

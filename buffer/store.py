@@ -189,6 +189,7 @@ class _Pending:
     dead_delete: list[int] = field(default_factory=list)  # dead letters replayed or purged (by row number)
     dead_reason: list[tuple[str, float, int]] = field(default_factory=list)  # replay failed again: new reason
     cursor_delete: list[tuple[str, Lane]] = field(default_factory=list)  # purged backlogs
+    lane_clear: dict[Lane, int] = field(default_factory=dict)  # lanes left without a cursor: rows up to seq
     state: dict[str, str | None] = field(default_factory=dict)  # None deletes the key
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
@@ -201,6 +202,7 @@ class _Pending:
         self.dead_delete.extend(newer.dead_delete)
         self.dead_reason.extend(newer.dead_reason)
         self.cursor_delete.extend(newer.cursor_delete)
+        self.lane_clear.update(newer.lane_clear)
         self.state.update(newer.state)
         self.waiters.extend(newer.waiters)
         self.count += newer.count
@@ -394,7 +396,7 @@ class Buffer:
             self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            await self._lock()
             try:
                 reason = await self._check_integrity()
                 if reason is not None:
@@ -415,14 +417,20 @@ class Buffer:
                 await self._apply_configuration()
             self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
 
-    def _lock(self) -> None:
+    async def _lock(self) -> None:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A second to get it: ``lock_holder`` (plantgate buffer) probes it for an instant.
+        for attempt in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 19:
+                    await asyncio.sleep(0.05)
+        else:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise BufferLocked(f"agent is running: {self.path} is in use by process {holder}") from None
+            raise BufferLocked(f"agent is running: {self.path} is in use by process {holder}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -866,7 +874,7 @@ class Buffer:
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
-                    await self._admin_changes(db, pending)
+                    await self._admin_changes(db, pending, txn)
                     written = await self._write_cursors(db)
                     await self._delete_delivered(db, txn)
                     await self._evict_telemetry(db, txn)
@@ -931,7 +939,7 @@ class Buffer:
             [(d.id, d.sink, d.reason, d.type, d.subject, d.lane, d.time, d.body) for d in dead],
         )
 
-    async def _admin_changes(self, db: aiosqlite.Connection, pending: _Pending) -> None:
+    async def _admin_changes(self, db: aiosqlite.Connection, pending: _Pending, txn: _Txn) -> None:
         """Replays, purges and state: in the same transaction as the events they go with."""
         if pending.dead_delete:
             await db.executemany("DELETE FROM dead_letters WHERE n = ?", [(n,) for n in pending.dead_delete])
@@ -939,6 +947,16 @@ class Buffer:
             await db.executemany("UPDATE dead_letters SET reason = ?, time = ? WHERE n = ?", pending.dead_reason)
         if pending.cursor_delete:
             await db.executemany("DELETE FROM cursors WHERE sink = ? AND lane = ?", pending.cursor_delete)
+        for lane, seq in pending.lane_clear.items():
+            if any(cursor_lane == lane for _, cursor_lane in self._cursors):
+                continue  # a sink took the lane up meanwhile: the usual rule decides
+            if lane == "telemetry":
+                async with db.execute(
+                    "SELECT coalesce(sum(count), 0) FROM lane_telemetry WHERE last_seq <= ?", (seq,)
+                ) as cur:
+                    row = await cur.fetchone()
+                txn.telemetry_delta -= int(row[0]) if row else 0
+            await db.execute(f"DELETE FROM {_TABLE[lane]} WHERE last_seq <= ?", (seq,))
         if pending.state:
             await db.executemany(
                 "DELETE FROM state WHERE key = ?", [(k,) for k, v in pending.state.items() if v is None]
@@ -1374,6 +1392,9 @@ class Buffer:
                 self._dirty_cursors.discard(key)
                 self._pending.cursor_delete.append(key)
                 self._pending.count += 1
+                if not any(lane == key[1] for _, lane in self._cursors):
+                    # Nobody else takes the lane: what the purged cursor held goes with it.
+                    self._pending.lane_clear[key[1]] = self._seq
         if removed:
             await self._queued(self._pending)
         return removed

@@ -8,8 +8,10 @@ under its lock) and on a running one's (asked over real HTTP on loopback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +60,12 @@ async def take_all(buffer: Buffer, cursor: DeliveryCursor) -> list[BufferedEvent
         cursor.settle(batch, [ACKED] * len(batch))
         await buffer.commit_now()
     return taken
+
+
+def stored(path: Path) -> int:
+    """Events still stored in the transaction lane, as another connection sees them."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT coalesce(sum(count), 0) FROM lane_transaction").fetchone()[0])
 
 
 SINKS = {"cloud": list(LANES), "erp": ["transaction"]}
@@ -162,6 +170,7 @@ async def test_purge_drops_an_orphaned_backlog_and_dead_letters(tmp_path: Path) 
         removed = await admin.purge(PurgeRequest(sink="old"))
         assert (removed.sink, removed.events, removed.lanes) == ("old", 4, {"transaction": 4})
         assert (await admin.stats()).orphaned == {}
+        assert stored(path) == 0  # nobody else took the lane: the rows went with the backlog
         assert (await admin.purge(PurgeRequest(dead_letters=True))).dead_letters == 1
         assert (await admin.stats()).dead_letters == 0
         with pytest.raises(ValueError):
