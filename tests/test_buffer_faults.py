@@ -187,8 +187,8 @@ async def test_a_reader_never_sees_rows_of_a_transaction_that_rolls_back(
 STAMP = re.compile(r"^buffer\.db\.corrupt-\d{8}T\d{6}Z(-\d+)?$")
 
 
-async def _damaged_buffer(path: Path) -> tuple[Buffer, DeliveryCursor, list[int], bytes]:
-    """A buffer reopened (cold caches) on a file whose pages after the first were then overwritten."""
+async def _damaged_buffer(path: Path, start: int = 4096) -> tuple[Buffer, DeliveryCursor, list[int], bytes]:
+    """A buffer reopened (cold caches) on a file whose bytes from ``start`` on were then overwritten."""
     buffer = Buffer(path, commit_retry_interval=0.05)
     await buffer.open()
     cursor = buffer.cursor("cloud", LANES)
@@ -201,15 +201,18 @@ async def _damaged_buffer(path: Path) -> tuple[Buffer, DeliveryCursor, list[int]
     seqs = [buffer.last_sequence]
     data = bytearray(content(path))
     assert len(data) > 16 * 4096
-    data[4096:] = b"\xde\xad\xbe\xef" * ((len(data) - 4096) // 4)
+    data[start:] = b"\xde\xad\xbe\xef" * ((len(data) - start) // 4)
     with path.open("r+b") as file:  # in place: the buffer's connections keep the same file
         file.write(data)
     return buffer, cursor, seqs, bytes(data)
 
 
-async def test_corruption_seen_by_a_commit_moves_the_file_aside_and_goes_on_with_a_fresh_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", [0, 4096], ids=["header-and-pages", "b-tree-pages"])
+async def test_corruption_seen_by_a_commit_moves_the_file_aside_and_goes_on_with_a_fresh_one(
+    tmp_path: Path, start: int
+) -> None:
     path = tmp_path / "buffer.db"
-    buffer, cursor, seqs, damaged = await _damaged_buffer(path)
+    buffer, cursor, seqs, damaged = await _damaged_buffer(path, start)
     try:
         state = buffer.save_state("opcua/press7/subscription", "17")
         made = [event(), event("operational")]
