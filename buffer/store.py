@@ -459,7 +459,9 @@ class Buffer:
         if "frozen_at" not in columns:  # a file from before orphaned cursors were frozen
             await db.execute("ALTER TABLE cursors ADD COLUMN frozen_at INTEGER")
         reader = self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
-        await reader.execute("PRAGMA cache_size=-4000")
+        # It reads each segment about once per sink, soon after it was written: 1 MB of cache does
+        # (measured: drain rate unchanged, RSS below the single shared connection's).
+        await reader.execute("PRAGMA cache_size=-1000")
         # A first read: from now on the reader holds its shared lock on the file, so closing the
         # writer (quarantine) never checkpoints into, or deletes the WAL of, a file being moved aside.
         async with reader.execute("SELECT count(*) FROM meta") as cur:
