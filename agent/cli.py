@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path, default=None, help="where the demo keeps its buffer and files")
     demo.set_defaults(handler=_cmd_demo)
 
-    buffer = commands.add_parser("buffer", help="inspect the buffer (works on a running agent's file too)")
+    buffer = commands.add_parser("buffer", help="inspect and operate the buffer (offline or through the running agent)")
     buffer_commands = buffer.add_subparsers(dest="buffer_command", metavar="ACTION", required=True)
     stats = buffer_commands.add_parser("stats", help="depth, oldest age and size per sink and lane")
     config_option(stats)
