@@ -516,7 +516,9 @@ class _SourceInlet:
     async def readings(self, batch: Sequence[Reading]) -> None:
         agent = self._agent
         await self._writable()
-        await self._committed(agent.accept(self._name, agent.rules.process(self._name, batch)))
+        out = agent.rules.process(self._name, batch)
+        agent.acks.observe(self._name)
+        await self._committed(agent.accept(self._name, out))
 
     async def events(self, batch: Sequence[CloudEvent]) -> None:
         agent = self._agent

@@ -8,6 +8,10 @@ reconnects, until it is written or the PLC has visibly moved on: the trigger tag
 of the cycle changed since (it fell, or a later cycle rose). A stale ack written
 after that could be taken by the PLC for its next cycle, so it is abandoned.
 Either way it is logged. Acks of one source are written in cycle order.
+
+A retry is only written while the source is connected and once the trigger's
+value was received again after the source (re)connected: what the agent knew
+before a reconnect may be old, and the PLC may have moved on meanwhile.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class _SourceAcks:
         self.source = source
         self.queue: collections.deque[_Ack] = collections.deque()
         self.wake = asyncio.Event()
+        self.seen = asyncio.Event()  # a batch from this source came through the rules
         self.idle = asyncio.Event()
         self.idle.set()
         self.written = 0
@@ -81,6 +86,12 @@ class PlcAckWriter:
             self._sources[source.name] = state
             for tag in owned:
                 self._owner[tag] = state
+        self._last_seen: dict[str, Reading | None] = {}
+        self._arrived: dict[str, float] = {}  # trigger tag -> when a reading of it last came in (Unix time)
+        self._triggers_of: dict[str, list[str]] = {
+            name: sorted({self._triggers[tag] for tag, owner in self._owner.items() if owner is state})
+            for name, state in self._sources.items()
+        }
         self.on_written: Callable[[str, int], None] | None = None
         """Called with (source name, attempts) after each written ack (metrics, tests)."""
 
@@ -108,6 +119,20 @@ class PlcAckWriter:
             queue.append(_Ack(tag, committed, trigger, reading))
             state.idle.clear()
             state.wake.set()
+
+    def observe(self, source: str) -> None:
+        """After the rules took a batch of ``source``: note which trigger tags got a reading."""
+        triggers = self._triggers_of.get(source)
+        if not triggers:
+            return
+        current, last_seen = self._current, self._last_seen
+        now = time.time()
+        for tag in triggers:
+            reading = current.get(tag)
+            if reading is not last_seen.get(tag):
+                last_seen[tag] = reading
+                self._arrived[tag] = now
+        self._sources[source].seen.set()
 
     def pending(self, source: str | None = None) -> int:
         if source is not None:
@@ -166,6 +191,15 @@ class PlcAckWriter:
         then = ack.trigger_reading
         return bool(now.value != then.value or now.time != then.time)
 
+    def _fresh(self, source: Source, ack: _Ack) -> bool:
+        """Connected, and the trigger's value came in after the (re)connect: ``_moved_on`` can be trusted."""
+        status = source.status
+        if status.state != "connected":
+            return False
+        if ack.trigger is None:
+            return True
+        return self._arrived.get(ack.trigger, 0.0) >= status.since
+
     async def _write(self, state: _SourceAcks, ack: _Ack) -> None:
         source = state.source
         backoff = Backoff(base=0.1, cap=self._retry_cap)
@@ -185,6 +219,12 @@ class PlcAckWriter:
                     },
                 )
                 return
+            if first_error is not None and not self._fresh(source, ack):
+                # Not connected, or nothing heard of the trigger since the reconnect: wait for news.
+                state.seen.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.seen.wait(), 1.0)
+                continue
             ack.attempts += 1
             try:
                 await source.write(ack.tag, True)
