@@ -348,6 +348,7 @@ class OpcUaSource:
         self._acks: list[ua.SubscriptionAcknowledgement] = []  # committed, to send with the next Publish
         self._taken: _Subscription | None = None  # the subscription to take over / in use
         self._state_loaded = False
+        self._state_task: asyncio.Task[None] | None = None
         self._state_errors = 0
         self._fallback_logged = False
         self._decoder_logged = False
@@ -445,6 +446,7 @@ class OpcUaSource:
                 publisher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await publisher
+                await self._state_saved()
         finally:
             self._client = None
             await self._close(client, polite=not self._lost.is_set())
@@ -547,8 +549,7 @@ class OpcUaSource:
             return None
 
     async def _save_state(self, output: ReadingSink, subscription: _Subscription | None) -> None:
-        """Keep what the next session or start needs to take ``subscription`` over (after a commit)."""
-        self._taken = subscription
+        """Keep what the next start needs to take ``subscription`` over (after a commit)."""
         try:
             await output.save_state(_STATE_KEY, subscription.to_json() if subscription is not None else None)
         except asyncio.CancelledError:
@@ -574,7 +575,8 @@ class OpcUaSource:
         log = {"source": self.name, "subscription_id": previous.subscription_id}
         if previous.fingerprint != self._fingerprint():
             logger.info("OPC UA tags changed since the last subscription; not taking it over", extra=log)
-            await self._save_state(output, None)
+            self._save_state_soon(output, None)
+            await self._state_saved()
             return None
         try:
             results = await client.uaclient.transfer_subscriptions(
@@ -598,7 +600,8 @@ class OpcUaSource:
                 )
             else:
                 logger.info("OPC UA subscription not transferred", extra={**log, "error": status.name})
-            await self._save_state(output, None)
+            self._save_state_soon(output, None)
+            await self._state_saved()
             return None
         subscription = dataclasses.replace(previous)
         self.transfers += 1
@@ -630,7 +633,8 @@ class OpcUaSource:
             "OPC UA subscription taken over",
             extra={**log, "available": len(available), "republished": republished},
         )
-        await self._save_state(output, subscription)
+        self._save_state_soon(output, subscription)
+        await self._state_saved()
         return subscription
 
     async def _subscribe(self, client: Client, output: ReadingSink) -> _Subscription:
@@ -654,7 +658,8 @@ class OpcUaSource:
         )
         self._acks = []
         self.status.info.setdefault("subscription", "new")
-        await self._save_state(output, subscription)
+        self._save_state_soon(output, subscription)
+        await self._state_saved()
         return subscription
 
     async def _resolve_all(self, client: Client) -> None:
@@ -767,7 +772,31 @@ class OpcUaSource:
         self._acks.append(ua.SubscriptionAcknowledgement(subscription.subscription_id, message.SequenceNumber))
         if _after(message.SequenceNumber, subscription.committed):
             subscription.committed = int(message.SequenceNumber)
-        await self._save_state(output, subscription)
+        self._save_state_soon(output, subscription)
+
+    def _save_state_soon(self, output: ReadingSink, subscription: _Subscription | None) -> None:
+        """Save the committed sequence number without holding up the next Publish (one save at a time, in order).
+
+        It only keeps a restart from fetching again the one batch whose acknowledgement
+        had not reached the server yet, so it need not delay the acknowledgement.
+        """
+        self._taken = subscription  # what the next session of this run takes over
+        previous = self._state_task
+        snapshot = dataclasses.replace(subscription, monitored=list(subscription.monitored)) if subscription else None
+
+        async def save() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await self._save_state(output, snapshot)
+
+        self._state_task = asyncio.create_task(save(), name=f"opcua-state-{self.name}")
+
+    async def _state_saved(self) -> None:
+        """Wait (bounded) for the last scheduled state save, e.g. before the session closes."""
+        task, self._state_task = self._state_task, None
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), self.config.timeout)
 
     async def _watch(self, client: Client, output: ReadingSink, subscription: _Subscription) -> None:
         """Wait for the connection to end; meanwhile retry refused nodes and check keep-alives.
@@ -790,7 +819,7 @@ class OpcUaSource:
                 refused = await self._monitor(client, subscription.subscription_id, pending, retry=True)
                 if len(refused) < len(pending):
                     subscription.monitored = sorted(set(subscription.monitored) | (set(pending) - set(refused)))
-                    await self._save_state(output, subscription)
+                    self._save_state_soon(output, subscription)
                 retry_at = now + self.config.bad_node_retry
             wake = self._last_publish + keepalive_timeout if not self._publishing else now + keepalive_timeout
             if pending:

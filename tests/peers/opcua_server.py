@@ -136,7 +136,7 @@ async def node_server() -> AsyncIterator[NodeOpcUaServer]:
     missing = node_opcua_missing()
     if missing:
         pytest.skip(missing)
-    server = NodeOpcUaServer()
+    server = NodeOpcUaServer(period_ms=250)
     try:
         await server.start()
         yield server
