@@ -668,7 +668,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("mqtt socket callbacks (PUBACKs, writes)", ("_Connection._on_readable", "_Connection._on_writable", "_on_misc")),
     ("delivery loop (buffer read, settle, metrics)", ("_deliver_loop",)),
     ("buffer commit loop (event loop side)", ("_commit_loop", "Buffer.maintain")),
-    ("opcua source callback (readings)", ("_publish_callback",)),
+    ("opcua source callback (readings)", ("_publish_loop", "_readings_of")),
     ("asyncua client (receive, decode, session)", ("asyncua",)),
     ("sqlite (aiosqlite worker thread executing SQL)", ("_connection_worker_thread",)),
     ("http server", ("aiohttp/web", "aiohttp/_http", "agent/http_server")),
