@@ -220,13 +220,18 @@ async def open_admin(
     """A ``BufferAdmin`` on a stopped agent's buffer file (``BufferLocked`` if an agent has it open).
 
     The buffer is configured with ``sinks`` as the agent would be at its next start
-    (cursors of sinks and lanes no longer configured become orphaned).
+    (cursors of sinks and lanes no longer configured become orphaned, a new sink's
+    cursor starts at the head).
     """
     if not await asyncio.to_thread(path.exists):
         raise FileNotFoundError(path)
     buffer = Buffer(path, sinks=sinks, **options)
     await buffer.open()
     try:
+        for name, lanes in (sinks or {}).items():
+            # As the agent does at start: a sink new to this file starts at the head, so it must be
+            # there before a replay, or it would start past what the replay puts in.
+            buffer.cursor(name, lanes)
         yield BufferAdmin(buffer, sinks=sinks, remap=remap)
     finally:
         await buffer.close()
