@@ -177,7 +177,8 @@ class Agent:
                 for name in self.acks.source_names
             ]
             helpers.append(start("maintenance", "agent", "agent", self._maintenance))
-            helpers.append(group.create_task(systemd.watchdog_loop(self._stopping), name="watchdog"))
+            watchdog = functools.partial(systemd.watchdog_loop, self._stopping)
+            helpers.append(start("watchdog", "agent", "agent", watchdog))
             self.state = "running"
             self._started.set()
             _settle_memory()

@@ -85,7 +85,10 @@ async def supervise(
                 else:
                     status.last_error = f"{health.name} crashed: {error}"
             if on_restart is not None:
-                on_restart()
+                try:
+                    on_restart()
+                except Exception:  # counting must never be what stops the restart
+                    log.exception("Could not count a task restart", extra={"task": health.name})
             extra = {
                 "task": health.name,
                 "component": health.component,
