@@ -391,6 +391,9 @@ async def test_username_and_password_file(
         broker.url, connected=False, username="plant", password_file=Path("wrong"), client_id="plantgate-wrong"
     )
     await wait_for(lambda: refused.status.state == "unauthorized")
+    # Refused credentials do not fix themselves: the next attempt (and the retry hint) is 15-30 s away.
+    (outcome,) = await refused.deliver(make_batch(1))
+    assert isinstance(outcome, RetryLater) and outcome.after is not None and 14 < outcome.after <= 31
     assert "Bad user name or password" in (refused.status.last_error or "") or "Not authorized" in (
         refused.status.last_error or ""
     )

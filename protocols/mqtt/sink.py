@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -81,6 +82,8 @@ _OFFLINE_ACK_WAIT = 2.0
 _CLOSE_WAIT = 1.0
 # The retry hint while disconnected: time until the next attempt plus this (the connect itself).
 _CONNECT_GRACE = 0.25
+# After the broker refused our credentials: the next attempt within 15-30 s, not the usual cap.
+_REFUSED_WAIT = 30.0
 # While an attempt is under way (TCP, TLS, CONNACK), the agent asks again after this long.
 _CONNECTING_RETRY = 0.5
 # paho's queue of unacknowledged QoS 1 messages may hold this many beyond the window
@@ -197,7 +200,7 @@ class MqttSink:
                 except _ConnectFailed as exc:
                     self.failed_attempts += 1
                     self._connect_failed(exc)
-                    await self._pause(backoff)
+                    await self._pause(backoff, refused=exc.unauthorized)
                     continue
                 self.failed_attempts = 0
                 connected_at = time.monotonic()
@@ -223,9 +226,13 @@ class MqttSink:
         finally:
             self.status.set_state("stopped")
 
-    async def _pause(self, backoff: Backoff) -> None:
-        """The jittered wait before the next attempt; its end is the retry hint ``deliver`` gives."""
-        delay = backoff.next_delay()
+    async def _pause(self, backoff: Backoff, *, refused: bool = False) -> None:
+        """The jittered wait before the next attempt; its end is the retry hint ``deliver`` gives.
+
+        After a refusal of the credentials the wait is far longer (15-30 s): they will not fix
+        themselves within seconds, and a broker may lock out a client that keeps failing.
+        """
+        delay = random.uniform(0.5, 1.0) * _REFUSED_WAIT if refused else backoff.next_delay()
         self._next_attempt = time.monotonic() + delay
         await asyncio.sleep(delay)
 
@@ -255,7 +262,7 @@ class MqttSink:
         wait = self._next_attempt - time.monotonic()
         if wait <= 0:  # an attempt is under way (or about to start)
             return _CONNECTING_RETRY
-        return round(min(wait, self.config.reconnect_max_backoff) + _CONNECT_GRACE, 3)
+        return round(wait + _CONNECT_GRACE, 3)
 
     # --- connection management ------------------------------------------------------------------------
 
