@@ -1,9 +1,9 @@
 """The MQTT sink (``MqttSink``), built by ``protocols.mqtt.MqttSinkConfig``; the wire mapping is there.
 
 How paho is driven: paho-mqtt's public API only, no network thread. paho's
-documented external-loop integration (``on_socket_close`` / ``on_socket_register_write``
-/ ``on_socket_unregister_write`` with ``loop_read()``, ``loop_write()`` and a periodic
-``loop_misc()``) is wired to the asyncio loop: the
+documented external-loop integration (``on_socket_close``,
+``on_socket_register_write`` and ``on_socket_unregister_write`` with ``loop_read()``,
+``loop_write()`` and a periodic ``loop_misc()``) is wired to the asyncio loop: the
 socket is watched with ``add_reader``, and with ``add_writer`` only while paho has
 bytes queued. So PUBACKs are handled on the loop thread: one readable event runs
 ``loop_read()``, which reads every packet the socket holds and calls ``on_publish``
@@ -25,9 +25,9 @@ written with TCP_CORK set (Linux), so its publishes leave in full segments inste
 one segment per ``send()``; uncorking pushes them at once.
 
 Cost: paho's ``publish()`` and its PUBACK handling (three ``recv()`` calls, a
-``Properties`` and a ``ReasonCode`` per 4-byte packet) take 35-40 us of CPU per event,
-so one core acknowledges about 25k events/s; on the 2-core bench machine, shared with
-mosquitto and a subscriber, the backlog drain runs at 15-20k events/s.
+``Properties`` and a ``ReasonCode`` per 4-byte packet) take 30-40 us of CPU per event,
+so the sink alone on a free core acknowledges 21-28k events/s (the backlog drain
+bench shares two cores with mosquitto, the subscriber and SQLite; see bench/README.md).
 
 Duplicates: every connection uses a fresh paho ``Client`` with a clean session.
 What was in flight when a connection dropped is reported for retry and published
