@@ -337,8 +337,8 @@ class Buffer:
         self.commit_retry_interval = commit_retry_interval
         self._db: aiosqlite.Connection | None = None  # the writer: only the commit loop uses it after open
         self._reader: aiosqlite.Connection | None = None  # read-only: sees committed data only
-        self._readonly = False
         self._lock_fd: int | None = None
+        self._page_limit: int | None = None  # set_max_page_count
         self._seq = 0
         self._pending = _Pending()
         self._wake = asyncio.Event()  # something to commit
@@ -389,7 +389,6 @@ class Buffer:
         Otherwise the file is locked for this process; ``BufferLocked`` says another
         one (a running agent) has it.
         """
-        self._readonly = readonly
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(self.path)
@@ -709,8 +708,6 @@ class Buffer:
         async with db.execute(f"PRAGMA max_page_count={int(pages)}") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else pages
-
-    _page_limit: int | None = None
 
     def append(self, events: Sequence[CloudEvent], dead_letters: Sequence[DeadLetter] = ()) -> asyncio.Future[None]:
         """Queue events (and dead letters made before any sink) for the next commit.
