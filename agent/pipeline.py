@@ -22,6 +22,7 @@ from typing import Any
 
 from agent import __version__, systemd
 from agent.backoff import Backoff
+from agent.buffer_api import buffer_routes
 from agent.events import (
     AgentStarted,
     BufferQuarantined,
@@ -80,6 +81,7 @@ class Agent:
             telemetry_max_rows=settings.buffer.telemetry_max_rows,
             max_size_mb=settings.buffer.max_size_mb,
             synchronous=settings.buffer.synchronous,
+            sinks={sink.name: sink.lanes for sink in self.sinks},
         )
         self.metrics = Metrics(
             sources=[s.name for s in self.sources] + [AGENT_SOURCE],
@@ -89,7 +91,14 @@ class Agent:
             version=__version__,
         )
         self.http = (
-            HttpServer(settings.http.listen, self, max_body_bytes=settings.http.max_body_bytes) if serve_http else None
+            HttpServer(
+                settings.http.listen,
+                self,
+                max_body_bytes=settings.http.max_body_bytes,
+                routes=buffer_routes(settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks}),
+            )
+            if serve_http
+            else None
         )
         self.drain_timeout = drain_timeout
         self.batch_max = batch_max
@@ -243,20 +252,32 @@ class Agent:
                 ),
             )
         ]
-        quarantined = self.buffer.quarantined
-        if quarantined is not None:
-            events.append(
-                make_event(
-                    "agent.buffer.quarantined",
-                    id=stable_id(uri, "quarantined", quarantined["moved_to"]),
-                    source=uri,
-                    time=now,
-                    site=agent.site,
-                    subject=agent.id,
-                    data=BufferQuarantined(**quarantined),
-                )
-            )
+        if self.buffer.quarantined is not None:
+            events.append(self._quarantine_event(self.buffer.quarantined, now))
         self.accept(AGENT_SOURCE, RuleOutput(events=events))
+
+    def _quarantine_event(self, quarantined: dict[str, Any], now: datetime) -> CloudEvent:
+        agent = self.settings.agent
+        uri = self.rules.source_uri(AGENT_SOURCE)
+        return make_event(
+            "agent.buffer.quarantined",
+            id=stable_id(uri, "quarantined", quarantined["moved_to"]),
+            source=uri,
+            time=now,
+            site=agent.site,
+            subject=agent.id,
+            data=BufferQuarantined(**quarantined),
+        )
+
+    def _report_quarantines(self) -> None:
+        """A buffer file found corrupt while running was moved aside: say so, as at start."""
+        buffer = self.buffer
+        if not buffer.on_quarantine.is_set():
+            return
+        buffer.on_quarantine.clear()
+        found, buffer.quarantines = buffer.quarantines, []
+        now = utc_now()
+        self.accept(AGENT_SOURCE, RuleOutput(events=[self._quarantine_event(info, now) for info in found]))
 
     # --- ingest ---------------------------------------------------------------------------------
 
@@ -351,6 +372,7 @@ class Agent:
             await asyncio.sleep(1.0)
             tick += 1
             await self.buffer.maintain()
+            self._report_quarantines()
             self._report_evictions()
             if self.rules.aggregating:
                 out = self.rules.flush_due(utc_now())

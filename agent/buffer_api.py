@@ -1,0 +1,67 @@
+"""The running agent's buffer admin endpoints: what ``plantgate buffer`` asks a live agent.
+
+``GET /v1/buffer/stats``, ``GET /v1/buffer/dead-letters``, ``POST /v1/buffer/replay``
+and ``POST /v1/buffer/purge`` run the same ``BufferAdmin`` the CLI runs on a stopped
+agent's file, here on the agent's open buffer, so sequence numbers, cursors and the
+dedupe set stay consistent.
+
+Access: with ``[http].ingest_token_file`` every endpoint needs that bearer token.
+Without one they answer only on a loopback listen address (the CLI on the same host);
+on any other address they refuse with 403 rather than let anyone purge the backlog.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+
+from aiohttp import web
+
+from agent.events import Lane
+from agent.http_server import check_bearer, json_response, parse_listen, read_token_file
+from agent.rules import map_event
+from agent.settings import Settings
+from buffer import Buffer
+from buffer.admin import BufferAdmin
+
+log = logging.getLogger(__name__)
+
+PATHS = ("/v1/buffer/stats", "/v1/buffer/dead-letters", "/v1/buffer/replay", "/v1/buffer/purge")
+
+
+def buffer_routes(settings: Settings, buffer: Buffer, sinks: Mapping[str, Iterable[Lane]]) -> list[web.RouteDef]:
+    """The four admin routes on ``buffer`` for the configured ``sinks`` (name -> lanes)."""
+    admin = BufferAdmin(buffer, sinks=sinks, remap=functools.partial(map_event, settings.mappings))
+    token_file = settings.http.ingest_token_file
+    token = read_token_file(settings.data_path(token_file)) if token_file is not None else None
+    loopback = _is_loopback(settings.http.listen)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if token is not None:
+            check_bearer(request, token)
+        elif not loopback:
+            return json_response(
+                {"error": "buffer administration needs [http].ingest_token_file on a non-loopback listen address"},
+                status=403,
+            )
+        status, answer = await admin.handle(request.method, request.path, request.query, await request.read())
+        if request.method == "POST" and status == 200:
+            log.warning(
+                "Buffer changed by an operator",
+                extra={"path": request.path, "remote": request.remote, "result": answer},
+            )
+        return json_response(answer, status=status)
+
+    return [web.route("*", path, handle) for path in PATHS]
+
+
+def _is_loopback(listen: str) -> bool:
+    host, _ = parse_listen(listen)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
