@@ -390,26 +390,13 @@ class Rules:
                 event.source = uri
             event.site = self.site
             if isinstance(event.data, dict):
-                mapped = dict(event.data)
-                problems = self.map_data(mapped)
-                if problems:
-                    out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
+                try:
+                    event.data = map_event(self.mappings, {"data": event.data})["data"]
+                except ValueError as exc:
+                    out.dead_letters.append(_dead_letter(event, str(exc)))
                     continue
-                event.data = mapped
             out.events.append(event)
         return out
-
-    def map_data(self, data: dict[str, Any]) -> list[str]:
-        """Map item codes and units of an event's ``data`` in place; return what cannot be mapped.
-
-        Used for rule output, for events sources hand over, and for the replay of
-        dead letters (which carry their data as decoded JSON).
-        """
-        problems = self._map(data)
-        for key, value in data.items():
-            if isinstance(value, dict) and set(value) == {"value", "uom"} and isinstance(value["uom"], str):
-                data[key] = {"value": value["value"], "uom": self.mappings.uom.get(value["uom"], value["uom"])}
-        return problems
 
     def _map(self, data: dict[str, Any]) -> list[str]:
         """Map item codes and units in place; return what cannot be mapped."""
