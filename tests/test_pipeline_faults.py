@@ -118,20 +118,37 @@ async def running(agent: Agent, *, connected: tuple[str, ...] = ()) -> AsyncIter
 # --- the PLC handshake survives a full disk --------------------------------------------------------
 
 
+class SmallDisk:
+    """A 32 MB tmpfs for the data dir, filled up with a file and freed again: a real full disk.
+
+    32 MB leaves the WAL room to grow between checkpoints once the file is gone.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.filler = root / "filler"
+
+    async def fill(self) -> None:
+        await asyncio.to_thread(fill, self.filler)
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 8 MB tmpfs for the data dir (we run as root in CI); skipped where mounting is not allowed."""
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """Needs mount(8) and root (CI runs the suite as root in its container); skipped elsewhere."""
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("needs root and mount(8) for a real small filesystem")
+        pytest.skip("a real full disk needs root and mount(8) for a small tmpfs")
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mountpoint)], capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
     try:
-        yield mountpoint
+        yield SmallDisk(mountpoint)
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
@@ -150,16 +167,15 @@ def fill(path: Path) -> None:
 
 
 async def test_plc_handshake_comes_back_after_a_full_disk(
-    tmp_path: Path, small_disk: Path, press_server: PressSimulator
+    tmp_path: Path, small_disk: SmallDisk, press_server: PressSimulator
 ) -> None:
-    settings = agent_config(small_disk / "data", {"press7": press_server.endpoint}, tmp_path / "events.jsonl")
+    settings = agent_config(small_disk.root / "data", {"press7": press_server.endpoint}, tmp_path / "events.jsonl")
     agent = Agent(settings)
     async with running(agent, connected=("press7",)):
         for n in range(3):
             assert await press_server.complete_cycle(f"WO-A{n}", "FILL-500", 10, wait_ack=10.0)
-        filler = small_disk / "filler"
-        await asyncio.to_thread(fill, filler)
-        # Telemetry keeps the buffer writing: the next commit hits ENOSPC for real.
+        await small_disk.fill()
+        # Telemetry keeps the buffer writing: the next commit hits the full disk for real.
         temperature = 20.0
 
         async def refusing() -> bool:
@@ -174,7 +190,7 @@ async def test_plc_handshake_comes_back_after_a_full_disk(
         # Cycles while the disk is full are not committed, so the PLC gets no ack for them.
         full_cycles = [await press_server.complete_cycle(f"WO-F{n}", "FILL-500", 5, wait_ack=0.5) for n in range(20)]
         assert not any(full_cycles)
-        filler.unlink()
+        small_disk.free()
         await wait_for(lambda: agent.buffer.refusing_writes is None, timeout=20)
         await wait_for(lambda: agent.readiness()[0], timeout=5)
         # Space is back: every later cycle is acknowledged again, without a restart.
@@ -182,6 +198,7 @@ async def test_plc_handshake_comes_back_after_a_full_disk(
             acked = await press_server.complete_cycle(f"WO-B{n}", "FILL-500", 20 + n, wait_ack=10.0)
             assert acked, f"cycle WO-B{n} after the disk had room again was not acknowledged"
         await wait_for(lambda: "WO-B4" in subjects_of(tmp_path / "events.jsonl"), timeout=10)
+        assert agent.status()["tasks"]["plc-acks-press7"]["restarts"] == 0
     subjects = subjects_of(tmp_path / "events.jsonl")
     assert {f"WO-A{n}" for n in range(3)} | {f"WO-B{n}" for n in range(5)} <= subjects
     assert agent.acks.status()["press7"]["pending"] == 0
