@@ -35,7 +35,7 @@ from agent.events import (
     utc_now,
 )
 from agent.http_server import HttpServer
-from agent.metrics import Metrics
+from agent.metrics import Component, Metrics
 from agent.plc_acks import PlcAckWriter
 from agent.registry import build_sinks, build_sources
 from agent.rules import RuleOutput, Rules
@@ -452,10 +452,16 @@ class Agent:
         )
         self.metrics.set_buffer_size(self.buffer.size_bytes)
         self.metrics.set_refusing_writes(self.buffer.refusing_writes is not None)
-        for source in self.sources:
-            self.metrics.set_connection("source", source.name, source.status.state == "connected")
-        for sink in self.sinks:
-            self.metrics.set_connection("sink", sink.name, sink.status.state == "connected")
+        components: list[tuple[Component, Source | Sink]] = [
+            *(("source", source) for source in self.sources),
+            *(("sink", sink) for sink in self.sinks),
+        ]
+        for component, item in components:
+            self.metrics.set_connection(component, item.name, item.status.state == "connected")
+            # A speedup in use (or its fallback) is visible to monitoring, not only in /status.
+            path = item.status.info.get("decoder")
+            if path is not None:
+                self.metrics.set_component_path(component, item.name, path)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """503 while starting, stopping or refusing writes; else 200 listing what is degraded."""
@@ -552,21 +558,26 @@ class _SourceInlet:
         return await self._agent.buffer.load_state(f"source/{self._name}/{key}")
 
     async def save_state(self, key: str, value: str | None) -> None:
-        await self._committed(self._agent.buffer.save_state(f"source/{self._name}/{key}", value))
+        try:
+            await asyncio.shield(self._agent.buffer.save_state(f"source/{self._name}/{key}", value))
+        except BufferError as exc:
+            raise BufferUnavailable(str(exc)) from exc
 
     async def _writable(self) -> None:
         try:
             await self._agent.buffer.wait_writable()
         except BufferError as exc:
+            self._agent.metrics.source_batch_retried(self._name)
             raise BufferUnavailable(str(exc)) from exc
 
-    @staticmethod
-    async def _committed(future: asyncio.Future[None] | None) -> None:
+    async def _committed(self, future: asyncio.Future[None] | None) -> None:
         if future is None:
             return
         try:
             await asyncio.shield(future)
         except BufferError as exc:
+            # The source keeps the batch (an OPC UA server its notifications) and offers it again.
+            self._agent.metrics.source_batch_retried(self._name)
             raise BufferUnavailable(str(exc)) from exc
 
 

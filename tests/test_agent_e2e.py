@@ -351,6 +351,12 @@ async def test_ready_with_every_sink_down_and_status_names_everything(
                 "plantgate_dead_letters_total{",
             ):
                 assert name in metrics, name
+            # The OPC UA decoder in use is visible in /status and in the metrics alike.
+            await wait_for(lambda: "decoder" in agent.sources[0].status.info, timeout=10)
+            decoder = (await client.get("/status")).json()["sources"]["press7"]["info"]["decoder"]
+            assert decoder in ("fast", "asyncua")
+            metrics = (await client.get("/metrics")).text
+            assert f'plantgate_component_info{{component="source",name="press7",path="{decoder}"}} 1.0' in metrics
             assert (await client.get("/healthz")).status_code == 200
 
 
