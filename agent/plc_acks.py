@@ -9,9 +9,12 @@ of the cycle changed since (it fell, or a later cycle rose). A stale ack written
 after that could be taken by the PLC for its next cycle, so it is abandoned.
 Either way it is logged. Acks of one source are written in cycle order.
 
-A retry is only written while the source is connected and once the trigger's
-value was received again after the source (re)connected: what the agent knew
-before a reconnect may be old, and the PLC may have moved on meanwhile.
+A retry is only written while the source is connected and once news came in
+from it after it (re)connected (the trigger's value again, or any batch: a
+subscription delivers in order, so a later batch means an earlier change of the
+trigger would have been seen): what the agent knew before a reconnect may be
+old, and the PLC may have moved on meanwhile. A source that connects but delivers
+nothing (a dead subscription) gets no ack that could belong to a past cycle.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class _SourceAcks:
         self.queue: collections.deque[_Ack] = collections.deque()
         self.wake = asyncio.Event()
         self.seen = asyncio.Event()  # a batch from this source came through the rules
+        self.batch_at = 0.0  # when (Unix time)
         self.idle = asyncio.Event()
         self.idle.set()
         self.written = 0
@@ -121,12 +125,13 @@ class PlcAckWriter:
             state.wake.set()
 
     def observe(self, source: str) -> None:
-        """After the rules took a batch of ``source``: note which trigger tags got a reading."""
+        """After the rules took a batch of ``source``: note that it came, and which trigger tags got a reading."""
         triggers = self._triggers_of.get(source)
         if not triggers:
             return
         current, last_seen = self._current, self._last_seen
         now = time.time()
+        self._sources[source].batch_at = now
         for tag in triggers:
             reading = current.get(tag)
             if reading is not last_seen.get(tag):
@@ -191,14 +196,14 @@ class PlcAckWriter:
         then = ack.trigger_reading
         return bool(now.value != then.value or now.time != then.time)
 
-    def _fresh(self, source: Source, ack: _Ack) -> bool:
-        """Connected, and the trigger's value came in after the (re)connect: ``_moved_on`` can be trusted."""
-        status = source.status
+    def _fresh(self, state: _SourceAcks, ack: _Ack) -> bool:
+        """Connected, and news came in after the (re)connect: ``_moved_on`` can be trusted."""
+        status = state.source.status
         if status.state != "connected":
             return False
         if ack.trigger is None:
             return True
-        return self._arrived.get(ack.trigger, 0.0) >= status.since
+        return max(self._arrived.get(ack.trigger, 0.0), state.batch_at) >= status.since
 
     async def _write(self, state: _SourceAcks, ack: _Ack) -> None:
         source = state.source
@@ -219,7 +224,7 @@ class PlcAckWriter:
                     },
                 )
                 return
-            if first_error is not None and not self._fresh(source, ack):
+            if first_error is not None and not self._fresh(state, ack):
                 # Not connected, or nothing heard of the trigger since the reconnect: wait for news.
                 state.seen.clear()
                 with contextlib.suppress(TimeoutError):
