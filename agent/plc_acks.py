@@ -175,13 +175,19 @@ class PlcAckWriter:
         try:
             # Shielded: cancelling this writer must not cancel the buffer's commit future.
             await asyncio.shield(ack.committed)
+            error = None
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if not ack.committed.cancelled() or (task is not None and task.cancelling()):
+                raise  # this writer is being stopped
+            error = "commit cancelled"
         except Exception as exc:
+            error = str(exc)
+        if error is not None:
             state.abandoned += 1
             log.error(
                 "Cycle not committed; PLC ack withheld",
-                extra={"source": state.source.name, "tag": ack.tag, "error": str(exc)},
+                extra={"source": state.source.name, "tag": ack.tag, "error": error},
             )
             return
         await self._write(state, ack)

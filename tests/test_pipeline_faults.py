@@ -23,10 +23,12 @@ from agent.backoff import Backoff
 from agent.events import LANES, Lane
 from agent.health import ComponentStatus
 from agent.pipeline import Agent
+from agent.plc_acks import PlcAckWriter
 from agent.settings import Settings, parse_settings
 from agent.simulator import PressSimulator
 from agent.sink import ACKED, BufferedEvent, Outcome
 from agent.supervision import TaskHealth, supervise
+from buffer import BufferError
 from tests.peers.waiting import wait_for
 
 PRESS_TAGS = """
@@ -135,7 +137,7 @@ class SmallDisk:
         await asyncio.to_thread(fill, self.filler)
 
     def free(self) -> None:
-        self.filler.unlink()
+        self.filler.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -150,9 +152,11 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    disk = SmallDisk(mountpoint)
     try:
-        yield SmallDisk(mountpoint)
+        yield disk
     finally:
+        disk.free()
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
@@ -174,7 +178,9 @@ async def test_plc_handshake_comes_back_after_a_full_disk(
 ) -> None:
     settings = agent_config(small_disk.root / "data", {"press7": press_server.endpoint}, tmp_path / "events.jsonl")
     agent = Agent(settings)
-    async with running(agent, connected=("press7",)):
+    async with running(agent, connected=("press7",)), contextlib.AsyncExitStack() as cleanup:
+        # Whatever fails below, the disk has room again before the agent stops (else its close fails too).
+        cleanup.callback(small_disk.free)
         for n in range(3):
             assert await press_server.complete_cycle(f"WO-A{n}", "FILL-500", 10, wait_ack=10.0)
         await small_disk.fill()
@@ -190,9 +196,10 @@ async def test_plc_handshake_comes_back_after_a_full_disk(
         await wait_for(refusing, timeout=20, interval=0.1)
         ready, _ = agent.readiness()
         assert not ready
-        # Cycles while the disk is full are not committed, so the PLC gets no ack for them.
-        full_cycles = [await press_server.complete_cycle(f"WO-F{n}", "FILL-500", 5, wait_ack=0.5) for n in range(20)]
-        assert not any(full_cycles)
+        # Cycles while the disk is full: a cycle is acknowledged only if its commit made it (SQLite may
+        # still fit a small commit into the WAL file's existing space); none is acknowledged uncommitted.
+        for n in range(20):
+            await press_server.complete_cycle(f"WO-F{n}", "FILL-500", 5, wait_ack=0.5)
         small_disk.free()
         await wait_for(lambda: agent.buffer.refusing_writes is None, timeout=20)
         await wait_for(lambda: agent.readiness()[0], timeout=5)
@@ -204,6 +211,8 @@ async def test_plc_handshake_comes_back_after_a_full_disk(
         assert agent.status()["tasks"]["plc-acks-press7"]["restarts"] == 0
     subjects = subjects_of(tmp_path / "events.jsonl")
     assert {f"WO-A{n}" for n in range(3)} | {f"WO-B{n}" for n in range(5)} <= subjects
+    acknowledged = {cycle[0] for cycle in press_server.acknowledged}
+    assert acknowledged <= subjects, "every acknowledged cycle, also one during the full disk, was delivered"
     assert agent.acks.status()["press7"]["pending"] == 0
 
 
@@ -403,3 +412,57 @@ async def test_ack_is_retried_across_a_reconnect_until_written(tmp_path: Path, p
         status = agent.acks.status()["press7"]
         assert status["written"] >= 1 and status["abandoned"] == 0 and status["pending"] == 0
     assert [cycle[0] for cycle in press_server.acknowledged] == ["WO-R1"]
+
+
+class RecordingSource:
+    """A source of our own for the ack writer alone: records writes, fails the first ``failures``."""
+
+    def __init__(self, name: str, tags: Sequence[str], failures: int = 0) -> None:
+        self.name = name
+        self.status = ComponentStatus(name=name, kind="test")
+        self.status.set_state("connected")
+        self._tags = list(tags)
+        self.failures = failures
+        self.written: list[tuple[str, Any]] = []
+
+    def tags(self) -> Sequence[str]:
+        return self._tags
+
+    async def run(self, output: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def write(self, tag: str, value: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("a bug in the source's write")
+        self.written.append((tag, value))
+
+
+async def test_ack_writer_survives_failed_and_cancelled_commits_and_a_raising_write() -> None:
+    source = RecordingSource("p", ["p.done", "p.ack"], failures=1)
+    writer = PlcAckWriter([source], triggers={"p.ack": "p.done"}, current={})
+    task = asyncio.create_task(writer.run("p"))
+    try:
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[None] = loop.create_future()
+        failed.set_exception(BufferError("disk full while closing"))
+        cancelled: asyncio.Future[None] = loop.create_future()
+        cancelled.cancel()
+        committed: asyncio.Future[None] = loop.create_future()
+        writer.submit(failed, ["p.ack"])
+        writer.submit(cancelled, ["p.ack"])
+        writer.submit(committed, ["p.ack"])
+        await wait_for(lambda: writer.status()["p"]["abandoned"] == 2, timeout=5)
+        assert writer.pending("p") == 1, "the committed cycle's ack waits for its commit"
+        committed.set_result(None)
+        await wait_for(lambda: writer.status()["p"]["last_error"] is not None, timeout=5)
+        writer.observe("p")  # news from the source after the failed write: the retry may go
+        await wait_for(lambda: source.written == [("p.ack", True)], timeout=5)
+        assert writer.status()["p"] == {
+            "pending": 0, "written": 1, "abandoned": 2, "last_error": "RuntimeError: a bug in the source's write"
+        }
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
