@@ -59,10 +59,6 @@ class SourceOutput(Protocol):
         """Keep ``value`` under ``key`` (None removes it); returns once it is committed."""
 
 
-ReadingSink = SourceOutput
-"""Former name of ``SourceOutput``."""
-
-
 class BufferUnavailable(Exception):
     """What a source handed over could not be committed (disk full, corrupt buffer, stopping)."""
 

@@ -69,7 +69,7 @@ from agent.backoff import Backoff
 from agent.config_types import read_secret
 from agent.events import Quality, Reading
 from agent.health import ComponentStatus
-from agent.source import BufferUnavailable, ReadingSink, SourceError
+from agent.source import BufferUnavailable, SourceError, SourceOutput
 from protocols.opcua import OpcUaSourceConfig
 from protocols.opcua import publish as fast_publish
 from protocols.opcua.publish import FastDataChange, Item
@@ -359,7 +359,7 @@ class OpcUaSource:
 
     # --- run: connect, subscribe, reconnect -------------------------------------------------
 
-    async def run(self, output: ReadingSink) -> None:
+    async def run(self, output: SourceOutput) -> None:
         """Read until cancelled; reconnect with backoff whenever the server goes away."""
         _install_noise_filter()
         cap = self.config.reconnect_max_backoff
@@ -414,7 +414,7 @@ class OpcUaSource:
             self.status.set_state("stopped")
             raise
 
-    async def _session(self, output: ReadingSink, *, on_connected: Callable[[], None]) -> None:
+    async def _session(self, output: SourceOutput, *, on_connected: Callable[[], None]) -> None:
         """One connection: connect, take over or create the subscription, deliver until lost (raises)."""
         self._lost = asyncio.Event()
         self._lost_reason = ""
@@ -528,7 +528,7 @@ class OpcUaSource:
         what = [config.endpoint, self._nodes, config.queue_size, config.sampling_interval]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
-    async def _load_state(self, output: ReadingSink) -> _Subscription | None:
+    async def _load_state(self, output: SourceOutput) -> _Subscription | None:
         try:
             text = await output.load_state(_STATE_KEY)
         except Exception as exc:
@@ -547,7 +547,7 @@ class OpcUaSource:
             )
             return None
 
-    async def _save_state(self, output: ReadingSink, state: str | None) -> None:
+    async def _save_state(self, output: SourceOutput, state: str | None) -> None:
         """Keep what the next start needs to take the subscription over (``_Subscription.to_json``)."""
         try:
             await output.save_state(_STATE_KEY, state)
@@ -562,7 +562,7 @@ class OpcUaSource:
                     extra={"source": self.name, "error": _describe(exc), "failures": self._state_errors},
                 )
 
-    async def _take_over(self, client: Client, output: ReadingSink) -> _Subscription | None:
+    async def _take_over(self, client: Client, output: SourceOutput) -> _Subscription | None:
         """Transfer the previous session's subscription to this one, and republish what the server kept.
 
         Returns None (a new subscription is then created) when there is none, the config
@@ -636,7 +636,7 @@ class OpcUaSource:
         await self._state_saved()
         return subscription
 
-    async def _subscribe(self, client: Client, output: ReadingSink) -> _Subscription:
+    async def _subscribe(self, client: Client, output: SourceOutput) -> _Subscription:
         """A new subscription with a monitored item per tag (the ones the server refuses are retried)."""
         request = ua.CreateSubscriptionRequest()
         request.Parameters = self._subscription_parameters()
@@ -692,7 +692,7 @@ class OpcUaSource:
     async def _publish_loop(
         self,
         publish: Callable[[list[ua.SubscriptionAcknowledgement]], Awaitable[Any]],
-        output: ReadingSink,
+        output: SourceOutput,
         subscription: _Subscription,
     ) -> None:
         """Publish, commit, acknowledge in the next request; until the connection ends (then sets ``_lost``).
@@ -730,7 +730,9 @@ class OpcUaSource:
         except Exception as exc:
             self._connection_lost(f"publish failed ({_describe(exc)})")
 
-    async def _deliver(self, output: ReadingSink, subscription: _Subscription, message: ua.NotificationMessage) -> None:
+    async def _deliver(
+        self, output: SourceOutput, subscription: _Subscription, message: ua.NotificationMessage
+    ) -> None:
         """Commit one notification message as one batch (retrying until it is), then queue its acknowledgement."""
         self._publishing = True
         try:
@@ -773,7 +775,7 @@ class OpcUaSource:
             subscription.committed = int(message.SequenceNumber)
         self._save_state_soon(output, subscription)
 
-    def _save_state_soon(self, output: ReadingSink, subscription: _Subscription | None) -> None:
+    def _save_state_soon(self, output: SourceOutput, subscription: _Subscription | None) -> None:
         """Save the committed sequence number without holding up the next Publish (one save at a time, in order).
 
         It only keeps a restart from fetching again the one batch whose acknowledgement
@@ -797,7 +799,7 @@ class OpcUaSource:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), self.config.timeout)
 
-    async def _watch(self, client: Client, output: ReadingSink, subscription: _Subscription) -> None:
+    async def _watch(self, client: Client, output: SourceOutput, subscription: _Subscription) -> None:
         """Wait for the connection to end; meanwhile retry refused nodes and check keep-alives.
 
         Wakes only for a retry or a keep-alive deadline (seconds apart), never polls.
