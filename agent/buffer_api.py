@@ -17,7 +17,9 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 
-from aiohttp import web
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from agent.events import Lane
 from agent.http_server import check_bearer, json_response, parse_listen, read_token_file
@@ -31,14 +33,14 @@ log = logging.getLogger(__name__)
 PATHS = ("/v1/buffer/stats", "/v1/buffer/dead-letters", "/v1/buffer/replay", "/v1/buffer/purge")
 
 
-def buffer_routes(settings: Settings, buffer: Buffer, sinks: Mapping[str, Iterable[Lane]]) -> list[web.RouteDef]:
+def buffer_routes(settings: Settings, buffer: Buffer, sinks: Mapping[str, Iterable[Lane]]) -> list[Route]:
     """The four admin routes on ``buffer`` for the configured ``sinks`` (name -> lanes)."""
     admin = BufferAdmin(buffer, sinks=sinks, remap=functools.partial(map_event, settings.mappings))
     token_file = settings.http.ingest_token_file
     token = read_token_file(settings.data_path(token_file)) if token_file is not None else None
     loopback = _is_loopback(settings.http.listen)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: Request) -> Response:
         if token is not None:
             check_bearer(request, token)
         elif not loopback:
@@ -46,15 +48,15 @@ def buffer_routes(settings: Settings, buffer: Buffer, sinks: Mapping[str, Iterab
                 {"error": "buffer administration needs [http].ingest_token_file on a non-loopback listen address"},
                 status=403,
             )
-        status, answer = await admin.handle(request.method, request.path, request.query, await request.read())
+        path = request.url.path
+        status, answer = await admin.handle(request.method, path, request.query_params, await request.body())
         if request.method == "POST" and status == 200:
-            log.warning(
-                "Buffer changed by an operator",
-                extra={"path": request.path, "remote": request.remote, "result": answer},
-            )
+            remote = request.client.host if request.client is not None else None
+            log.warning("Buffer changed by an operator", extra={"path": path, "remote": remote, "result": answer})
         return json_response(answer, status=status)
 
-    return [web.route("*", path, handle) for path in PATHS]
+    # GET (and HEAD) and POST reach BufferAdmin, which answers 405 for the wrong one on a path.
+    return [Route(path, handle, methods=["GET", "POST"]) for path in PATHS]
 
 
 def _is_loopback(listen: str) -> bool:

@@ -1,28 +1,32 @@
 """The agent's HTTP surface: /healthz, /readyz, /metrics, /status, and the routes other modules add.
 
-An ``aiohttp.web`` application served from the agent's own event loop (no thread,
-no second loop) by an ``AppRunner`` and ``TCPSite``. The server has no periodic
-tick: nothing runs while no client is connected, which keeps the idle CPU near
-zero. The access log is off (monitoring scrapes every few seconds; an INFO line
-per scrape would drown the log).
+A Starlette application served by uvicorn (h11) from the agent's own event loop (no
+thread, no second loop). The agent binds the listening socket itself, so an unusable
+address fails ``start()`` at once, and runs uvicorn's ``startup()`` / ``main_loop()``
+/ ``shutdown()`` rather than ``serve()``: uvicorn installs no signal handler (the
+agent owns SIGTERM) and configures no logging. The access log is off (monitoring
+scrapes every few seconds; an INFO line per scrape would drown the log) and
+uvicorn's own loggers are held at WARNING.
 
-Other modules plug their endpoints in as aiohttp route definitions, before
-``start()``::
+Other modules plug their endpoints in as Starlette routes, before ``start()``::
 
-    server = HttpServer(listen, view, routes=[web.post("/v1/events", ingest)])
-    server.add_routes([web.get("/v1/buffer/stats", stats)])
+    server = HttpServer(listen, view, routes=[Route("/v1/events", ingest, methods=["POST"])])
+    server.add_routes([Route("/v1/buffer/stats", stats)])
 
-Request bodies are limited to ``max_body_bytes`` (aiohttp's ``client_max_size``):
-a handler reading a larger body gets ``413``. Errors (404, 405, 413, 500, and any
-``web.HTTPException`` a handler raises) are answered as JSON ``{"error": ...}``.
+A handler is ``async def handler(request: Request) -> Response``. Request bodies are
+limited to ``max_body_bytes``: a handler reading a body whose declared length is over
+it, or a streamed body growing past it, gets ``413``. Errors (404, 405, 413, 500, and
+any ``HTTPException`` a handler raises) are answered as JSON ``{"error", "detail"}``.
 ``require_bearer`` guards a handler with a bearer token read from a file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import wraps
 from http import HTTPStatus
@@ -30,7 +34,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
-from aiohttp import hdrs, web
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Message, Receive, Scope, Send
 
 from agent.metrics import Metrics
 
@@ -38,7 +49,13 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
+
+MAX_CONNECTIONS = 64
+"""Concurrent connections and requests served; beyond it uvicorn answers 503 at once."""
+
+KEEP_ALIVE_SECONDS = 5
+"""An idle keep-alive connection is closed after this long."""
 
 
 class AgentView(Protocol):
@@ -97,17 +114,17 @@ def parse_listen(listen: str) -> tuple[str, int]:
 # --- responses -------------------------------------------------------------------------------------------
 
 
-def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """``body`` as a JSON response.
 
     msgspec rather than json.dumps: it encodes the agent's Structs (ComponentStatus)
     and datetimes directly, and writes NaN/inf (an unknown drain time) as null where
     json.dumps(allow_nan=False) would fail the request.
     """
-    return web.Response(body=msgspec.json.encode(body), status=status, content_type=JSON, headers=headers)
+    return Response(msgspec.json.encode(body), status_code=status, headers=headers, media_type=JSON)
 
 
-def error_response(status: int, detail: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
+def error_response(status: int, detail: str | None = None, headers: Mapping[str, str] | None = None) -> Response:
     """``{"error": "<reason phrase, lower case>", "detail": ...}`` with ``status``."""
     try:
         phrase = HTTPStatus(status).phrase.lower()
@@ -119,23 +136,22 @@ def error_response(status: int, detail: str | None = None, headers: Mapping[str,
     return json_response(body, status, headers)
 
 
-_ENTITY_HEADERS = frozenset({hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.CONTENT_ENCODING})
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """HTTP errors as JSON; an exception escaping a handler is logged once and answered 500."""
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """An ``HTTPException`` (404, 405, 413, 401, or one a handler raised) as JSON."""
+    assert isinstance(exc, HTTPException)
     try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == JSON:
-            raise  # a redirect, or an error a handler already wrote as JSON
-        headers = {name: value for name, value in exc.headers.items() if name not in _ENTITY_HEADERS}
-        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}: ") else None
-        return error_response(exc.status, detail, headers)
-    except Exception:
-        log.exception("HTTP handler failed", extra={"method": request.method, "path": request.path})
-        return error_response(500)
+        default = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        default = ""
+    if exc.status_code < 400:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    detail = exc.detail if exc.detail and exc.detail != default else None
+    return error_response(exc.status_code, detail, exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """The 500 answer; nothing of the exception leaks (it is logged once, by the server)."""
+    return error_response(500)
 
 
 # --- bearer token -----------------------------------------------------------------------------------------
@@ -155,26 +171,26 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
-def bearer_token_matches(request: web.Request, token: str) -> bool | None:
+def bearer_token_matches(request: Request, token: str) -> bool | None:
     """Whether the request's ``Authorization: Bearer <token>`` is ``token``; None when it sends none.
 
     Compared in constant time (``hmac.compare_digest``), so the time taken tells
     nothing about how much of a guess was right.
     """
-    scheme, _, sent = request.headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
+    scheme, _, sent = request.headers.get("authorization", "").strip().partition(" ")
     if scheme.lower() != "bearer" or not sent.strip():
         return None
     return hmac.compare_digest(sent.strip().encode("utf-8"), token.encode("utf-8"))
 
 
-def check_bearer(request: web.Request, token: str) -> None:
-    """Raise ``web.HTTPUnauthorized`` (401, ``WWW-Authenticate: Bearer``) unless the request carries ``token``."""
+def check_bearer(request: Request, token: str) -> None:
+    """Raise ``HTTPException(401)`` (``WWW-Authenticate: Bearer``) unless the request carries ``token``."""
     matches = bearer_token_matches(request, token)
     if matches:
         return
     challenge = 'Bearer realm="plantgate"' if matches is None else 'Bearer realm="plantgate", error="invalid_token"'
     detail = "bearer token required" if matches is None else "invalid bearer token"
-    raise web.HTTPUnauthorized(headers={hdrs.WWW_AUTHENTICATE: challenge}, text=detail)
+    raise HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
 
 
 def require_bearer(token: str) -> Callable[[Handler], Handler]:
@@ -188,7 +204,7 @@ def require_bearer(token: str) -> Callable[[Handler], Handler]:
 
     def decorate(handler: Handler) -> Handler:
         @wraps(handler)
-        async def guarded(request: web.Request) -> web.StreamResponse:
+        async def guarded(request: Request) -> Response:
             check_bearer(request, token)
             return await handler(request)
 
@@ -200,35 +216,35 @@ def require_bearer(token: str) -> Callable[[Handler], Handler]:
 # --- the built-in endpoints -------------------------------------------------------------------------------
 
 
-def builtin_routes(view: AgentView) -> list[web.RouteDef]:
-    """The agent's own endpoints (GET, and HEAD through aiohttp). Every handler runs on the
+def builtin_routes(view: AgentView) -> list[Route]:
+    """The agent's own endpoints (GET, and HEAD through Starlette). Every handler runs on the
     event loop: the view is not thread-safe and must not need to be."""
 
-    async def healthz(request: web.Request) -> web.Response:
+    async def healthz(request: Request) -> Response:
         # Answering at all proves the process and its event loop are alive.
         return json_response({"status": "ok"})
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz(request: Request) -> Response:
         ready, body = view.readiness()
         return json_response(body, 200 if ready else 503)
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics(request: Request) -> Response:
         refresh = getattr(view, "refresh_metrics", None)
         if refresh is not None:
             result = refresh()
             if inspect.isawaitable(result):
                 await result
         body, content_type = view.metrics.render()
-        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+        return Response(body, headers={"Content-Type": content_type})
 
-    async def status(request: web.Request) -> web.Response:
+    async def status(request: Request) -> Response:
         return json_response(view.status())
 
     return [
-        web.get("/healthz", healthz),
-        web.get("/readyz", readyz),
-        web.get("/metrics", metrics),
-        web.get("/status", status),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/status", status),
     ]
 
 
@@ -241,11 +257,12 @@ class HttpServer:
     ``await start()`` binds and starts accepting (raises ``HttpListenError`` when
     the address is unusable); ``await stop()`` stops accepting, closes idle
     keep-alive connections, lets in-flight requests finish (at most
-    ``graceful_timeout`` seconds) and closes. Also an async context manager.
+    ``graceful_timeout`` seconds; one still running then is answered 503) and
+    closes. Also an async context manager.
 
-    ``routes`` (and ``add_routes()`` before ``start()``) take aiohttp route
-    definitions (``web.get(...)``, ``web.post(...)``, a ``web.RouteTableDef``):
-    this is where MES ingest and the buffer admin endpoints plug in.
+    ``routes`` (and ``add_routes()`` before ``start()``) take Starlette routes
+    (``Route(path, handler, methods=[...])``): this is where MES ingest and the
+    buffer admin endpoints plug in.
     """
 
     def __init__(
@@ -253,7 +270,7 @@ class HttpServer:
         listen: str,
         view: AgentView,
         *,
-        routes: Iterable[web.AbstractRouteDef] = (),
+        routes: Iterable[BaseRoute] = (),
         max_body_bytes: int = 1024 * 1024,
         graceful_timeout: float = 5.0,
     ) -> None:
@@ -263,64 +280,163 @@ class HttpServer:
         self.host, self._requested_port = parse_listen(listen)
         self.max_body_bytes = max_body_bytes
         self._graceful_timeout = graceful_timeout
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
-        """The aiohttp application: add routes (or ``on_shutdown`` hooks) before ``start()``."""
-        self.app.add_routes(builtin_routes(view))
-        self.app.add_routes(routes)
-        self._runner: web.AppRunner | None = None
-        self._addresses: list[Any] = []
+        self._routes: list[BaseRoute] = [*builtin_routes(view), *routes]
+        self._app: Starlette | None = None
+        self._server: uvicorn.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
+        self._requests: set[asyncio.Task[Any]] = set()
+        self._stopping = False
 
-    def add_routes(self, routes: Iterable[web.AbstractRouteDef]) -> None:
-        """Serve ``routes`` too; only before ``start()`` (aiohttp freezes the router then)."""
-        if self._runner is not None:
+    def add_routes(self, routes: Iterable[BaseRoute]) -> None:
+        """Serve ``routes`` too; only before ``start()``."""
+        if self._server is not None:
             raise RuntimeError("routes must be added before the HTTP server starts")
-        self.app.add_routes(routes)
+        self._routes.extend(routes)
 
     @property
     def port(self) -> int:
         """The bound port (the real one when ``listen`` asked for port 0)."""
-        if not self._addresses:
+        if not self._sockets:
             raise RuntimeError("the HTTP server is not started")
-        port: int = self._addresses[0][1]
+        port: int = self._sockets[0].getsockname()[1]
         return port
 
     @property
     def url(self) -> str:
         """``http://host:port`` of the first bound address, for logs and tests."""
-        if not self._addresses:
+        if not self._sockets:
             raise RuntimeError("the HTTP server is not started")
-        host = self._addresses[0][0]
+        host: str = self._sockets[0].getsockname()[0]
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     async def start(self) -> None:
         """Bind ``listen`` and start serving; returns once connections are accepted."""
-        if self._runner is not None:
+        if self._server is not None:
             raise RuntimeError("the HTTP server is already started")
-        # access_log=None: no line per request; handle_signals=False: the agent owns SIGTERM.
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self._graceful_timeout)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host or None, self._requested_port, reuse_address=True)
+        sockets = await self._bind()
+        self._app = Starlette(
+            routes=self._routes,
+            exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        )
+        config = uvicorn.Config(
+            self._serve_request,
+            interface="asgi3",
+            http="h11",
+            ws="none",
+            lifespan="off",
+            loop="none",
+            log_config=None,  # the agent configured logging
+            log_level=logging.WARNING,  # uvicorn's loggers: warnings and errors only
+            access_log=False,
+            proxy_headers=False,  # nothing proxies the agent: the peer address is the client's
+            server_header=False,
+            limit_concurrency=MAX_CONNECTIONS,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            timeout_graceful_shutdown=self._graceful_timeout,  # type: ignore[arg-type]  # seconds, float works
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)  # as Server.serve() does; "off": no lifespan events
         try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            reason = exc.strerror or str(exc)
-            if exc.errno is not None and exc.errno < 0:  # socket.gaierror: the host does not resolve
-                reason = f"cannot resolve {self.host!r}: {reason}"
-            raise HttpListenError(self.listen, reason, exc.errno) from exc
-        self._runner = runner
-        self._addresses = runner.addresses
+            await server.startup(sockets=sockets)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._server, self._sockets, self._stopping = server, sockets, False
+        # uvicorn's tick: refreshes the Date header once a second and notices should_exit.
+        self._ticker = asyncio.create_task(server.main_loop(), name="http-server")
         log.debug("HTTP server listening", extra={"listen": self.listen, "url": self.url})
+
+    async def _bind(self) -> list[socket.socket]:
+        """Listening sockets for every address ``listen`` resolves to (one port for all)."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(
+                self.host or None, self._requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except socket.gaierror as exc:
+            reason = f"cannot resolve {self.host!r}: {exc.strerror or exc}"
+            raise HttpListenError(self.listen, reason, exc.errno) from exc
+        sockets: list[socket.socket] = []
+        port = self._requested_port
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # "[::]" alone must not take the IPv4 port too
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                sock.listen(128)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]  # port 0: the other addresses take the same one
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            raise HttpListenError(self.listen, exc.strerror or str(exc), exc.errno) from exc
+        return sockets
+
+    async def _serve_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI application uvicorn runs: the Starlette app with the body limit, its failures logged once."""
+        assert self._app is not None
+        task = asyncio.current_task()
+        if task is not None and task not in self._requests:
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+        started = False
+        limit, received = self.max_body_bytes, 0
+        declared = Headers(scope=scope).get("content-length", "")
+        too_large = HTTPException(413, f"the request body is larger than {limit} bytes")
+
+        async def limited_receive() -> Message:
+            # Raised into the handler reading the body; Starlette answers it (JSON, via _http_error).
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, limited_receive, tracked_send)
+        except asyncio.CancelledError:
+            # Cancelled by uvicorn's shutdown once graceful_timeout passed: answer it and let
+            # the task end (uvicorn does not wait for it); any other cancellation propagates.
+            if not self._stopping or started:
+                raise
+            log.warning("HTTP request cut short at stop", extra={"path": scope.get("path")})
+            await error_response(503, "the agent is stopping")(scope, receive, send)
+        except Exception:
+            # Starlette already answered 500 (JSON); its re-raise would make uvicorn log it again.
+            log.exception("HTTP handler failed", extra={"method": scope.get("method"), "path": scope.get("path")})
 
     async def stop(self) -> None:
         """Stop accepting, close idle connections, finish in-flight requests, close. Safe to call twice."""
-        runner, self._runner = self._runner, None
-        if runner is None:
+        server, self._server = self._server, None
+        if server is None:
             return
+        self._stopping = True
+        server.should_exit = True
         try:
-            await runner.cleanup()
+            await server.shutdown(sockets=self._sockets)
+            if self._ticker is not None:
+                await self._ticker  # ends at its next tick (0.1 s)
+            if self._requests:  # requests cut short: let them finish answering
+                await asyncio.wait(set(self._requests), timeout=1.0)
         finally:
-            self._addresses = []
+            for sock in self._sockets:
+                sock.close()
+            self._sockets, self._ticker = [], None
 
     async def __aenter__(self) -> HttpServer:
         await self.start()

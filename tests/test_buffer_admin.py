@@ -15,13 +15,15 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from agent.cli import main
 from agent.events import LANES, CloudEvent, decode_event, encode_event, make_event
+from agent.http_server import HttpServer, json_response
 from agent.rules import map_event
 from agent.settings import ItemMapping, MappingsSection
 from agent.sink import ACKED, BufferedEvent, Rejected
@@ -292,21 +294,20 @@ async def test_cli_on_a_stopped_agents_file(
     assert code == 2 and "--sink NAME or --dead-letters" in err
 
 
-async def _serve(admin: BufferAdmin, token: str) -> web.AppRunner:
+async def _serve(admin: BufferAdmin, token: str) -> HttpServer:
     """The agent's side, as its HTTP server wires it: bearer token, then ``BufferAdmin.handle``."""
 
-    async def endpoint(request: web.Request) -> web.Response:
+    async def endpoint(request: Request) -> Response:
         if request.headers.get("Authorization") != f"Bearer {token}":
-            return web.json_response({"error": "unauthorized"}, status=401)
-        status, answer = await admin.handle(request.method, request.path, request.query, await request.read())
-        return web.json_response(answer, status=status)
+            return json_response({"error": "unauthorized"}, status=401)
+        body = await request.body()
+        status, answer = await admin.handle(request.method, request.url.path, request.query_params, body)
+        return json_response(answer, status=status)
 
-    app = web.Application()
-    app.router.add_route("*", "/v1/buffer/{action}", endpoint)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    route = Route("/v1/buffer/{action}", endpoint, methods=["GET", "POST"])
+    server = HttpServer("127.0.0.1:0", view=None, routes=[route])  # type: ignore[arg-type]  # built-ins unused
+    await server.start()
+    return server
 
 
 async def test_cli_on_a_running_agent_goes_through_its_http_api(
@@ -318,7 +319,7 @@ async def test_cli_on_a_running_agent_goes_through_its_http_api(
     cloud = buffer.cursor("cloud", LANES)  # made at its start
     runner = await _serve(BufferAdmin(buffer, sinks={"cloud": LANES}), "t0ken")
     try:
-        port: Any = runner.addresses[0][1]
+        port = runner.port
         config = str(write_config(tmp_path, port))
 
         def run(*args: str) -> tuple[int, str, str]:
@@ -334,7 +335,7 @@ async def test_cli_on_a_running_agent_goes_through_its_http_api(
         code, out, _ = await asyncio.to_thread(run, "purge", "--sink", "old", "--yes", "--json")
         assert json.loads(out) == {"sink": "old", "events": 2, "lanes": {"transaction": 2}, "dead_letters": 0}
     finally:
-        await runner.cleanup()
+        await runner.stop()
     try:
         # The agent's HTTP API is away: reading falls back to the file, changing it is refused.
         code, out, _ = await asyncio.to_thread(cli, capsys, "buffer", "stats", "--json", "-c", config)
