@@ -161,16 +161,15 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
 
 
 def fill(path: Path) -> None:
-    """Write ``path`` until the filesystem says ENOSPC."""
+    """Write ``path`` until the filesystem says ENOSPC (unbuffered: nothing left over for the close)."""
     chunk = b"\0" * (64 * 1024)
-    with path.open("wb") as handle:
-        try:
+    try:
+        with path.open("wb", buffering=0) as handle:
             while True:
                 handle.write(chunk)
-                handle.flush()
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
 
 
 async def test_plc_handshake_comes_back_after_a_full_disk(
