@@ -76,7 +76,7 @@ class HttpSection(ConfigModel):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        from agent.http_server import parse_listen  # loads aiohttp: only when the key is given
+        from agent.http_server import parse_listen  # loads the HTTP server library: only when the key is given
 
         parse_listen(value)  # the same rule the server binds with
         return value

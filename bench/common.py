@@ -671,7 +671,7 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("opcua source callback (readings)", ("_publish_loop", "_readings_of")),
     ("asyncua client (receive, decode, session)", ("asyncua",)),
     ("sqlite (aiosqlite worker thread executing SQL)", ("_connection_worker_thread",)),
-    ("http server", ("aiohttp/web", "aiohttp/_http", "agent/http_server")),
+    ("http server", ("starlette/", "uvicorn/", "h11/", "agent/http_server")),
     ("other threads", ("Thread._bootstrap",)),
 ]
 
