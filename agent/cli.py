@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -416,6 +416,32 @@ def _offline(target: _BufferTarget, action: Callable[[Any], Coroutine[Any, Any, 
         return None
 
 
+_R = TypeVar("_R")
+
+
+def _change(
+    target: _BufferTarget,
+    action: Callable[[Any], Coroutine[Any, Any, _R]],
+    verb: str,
+    request: Any,
+    result_type: type[_R],
+) -> _R | int:
+    """Replay or purge: on the stopped agent's file, else through the running agent's API (exit code on failure)."""
+    result: _R | None = None
+    if not target.live:
+        result = _offline(target, action)
+    if result is not None:
+        return result
+    from buffer import lock_holder
+
+    target.holder = target.holder or lock_holder(target.path) or "?"
+    try:
+        answer = target.request("POST", f"/v1/buffer/{verb}", msgspec.to_builtins(request))
+        return msgspec.convert(answer, result_type)
+    except (_AgentUnreachable, msgspec.ValidationError) as exc:
+        return _fail(target.running(f"its HTTP API did not {verb}: {exc}"), EXIT_FAILURE)
+
+
 def _cmd_buffer_replay(args: argparse.Namespace) -> int:
     target = _buffer_target(args)
     if isinstance(target, int):
@@ -423,18 +449,9 @@ def _cmd_buffer_replay(args: argparse.Namespace) -> int:
     from buffer import ReplayRequest, ReplayResult
 
     request = ReplayRequest(all=args.all, ids=args.ids or [], sink=args.sink, reason=args.reason)
-    result: ReplayResult | None = None
-    if not target.live:
-        result = _offline(target, lambda admin: admin.replay(request))
-    if result is None:
-        from buffer import lock_holder
-
-        target.holder = target.holder or lock_holder(target.path) or "?"
-        try:
-            answer = target.request("POST", "/v1/buffer/replay", msgspec.to_builtins(request))
-            result = msgspec.convert(answer, ReplayResult)
-        except (_AgentUnreachable, msgspec.ValidationError) as exc:
-            return _fail(target.running(f"its HTTP API did not replay: {exc}"), EXIT_FAILURE)
+    result = _change(target, lambda admin: admin.replay(request), "replay", request, ReplayResult)
+    if isinstance(result, int):
+        return result
     if args.json:
         print(msgspec.json.encode(result).decode())
     else:
@@ -484,18 +501,9 @@ def _cmd_buffer_purge(args: argparse.Namespace) -> int:
         answer = sys.stdin.readline()
         if answer.strip().lower() not in ("y", "yes"):
             return _fail("purge not confirmed; nothing removed (use --yes to skip the question)", EXIT_FAILURE)
-    result: PurgeResult | None = None
-    if not target.live:
-        result = _offline(target, lambda admin: admin.purge(request))
-    if result is None:
-        from buffer import lock_holder
-
-        target.holder = target.holder or lock_holder(target.path) or "?"
-        try:
-            answer_json = target.request("POST", "/v1/buffer/purge", msgspec.to_builtins(request))
-            result = msgspec.convert(answer_json, PurgeResult)
-        except (_AgentUnreachable, msgspec.ValidationError) as exc:
-            return _fail(target.running(f"its HTTP API did not purge: {exc}"), EXIT_FAILURE)
+    result = _change(target, lambda admin: admin.purge(request), "purge", request, PurgeResult)
+    if isinstance(result, int):
+        return result
     if args.json:
         print(msgspec.json.encode(result).decode())
     elif request.dead_letters:
