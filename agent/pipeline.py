@@ -321,8 +321,13 @@ class Agent:
     # --- delivery -------------------------------------------------------------------------------
 
     async def _deliver_loop(self, sink: Sink, cursor: DeliveryCursor) -> None:
-        """Take a batch, deliver it, settle the outcomes; back off while the peer is away."""
-        backoff = Backoff(base=0.5, cap=30.0)
+        """Take a batch, deliver it, settle the outcomes; back off while the peer is away.
+
+        A sink that knows when to try again says so (``RetryLater.after``); otherwise
+        the wait is jittered and capped at a few seconds, so a peer that is back is
+        used again within seconds, not after a long grown backoff.
+        """
+        backoff = Backoff(base=0.5, cap=5.0)
         metrics = self.metrics
         idle = self._idle[sink.name] = asyncio.Event()
         idle.set()
