@@ -239,13 +239,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_cycle(
         f"{lives_with_acks} of {KILLS} killed agents had acknowledged cycles, {elapsed:.0f} s"
     )
     assert kills == KILLS
-    if lives_with_acks < KILLS // 4:
-        # Safe (nothing acknowledged was lost) but the handshake did not come back after restarts.
-        agent_log_text = log_path.read_text(encoding="utf-8", errors="replace")
-        if "OPC UA subscription taken over" in agent_log_text:
-            pytest.xfail(
-                "known defect: after kill -9 the OPC UA source takes the subscription over on asyncua's server "
-                f"and no value arrives afterwards, so no later cycle is acknowledged ({lives_with_acks} of "
-                f"{KILLS} agent lives had acks)"
-            )
-        pytest.fail(f"the PLC handshake did not come back after restarts: {lives_with_acks} of {KILLS} lives had acks")
+    # The handshake comes back after restarts: the restarted agent hears the press again.
+    assert lives_with_acks >= KILLS // 4, (
+        f"the PLC handshake did not come back after restarts: {lives_with_acks} of {KILLS} lives had acks"
+    )

@@ -19,8 +19,12 @@ database (``output.save_state``). A new session, after a reconnect or a restart
 (also after ``kill -9``), takes it over with TransferSubscriptions and fetches with
 Republish every notification the server still holds that was not committed, so the
 values produced while the agent was away are recovered up to what the server
-queued. A server that cannot transfer it (expired, server restarted, service not
-supported) gets a new subscription, logged once.
+queued; the transfer asks for initial values, which come after the republished
+notifications. A server that cannot transfer it (expired, server restarted, service
+not supported) gets a new subscription, logged once. So does one that answers the
+transfer Good but sends no Publish response for it within its keep-alive period
+(asyncua's server keeps serving the old connection), and, at once, a subscription
+whose previous take-over was never proven so (``_Subscription.proven``).
 
 Publish responses are decoded by ``protocols.opcua.publish`` (values as tuples
 straight from the bytes, read through the connection's public ``send_request``)
@@ -136,6 +140,9 @@ class _Subscription(msgspec.Struct):
     interval: float  # revised publishing interval, seconds
     keepalive: int  # revised max keep-alive count
     monitored: list[int]  # client handles (tag indexes) with a monitored item
+    # False from a take-over until a Publish response for the subscription arrives: a
+    # restart that finds it False knows the last take-over of it never delivered.
+    proven: bool = True
 
     def to_json(self) -> str:
         return _SUBSCRIPTION_ENCODER.encode(self).decode()
@@ -343,9 +350,15 @@ class OpcUaSource:
         """Take-overs the server refused (a new subscription was created instead)."""
         self.republished = 0
         """Notifications fetched again with Republish after a take-over."""
+        self.silent_takeovers = 0
+        """Take-overs the server answered Good but after which no Publish response came (a new subscription then)."""
         self._take = self._items_taker()
         self._acks: list[ua.SubscriptionAcknowledgement] = []  # committed, to send with the next Publish
         self._taken: _Subscription | None = None  # the subscription to take over / in use
+        self._active: _Subscription | None = None  # the subscription the publish loop delivers for
+        self._heard = asyncio.Event()  # a Publish response came for a taken-over subscription
+        self._replacing: asyncio.Event | None = None  # set once a replacing subscription stands
+        self._silent_logged = False
         self._state_loaded = False
         self._state_task: asyncio.Task[None] | None = None
         self._state_errors = 0
@@ -428,18 +441,22 @@ class OpcUaSource:
             await self._secure(client)
             await client.connect()
             publish = self._publisher(client)
+            self._heard = asyncio.Event()
+            self._replacing = None
             subscription = await self._take_over(client, output)
             if subscription is None:
+                self._acks = []  # acknowledgements for a subscription that is gone
                 subscription = await self._subscribe(client, output)
+            self._active = subscription
             self._last_publish = time.monotonic()
             self._client = client
             # Reset the backoff only after the subscription stands: a server that accepts
             # sessions but fails every subscription must not be hammered.
             on_connected()
-            publisher = asyncio.create_task(
-                self._publish_loop(publish, output, subscription), name=f"opcua-publish-{self.name}"
-            )
+            publisher = asyncio.create_task(self._publish_loop(publish, output), name=f"opcua-publish-{self.name}")
             try:
+                if not subscription.proven:
+                    subscription = await self._prove(client, output, subscription)
                 await self._watch(client, output, subscription)
             finally:
                 publisher.cancel()
@@ -578,9 +595,12 @@ class OpcUaSource:
             await self._state_saved()
             return None
         try:
+            # SendInitialValues: the first Publish after the transfer carries the current value
+            # of every monitored item, after the notifications republished below, as a new
+            # subscription's first Publish does (the rules start from current values).
             results = await client.uaclient.transfer_subscriptions(
                 ua.TransferSubscriptionsParameters(
-                    SubscriptionIds=[ua.UInt32(previous.subscription_id)], SendInitialValues=False
+                    SubscriptionIds=[ua.UInt32(previous.subscription_id)], SendInitialValues=True
                 )
             )
             status = results[0].StatusCode if results else ua.StatusCode(ua.UInt32(ua.StatusCodes.BadUnexpectedError))
@@ -622,6 +642,13 @@ class OpcUaSource:
                 await self._deliver(output, subscription, message)
                 republished += 1
         self.republished += republished
+        if not previous.proven:
+            # The previous take-over of this subscription was answered Good and then never
+            # delivered (the agent stopped before it could tell): the server takes it over
+            # in name only. What it kept was republished above; now a working one.
+            await self._abandon(client, subscription, "previous take-over gave no notification")
+            return None
+        subscription.proven = False
         # The nodes the server refused before: tried again now, as a new subscription would.
         pending = [h for h in range(len(self._tags)) if h not in subscription.monitored]
         if pending:
@@ -635,6 +662,60 @@ class OpcUaSource:
         self._save_state_soon(output, subscription)
         await self._state_saved()
         return subscription
+
+    async def _prove(self, client: Client, output: SourceOutput, subscription: _Subscription) -> _Subscription:
+        """Wait for the taken-over subscription's first Publish response; replace it if none comes.
+
+        A server may answer TransferSubscriptions with Good and yet go on serving the
+        subscription to the old connection (asyncua's server does), so the new session
+        never hears of it again. Data or keep-alive, a response is due within the
+        keep-alive period whatever the data does; a compliant server sends the initial
+        values at once.
+        """
+        keepalive_period = subscription.keepalive * subscription.interval or _KEEPALIVE_PERIOD
+        deadline = keepalive_period + subscription.interval + self.config.timeout
+        heard = asyncio.create_task(self._heard.wait())
+        lost = asyncio.create_task(self._lost.wait())
+        try:
+            await asyncio.wait([heard, lost], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+            lost.cancel()
+        if self._lost.is_set():
+            raise _ConnectionLost(self._lost_reason or "connection lost")
+        if self._heard.is_set():
+            return subscription
+        replacing = self._replacing = asyncio.Event()
+        try:
+            await self._abandon(client, subscription, "take-over gave no notification")
+            new = await self._subscribe(client, output)
+            self._active = new
+        finally:
+            replacing.set()
+        return new
+
+    def _proven(self, output: SourceOutput, subscription: _Subscription) -> None:
+        subscription.proven = True
+        self._heard.set()
+        self._save_state_soon(output, subscription)
+
+    async def _abandon(self, client: Client, subscription: _Subscription, why: str) -> None:
+        """Give up a taken-over subscription that does not deliver: delete it (best effort), count, log."""
+        self.transfer_fallbacks += 1
+        self.silent_takeovers += 1
+        self.status.info["subscription"] = "new (no notification after take-over)"
+        log = {"source": self.name, "subscription_id": subscription.subscription_id}
+        if not self._silent_logged:
+            self._silent_logged = True
+            logger.warning(f"OPC UA {why}; creating a new subscription", extra=log)
+        else:
+            logger.info(f"OPC UA {why}; creating a new subscription", extra=log)
+        request = ua.DeleteSubscriptionsRequest()
+        request.Parameters = ua.DeleteSubscriptionsParameters(SubscriptionIds=[ua.UInt32(subscription.subscription_id)])
+        try:
+            await _protocol(client).send_request(request, timeout=self.config.timeout)
+        except Exception as exc:  # the server keeps it until its lifetime ends; nothing else to do
+            logger.debug("Deleting the silent subscription failed", extra={**log, "error": _describe(exc)})
 
     async def _subscribe(self, client: Client, output: SourceOutput) -> _Subscription:
         """A new subscription with a monitored item per tag (the ones the server refuses are retried)."""
@@ -655,7 +736,6 @@ class OpcUaSource:
             keepalive=max(int(result.RevisedMaxKeepAliveCount), 1),
             monitored=[h for h in range(len(self._tags)) if h not in refused],
         )
-        self._acks = []
         self.status.info.setdefault("subscription", "new")
         self._save_state_soon(output, subscription)
         await self._state_saved()
@@ -693,14 +773,13 @@ class OpcUaSource:
         self,
         publish: Callable[[list[ua.SubscriptionAcknowledgement]], Awaitable[Any]],
         output: SourceOutput,
-        subscription: _Subscription,
     ) -> None:
         """Publish, commit, acknowledge in the next request; until the connection ends (then sets ``_lost``).
 
         One request is outstanding at a time, so while a batch waits for its commit (the
         buffer back-pressures) no request goes out and the server keeps the values.
+        Delivers for ``_active``, which a silent take-over replaces while the loop runs.
         """
-        sid = subscription.subscription_id
         try:
             while True:
                 acks = self._acks
@@ -718,8 +797,19 @@ class OpcUaSource:
                     del self._acks[: len(acks)]
                 self._last_publish = time.monotonic()
                 result = response.Parameters
-                if result.SubscriptionId != sid:
-                    continue  # not ours (a subscription of this session we do not know)
+                subscription = self._active
+                assert subscription is not None
+                if result.SubscriptionId != subscription.subscription_id:
+                    if self._replacing is None:
+                        continue  # not ours (a subscription of this session we do not know)
+                    # The replacing subscription may answer before its id is known here.
+                    await self._replacing.wait()
+                    subscription = self._active
+                    assert subscription is not None
+                    if result.SubscriptionId != subscription.subscription_id:
+                        continue
+                if not subscription.proven:
+                    self._proven(output, subscription)
                 message = result.NotificationMessage
                 if message.NotificationData:
                     await self._deliver(output, subscription, message)
