@@ -268,6 +268,8 @@ async def test_crashing_sink_and_delivery_loop_are_restarted_and_shown(
             lambda: {f"WO-S{n}" for n in range(3)} <= {e["subject"] for e in sink.got}, timeout=20,
             message=lambda: str(agent.status()["tasks"]),
         )
+        # The sink's run is restarted on its own backoff, independent of the deliveries.
+        await wait_for(lambda: sink.status.state == "connected", timeout=10, message="sink run restarted")
         status = agent.status()
         tasks = status["tasks"]
         assert tasks["sink-flaky"]["restarts"] == 1
