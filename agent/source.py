@@ -97,9 +97,8 @@ class SourceConfig(ConfigModel):
     name: str = Field(min_length=1, description="Source name: part of each event's source and of /status")
 
     def tag_configs(self) -> Sequence[TagConfig]:
-        """The tags this source defines (rules and cross-reference checks use them)."""
-        tags: Sequence[TagConfig] = getattr(self, "tags", [])
-        return tags
+        """The tags this source defines (rules and cross-reference checks use them); none by default."""
+        return ()
 
     def describe(self, context: BuildContext) -> list[str]:
         """``plantgate check``'s summary of this source: one line, then detail lines; secrets masked."""

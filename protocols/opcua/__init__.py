@@ -9,6 +9,7 @@ when ``OpcUaSourceConfig.build`` is called, so a site without OPC UA never loads
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
@@ -212,6 +213,10 @@ class OpcUaSourceConfig(SourceConfig):
         if self.username is not None and self.password_file is None and self.password is None:
             raise ValueError("username needs password_file (or a password from the environment)")
         return self
+
+    def tag_configs(self) -> Sequence[TagConfig]:
+        """The variables this server is read for."""
+        return self.tags
 
     def describe(self, context: BuildContext) -> list[str]:
         """One line for the server, one per tag; the password masked."""
