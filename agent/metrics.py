@@ -131,8 +131,9 @@ class _BatchHistogram:
 class Metrics:
     """Every metric of the agent, in a private registry; ``render()`` gives the /metrics body.
 
-    ``sources``: the configured source names; ``sinks``: sink name -> the lanes it
-    takes. Series for every (source, lane), (sink, lane of that sink), (sink,
+    ``sources``: the configured source names; ``internal_sources``: sources with no
+    peer (the agent's own events: no connection series); ``sinks``: sink name -> the
+    lanes it takes. Series for every (source, lane), (sink, lane of that sink), (sink,
     reason) and component are created here with value 0. A label value that only
     turns up later (an orphaned sink's backlog, a source outside the config such as
     the agent's own events) is created on first use.
@@ -143,6 +144,7 @@ class Metrics:
         *,
         sources: Sequence[str],
         sinks: Mapping[str, Sequence[str]],
+        internal_sources: Sequence[str] = (),
         agent_id: str,
         site: str,
         version: str,
@@ -275,11 +277,14 @@ class Metrics:
         self._restarts: dict[tuple[str, str], Counter] = {}
         self._component_paths: dict[tuple[str, str], str] = {}
 
-        for source in sources:
+        for source in (*sources, *internal_sources):
             for source_lane in LANES:  # a source may produce every lane (OPC UA: samples, states, rules)
                 self._received_child(source, source_lane)
             self._duplicate_child(source)
             self._suppressed_child(source)
+        # The agent's own events (internal_sources) have no peer: no connection series, which
+        # would read 0 forever and fire a "connection down" alert.
+        for source in sources:
             self._connection_child("source", source)
             self._source_batch_retry_child(source)
             self._restart_child("source", source)

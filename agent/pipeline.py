@@ -84,7 +84,8 @@ class Agent:
             sinks={sink.name: sink.lanes for sink in self.sinks},
         )
         self.metrics = Metrics(
-            sources=[s.name for s in self.sources] + [AGENT_SOURCE],
+            sources=[s.name for s in self.sources],
+            internal_sources=[AGENT_SOURCE],
             sinks={s.name: sorted(s.lanes) for s in self.sinks},
             agent_id=settings.agent.id,
             site=settings.agent.site,

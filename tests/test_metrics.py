@@ -216,3 +216,16 @@ def test_two_agents_in_one_process_keep_separate_registries() -> None:
     first.received("a", "transaction", 1)
     values = scrape(second)
     assert values[key("plantgate_events_received_total", source="a", lane="transaction")] == 0
+
+
+def test_the_agents_own_events_count_but_have_no_connection_to_be_down() -> None:
+    metrics = Metrics(
+        sources=["press7"], internal_sources=["agent"], sinks={}, agent_id="a", site="s", version="v"
+    )
+    values = scrape(metrics)
+    assert values[key("plantgate_events_received_total", source="agent", lane="operational")] == 0
+    assert values[key("plantgate_connection_up", component="source", name="press7")] == 0
+    assert key("plantgate_connection_up", component="source", name="agent") not in values
+    assert [labels for name, labels in values if name == "plantgate_connection_up"] == [
+        frozenset({("component", "source"), ("name", "press7")})
+    ]
