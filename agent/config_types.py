@@ -53,12 +53,13 @@ class ConfigModel(BaseModel):
 
 
 def parse_duration(value: Any) -> float:
-    """Turn ``"500ms"``, ``"10s"``, ``"5m"``, ``"1h"`` (or a plain number of seconds) into seconds."""
+    """Turn ``"500ms"``, ``"10s"``, ``"5m"``, ``"1h"`` into seconds; a number without a unit is an error."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as \"500ms\", \"10s\" or \"5m\"")
     if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
+        # A bare number is ambiguous: someone meaning 200 ms writes 200 and would get 200 s.
+        raise ValueError(f"{value!r} has no unit; write the duration as \"{value:g}s\" or \"{value:g}ms\"")
+    if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
             raise ValueError(f"{value!r} is not a duration; write it as \"500ms\", \"10s\", \"5m\" or \"1h\"")
