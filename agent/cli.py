@@ -123,6 +123,30 @@ def _load(args: argparse.Namespace) -> Any:
         return None
 
 
+def _buildable(args: argparse.Namespace, settings: Any) -> bool:
+    """Whether every source and sink can be built (its secret and certificate files read).
+
+    Validation cannot see files; building can. Prints the one-line error, with the
+    file, the line and the key of the failing source or sink, when one cannot.
+    """
+    from agent.registry import build_context, build_sinks, build_sources
+    from agent.settings import ConfigError, default_config_path, line_of
+
+    path = args.config or default_config_path()
+    try:
+        context = build_context(settings)
+        build_sources(settings, context)
+        build_sinks(settings, context)
+    except ConfigError as exc:
+        try:
+            line = line_of(path.read_text(encoding="utf-8"), exc.key)
+        except OSError:
+            line = None
+        _fail(str(ConfigError(path, exc.key, exc.message, line)))
+        return False
+    return True
+
+
 def _run_loop(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run on uvloop when it is installed (faster sockets and timers), else asyncio's loop."""
     try:
@@ -137,7 +161,7 @@ def _run_loop(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
-    if settings is None:
+    if settings is None or not _buildable(args, settings):
         return EXIT_BAD_INPUT
     from agent.logs import setup_logging
 
@@ -179,7 +203,7 @@ def _on_signals(stop: asyncio.Event) -> None:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     settings = _load(args)
-    if settings is None:
+    if settings is None or not _buildable(args, settings):
         return EXIT_BAD_INPUT
     from agent.settings import default_config_path
 

@@ -9,7 +9,8 @@ httpx) is imported by its ``build`` method, so an unused protocol is never loade
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from agent import __version__
 from agent.config_types import BuildContext
@@ -21,6 +22,8 @@ from protocols.opcua import OpcUaSourceConfig
 
 if TYPE_CHECKING:
     from agent.settings import Settings
+
+_Built = TypeVar("_Built")
 
 SOURCES: dict[str, type[SourceConfig]] = {
     "opcua": OpcUaSourceConfig,
@@ -41,12 +44,37 @@ def build_context(settings: Settings) -> BuildContext:
 
 
 def build_sources(settings: Settings, context: BuildContext | None = None) -> list[Source]:
-    """Every configured source, in registry then config order."""
+    """Every configured source, in registry then config order.
+
+    Raises ``ConfigError`` naming the source's key path (``sources.opcua.0``) when
+    one cannot be built, e.g. its ``password_file`` cannot be read.
+    """
     context = context or build_context(settings)
-    return [config.build(context) for config in settings.source_configs()]
+    sources: list[Source] = []
+    for key in SOURCES:
+        for index, config in enumerate(getattr(settings.sources, key)):
+            sources.append(_build(f"sources.{key}.{index}", config.build, context))
+    return sources
 
 
 def build_sinks(settings: Settings, context: BuildContext | None = None) -> list[Sink]:
-    """Every configured sink, in registry then config order."""
+    """Every configured sink, in registry then config order (``ConfigError`` as ``build_sources``)."""
     context = context or build_context(settings)
-    return [config.build(context) for config in settings.sink_configs()]
+    sinks: list[Sink] = []
+    for key in SINKS:
+        for index, config in enumerate(getattr(settings.sinks, key)):
+            sinks.append(_build(f"sinks.{key}.{index}", config.build, context))
+    return sinks
+
+
+def _build(where: str, build: Callable[[BuildContext], _Built], context: BuildContext) -> _Built:
+    from agent.settings import ConfigError
+
+    try:
+        return build(context)
+    except ValueError as exc:  # a file it needs (a secret, a certificate) cannot be read or is invalid
+        message = str(exc)
+        field, sep, rest = message.partition(": ")
+        if sep and field.isidentifier():  # "password_file: cannot read ...": name the key itself
+            raise ConfigError(None, f"{where}.{field}", rest) from exc
+        raise ConfigError(None, where, message) from exc

@@ -249,6 +249,24 @@ def test_check_reports_a_cross_reference_error_in_one_line(
     ]
 
 
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_an_unreadable_secret_file_is_a_config_error_naming_its_key_and_line(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Validation cannot see files: building the sink does, before anything starts.
+    missing = tmp_path / "credentials" / "mqtt-password"
+    text = GOOD.format(data_dir=tmp_path / "data", url="mqtts://broker.example.com:8883")
+    path = _write(tmp_path, "site.toml", text + f'password_file = "{missing}"\n')
+    assert main([command, "-c", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"plantgate: {path}:{_line_of(path, 'password_file')}: sinks.mqtt.0.password_file: "
+        f"cannot read {missing}: No such file or directory"
+    ]
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
 def test_check_of_a_missing_file(
     tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
