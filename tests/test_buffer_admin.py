@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,9 +250,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-async def test_cli_on_a_stopped_agents_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cli_on_a_stopped_agents_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     made = await seeded(tmp_path)
     config = str(write_config(tmp_path))
 
@@ -270,10 +269,15 @@ async def test_cli_on_a_stopped_agents_file(
     code, out, _ = await asyncio.to_thread(run, "replay", "--all", "--json")
     assert (code, json.loads(out)) == (0, {"replayed": 1, "failed": 0})
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
-    code, _, err = await asyncio.to_thread(run, "purge", "--sink", "old")
-    assert code == 1
-    assert "the backlog of sink old (2 orphaned event(s))" in err and "not confirmed" in err
+    # The question is answered on the real stdin of the installed command.
+    plantgate = Path(sys.executable).parent / "plantgate"
+    asked = await asyncio.to_thread(
+        subprocess.run,
+        [str(plantgate), "buffer", "purge", "--sink", "old", "-c", config],
+        input="n\n", capture_output=True, text=True, timeout=60,
+    )
+    assert asked.returncode == 1
+    assert "the backlog of sink old (2 orphaned event(s))" in asked.stderr and "not confirmed" in asked.stderr
     code, out, _ = await asyncio.to_thread(run, "purge", "--sink", "old", "--yes")
     assert (code, out) == (0, "removed the backlog of sink old: 2 event(s) (transaction 2)\n")
     code, out, _ = await asyncio.to_thread(run, "stats", "--json")
@@ -311,7 +315,7 @@ async def _serve(admin: BufferAdmin, token: str) -> HttpServer:
 
 
 async def test_cli_on_a_running_agent_goes_through_its_http_api(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     made = await seeded(tmp_path)
     buffer = Buffer(tmp_path / "buffer.db", sinks={"cloud": LANES})
