@@ -37,7 +37,8 @@ from agent.events import (
     make_event,
 )
 from agent.sink import ACKED, RETRY, BufferedEvent, Outcome, Rejected
-from buffer import NO_SINK, Buffer, DeadLetter, DeliveryCursor, Eviction, inspect_dead_letters, inspect_stats
+from buffer import NO_SINK, Buffer, DeadLetter, Eviction, inspect_dead_letters, inspect_stats
+from tests.buffered import take_all
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 NAME_OF_LANE: dict[Lane, str] = {
@@ -94,15 +95,6 @@ async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
     yield buffer
     await buffer.close()
 
-
-async def take_all(buffer: Buffer, cursor: DeliveryCursor) -> list[BufferedEvent]:
-    """Everything the cursor hands out now, acknowledged batch by batch (committed)."""
-    taken: list[BufferedEvent] = []
-    while batch := await cursor.next_batch(1000, wait=False):
-        taken.extend(batch)
-        cursor.settle(batch, [ACKED] * len(batch))
-        await buffer.commit_now()
-    return taken
 
 
 def content(path: Path) -> bytes:

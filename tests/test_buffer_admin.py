@@ -27,8 +27,9 @@ from agent.events import LANES, CloudEvent, decode_event, encode_event, make_eve
 from agent.http_server import HttpServer, json_response
 from agent.rules import map_event
 from agent.settings import ItemMapping, MappingsSection
-from agent.sink import ACKED, BufferedEvent, Rejected
-from buffer import NO_SINK, Buffer, BufferAdmin, DeadLetter, DeliveryCursor, PurgeRequest, ReplayRequest
+from agent.sink import ACKED, Rejected
+from buffer import NO_SINK, Buffer, BufferAdmin, DeadLetter, PurgeRequest, ReplayRequest
+from tests.buffered import take_all
 
 _counter = 0
 
@@ -55,14 +56,6 @@ def early_dead_letter(made: CloudEvent, reason: str) -> DeadLetter:
         time=1.0, body=encode_event(made),
     )  # fmt: skip
 
-
-async def take_all(buffer: Buffer, cursor: DeliveryCursor) -> list[BufferedEvent]:
-    taken: list[BufferedEvent] = []
-    while batch := await cursor.next_batch(1000, wait=False):
-        taken.extend(batch)
-        cursor.settle(batch, [ACKED] * len(batch))
-        await buffer.commit_now()
-    return taken
 
 
 def stored(path: Path) -> int:

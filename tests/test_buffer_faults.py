@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from agent.events import LANES, CloudEvent, decode_event, encode_event, format_sequence, make_event
 from agent.sink import ACKED, BufferedEvent
 from buffer import Buffer, BufferLocked, DeadLetter, DeliveryCursor
+from tests.buffered import take_all
 from tests.peers.waiting import wait_for
 
 CHILD = Path(__file__).with_name("buffer_fault_child.py")
@@ -61,14 +62,6 @@ def noise(n: int) -> str:
     """Incompressible text: ``n`` bytes of hex from the OS's random source."""
     return os.urandom(n // 2 + 1).hex()[:n]
 
-
-async def take_all(buffer: Buffer, cursor: DeliveryCursor) -> list[BufferedEvent]:
-    taken: list[BufferedEvent] = []
-    while batch := await cursor.next_batch(1000, wait=False):
-        taken.extend(batch)
-        cursor.settle(batch, [ACKED] * len(batch))
-        await buffer.commit_now()
-    return taken
 
 
 def committed_rows(path: Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ from agent.simulator import PressSimulator
 from agent.sink import ACKED, BufferedEvent, Outcome
 from agent.supervision import TaskHealth, supervise
 from buffer import BufferError
+from tests.peers.opcua_server import started_press
 from tests.peers.waiting import wait_for
 
 PRESS_TAGS = """
@@ -330,12 +331,8 @@ def test_backoff_never_exceeds_its_cap_and_reset_starts_over() -> None:
 
 @pytest.fixture
 async def second_press() -> AsyncIterator[PressSimulator]:
-    simulator = PressSimulator(port=0)
-    await simulator.start()
-    try:
+    async with started_press() as simulator:
         yield simulator
-    finally:
-        await simulator.stop()
 
 
 async def test_acks_are_per_source_retried_until_written_or_abandoned(

@@ -28,15 +28,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.simulator import PressSimulator
 
 
-@pytest.fixture
-async def press_server() -> AsyncIterator[PressSimulator]:
-    """A started press simulator (no security) on a free port, stopped at teardown."""
+@contextlib.asynccontextmanager
+async def started_press() -> AsyncIterator[PressSimulator]:
+    """A started press simulator (no security) on a free port, stopped on exit."""
     simulator = PressSimulator(port=0)
     await simulator.start()
     try:
         yield simulator
     finally:
         await simulator.stop()
+
+
+@pytest.fixture
+async def press_server() -> AsyncIterator[PressSimulator]:
+    """A started press simulator (no security) on a free port, stopped at teardown."""
+    async with started_press() as simulator:
+        yield simulator
 
 
 def make_certificate(
