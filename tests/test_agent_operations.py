@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +80,11 @@ def mes_event(item: str, event_id: str) -> CloudEvent:
     )
 
 
+def committed_dead_letters(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return [row[0] for row in db.execute("SELECT id FROM dead_letters ORDER BY n")]
+
+
 def head(path: Path) -> bytes:
     return path.read_bytes()[:4]
 
@@ -130,6 +136,8 @@ async def test_buffer_admin_over_the_running_agent_needs_the_token(tmp_path: Pat
     async with running_agent(tmp_path) as (agent, inlet, client):
         await inlet.events([mes_event("P-100-OLD", "mes-obsolete")])  # a dead letter counts as stored
         assert agent.buffer.dead_letter_count == 1
+        # Returned only after the commit: another connection already sees it in the file.
+        assert committed_dead_letters(tmp_path / "buffer.db") == ["mes-obsolete"]
 
         assert (await client.get("/v1/buffer/dead-letters")).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
