@@ -16,7 +16,7 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +41,7 @@ from agent.registry import build_sinks, build_sources
 from agent.rules import RuleOutput, Rules
 from agent.settings import Settings
 from agent.sink import RetryLater, Sink
-from agent.source import BufferUnavailable, Source
+from agent.source import BufferUnavailable, ServesHttp, Source
 from agent.supervision import TaskHealth, supervise
 from buffer import Buffer, BufferError, DeliveryCursor, Eviction
 
@@ -91,12 +91,17 @@ class Agent:
             site=settings.agent.site,
             version=__version__,
         )
+        self._inlets = {source.name: _SourceInlet(self, source) for source in self.sources}
+        routes = buffer_routes(settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks})
+        for source in self.sources:
+            if isinstance(source, ServesHttp):
+                routes.extend(source.routes(self._inlets[source.name]))
         self.http = (
             HttpServer(
                 settings.http.listen,
                 self,
                 max_body_bytes=settings.http.max_body_bytes,
-                routes=buffer_routes(settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks}),
+                routes=routes,
             )
             if serve_http
             else None
@@ -176,7 +181,7 @@ class Agent:
                 deliver = functools.partial(self._deliver_loop, sink, self._cursors[sink.name])
                 delivery_tasks.append(start(f"deliver-{sink.name}", "delivery", sink.name, deliver, status=sink.status))
             for source in self.sources:
-                run = functools.partial(source.run, _SourceInlet(self, source))
+                run = functools.partial(source.run, self._inlets[source.name])
                 run_source = start(
                     f"source-{source.name}", "source", source.name, run, status=source.status,
                     state_on_crash="reconnecting",
@@ -555,10 +560,24 @@ class _SourceInlet:
         agent.acks.observe(self._name)
         await self._committed(agent.accept(self._name, out))
 
-    async def events(self, batch: Sequence[CloudEvent]) -> None:
+    async def events(self, batch: Sequence[CloudEvent], *, state: Mapping[str, str | None] | None = None) -> None:
         agent = self._agent
         await self._writable()
-        await self._committed(agent.accept(self._name, agent.rules.accept_events(self._name, batch)))
+        future = agent.accept(self._name, agent.rules.accept_events(self._name, batch))
+        if state:
+            try:
+                for key, value in state.items():
+                    # Queued after the events: the same group commit, so both or neither are durable.
+                    future = agent.buffer.save_state(f"source/{self._name}/{key}", value)
+            except BufferError as exc:
+                raise BufferUnavailable(str(exc)) from exc
+        await self._committed(future)
+
+    def tag_value(self, tag: str) -> Reading | None:
+        return self._agent.rules.current.get(tag)
+
+    def refusing(self) -> str | None:
+        return self._agent.buffer.refusing_writes
 
     async def load_state(self, key: str) -> str | None:
         return await self._agent.buffer.load_state(f"source/{self._name}/{key}")

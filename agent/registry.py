@@ -16,7 +16,11 @@ from agent import __version__
 from agent.config_types import BuildContext
 from agent.sink import Sink, SinkConfig
 from agent.source import Source, SourceConfig
+from protocols.barcode import BarcodeSourceConfig
+from protocols.https import HttpsSinkConfig
 from protocols.jsonl import JsonlSinkConfig
+from protocols.mes import MesSourceConfig
+from protocols.modbus import ModbusSourceConfig
 from protocols.mqtt import MqttSinkConfig
 from protocols.opcua import OpcUaSourceConfig
 
@@ -27,11 +31,15 @@ _Built = TypeVar("_Built")
 
 SOURCES: dict[str, type[SourceConfig]] = {
     "opcua": OpcUaSourceConfig,
+    "modbus": ModbusSourceConfig,
+    "barcode": BarcodeSourceConfig,
+    "mes": MesSourceConfig,
 }
 """``[[sources.<key>]]`` -> its config model, in the order sources are built."""
 
 SINKS: dict[str, type[SinkConfig]] = {
     "mqtt": MqttSinkConfig,
+    "https": HttpsSinkConfig,
     "jsonl": JsonlSinkConfig,
 }
 """``[[sinks.<key>]]`` -> its config model, in the order sinks are built."""
@@ -40,7 +48,13 @@ SINKS: dict[str, type[SinkConfig]] = {
 def build_context(settings: Settings) -> BuildContext:
     """The context every protocol instance of one agent is built with."""
     agent = settings.agent
-    return BuildContext(agent_id=agent.id, site=agent.site, version=__version__, data_dir=agent.data_dir)
+    return BuildContext(
+        agent_id=agent.id,
+        site=agent.site,
+        version=__version__,
+        data_dir=agent.data_dir,
+        ingest_token_file=settings.http.ingest_token_file,
+    )
 
 
 def build_sources(settings: Settings, context: BuildContext | None = None) -> list[Source]:

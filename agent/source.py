@@ -14,8 +14,8 @@ Static config problems are raised by the config model, not in ``run``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import Field
 
@@ -37,16 +37,27 @@ class SourceOutput(Protocol):
         source must then not acknowledge it to its peer.
         """
 
-    async def events(self, batch: Sequence[CloudEvent]) -> None:
+    async def events(self, batch: Sequence[CloudEvent], *, state: Mapping[str, str | None] | None = None) -> None:
         """Take canonical events the source built itself (MES, scans), in source order.
 
         The agent sets ``source`` (and keeps the original as ``originsource``),
         applies the mappings and validation (a failing event becomes a dead letter,
         which counts as stored), drops an id it already holds (acknowledged again,
-        stored once) and returns once everything is committed. Raises
-        ``BufferUnavailable`` like ``readings``.
+        stored once) and returns once everything is committed. ``state`` is saved as
+        ``save_state`` would, in the same commit as the events (a poll cursor moves
+        only together with what the poll produced). Raises ``BufferUnavailable`` like
+        ``readings``.
         """
 
+    def tag_value(self, tag: str) -> Reading | None:
+        """The latest reading of ``tag``, from any source (a scanner station's current work order)."""
+
+    def refusing(self) -> str | None:
+        """Why the buffer refuses writes right now (disk full, size cap), or None while it accepts.
+
+        A source whose peer can be told to come back later (a webhook's 503 with
+        ``Retry-After``) answers at once instead of holding the caller.
+        """
 
     async def load_state(self, key: str) -> str | None:
         """A value this source saved with ``save_state`` (in this or an earlier run), or None.
@@ -57,6 +68,19 @@ class SourceOutput(Protocol):
 
     async def save_state(self, key: str, value: str | None) -> None:
         """Keep ``value`` under ``key`` (None removes it); returns once it is committed."""
+
+
+@runtime_checkable
+class ServesHttp(Protocol):
+    """A source that takes its input on the agent's HTTP server (the MES webhook).
+
+    The agent calls ``routes`` once, before the server starts, with the output the
+    routes hand their input to; the routes share ``[http].listen``, its body limit
+    and its TLS.
+    """
+
+    def routes(self, output: SourceOutput) -> Sequence[Any]:
+        """Starlette routes (``starlette.routing.Route``) to add to the agent's HTTP server."""
 
 
 class BufferUnavailable(Exception):
@@ -114,4 +138,4 @@ class SourceConfig(ConfigModel):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    __all__ = ["BufferUnavailable", "Source", "SourceConfig", "SourceError", "SourceOutput"]
+    __all__ = ["BufferUnavailable", "ServesHttp", "Source", "SourceConfig", "SourceError", "SourceOutput"]
