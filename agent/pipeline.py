@@ -36,6 +36,7 @@ from agent.events import (
 )
 from agent.http_server import HttpServer
 from agent.metrics import Component, Metrics
+from agent.pacing import RatePacer
 from agent.plc_acks import PlcAckWriter
 from agent.registry import build_sinks, build_sources
 from agent.rules import RuleOutput, Rules
@@ -43,7 +44,7 @@ from agent.settings import Settings
 from agent.sink import RetryLater, Sink
 from agent.source import BufferUnavailable, ServesHttp, Source
 from agent.supervision import TaskHealth, supervise
-from buffer import Buffer, BufferError, DeliveryCursor, Eviction
+from buffer import Buffer, BufferError, DeadLetterGroup, DeliveryCursor, Eviction
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,10 @@ class Agent:
         self._gap_sent: dict[str, float] = {}
         self._started = asyncio.Event()
         self._cursors: dict[str, DeliveryCursor] = {}
+        self._dead_summary: dict[str, DeadLetterGroup] = {}
+        self._dead_summary_at = (-1, 0.0)  # (dead letter count, monotonic time) it was read at
+        self._pacers = {c.name: RatePacer(c.max_rate) for c in settings.sink_configs() if c.max_rate > 0}
+        """``max_rate`` per sink name, applied to every sink alike (sinks built by hand included)."""
         self._idle: dict[str, asyncio.Event] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -337,9 +342,13 @@ class Agent:
         metrics = self.metrics
         idle = self._idle[sink.name] = asyncio.Event()
         idle.set()
+        pacer = self._pacers.get(sink.name)
+        limit = min(self.batch_max, sink.batch_max, pacer.burst if pacer else sink.batch_max)
         while not self._stopping.is_set():
-            batch = await cursor.next_batch(min(self.batch_max, sink.batch_max))
+            batch = await cursor.next_batch(limit)
             if not batch or self._stopping.is_set():
+                continue
+            if pacer is not None and not await pacer.acquire(len(batch), self._stopping):
                 continue
             idle.clear()
             try:
@@ -389,6 +398,7 @@ class Agent:
                 out = self.rules.flush_due(utc_now())
                 for source in {e.source.rsplit("/", 1)[-1] for e in out.events}:
                     self.accept(source, RuleOutput(events=[e for e in out.events if e.source.endswith("/" + source)]))
+            await self._refresh_dead_letters()  # cheap unless dead letters changed
             if tick % 5 == 0:
                 await self._refresh_oldest()
 
@@ -441,6 +451,29 @@ class Agent:
         if events:
             self.accept(AGENT_SOURCE, RuleOutput(events=events))
 
+    async def _refresh_dead_letters(self) -> None:
+        """Re-read the dead-letter summary when dead letters changed (and every 30 s for safety)."""
+        count, read_at = self._dead_summary_at
+        now = time.monotonic()
+        if count == self.buffer.dead_letter_count and now - read_at < 30.0:
+            return
+        try:
+            self._dead_summary = await self.buffer.dead_letter_summary()
+        except BufferError:
+            return
+        self._dead_summary_at = (self.buffer.dead_letter_count, now)
+        wall = time.time()
+        self.metrics.set_dead_letters_held(
+            {sink: (group.count, max(0.0, wall - group.oldest)) for sink, group in self._dead_summary.items()}
+        )
+
+    def _dead_letters_of(self, sink: str) -> dict[str, Any]:
+        group = self._dead_summary.get(sink)
+        if group is None:
+            return {"count": 0, "oldest_age_seconds": 0.0, "reasons": {}}
+        age = round(max(0.0, time.time() - group.oldest), 3)
+        return {"count": group.count, "oldest_age_seconds": age, "reasons": dict(group.reasons)}
+
     async def _refresh_oldest(self) -> None:
         for sink in self.sinks:
             for lane in sink.lanes:
@@ -454,6 +487,7 @@ class Agent:
         if not self.buffer.is_open:
             return
         await self._refresh_oldest()
+        await self._refresh_dead_letters()
         self.metrics.set_buffer(
             {
                 (sink.name, lane): (self.buffer.depth(sink.name, lane), self._oldest.get((sink.name, lane), 0.0))
@@ -512,6 +546,7 @@ class Agent:
                 **_status_of(sink.status),
                 "depth": sum(entry["depth"] for entry in lanes.values()),
                 "lanes": lanes,
+                "dead_letters": self._dead_letters_of(sink.name),
             }
         return {
             "agent": {
@@ -529,6 +564,7 @@ class Agent:
                 "refusing_writes": self.buffer.refusing_writes,
                 "last_sequence": self.buffer.last_sequence,
                 "dead_letters": self.buffer.dead_letter_count,
+                "dead_letters_by_sink": {name: self._dead_letters_of(name) for name in self._dead_summary},
                 "duplicates_suppressed": self.buffer.duplicates_suppressed,
             },
             "unrouted": dict(self._unrouted),

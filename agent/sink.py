@@ -91,6 +91,12 @@ class SinkConfig(ConfigModel):
 
     name: str = Field(min_length=1, description="Sink name; the buffer keys this sink's backlog by it")
     lanes: list[Lane] = Field(default_factory=lambda: list(LANES), description="Lanes this sink takes")
+    max_rate: float = Field(
+        0,
+        ge=0,
+        description="Ceiling in events per second, so a backlog replay does not flood the broker or the API "
+        "(0 = unlimited); paced by the agent in bursts of a tenth of a second",
+    )
 
     @field_validator("lanes")
     @classmethod

@@ -65,11 +65,6 @@ class MqttSinkConfig(SinkConfig):
         min_length=1,
         description="Lanes this sink forwards: transaction, operational, telemetry",
     )
-    max_rate: float = Field(
-        0,
-        ge=0,
-        description="Ceiling in events per second, so a backlog replay does not flood the broker (0 = unlimited)",
-    )
     window: int = Field(
         500,
         ge=1,

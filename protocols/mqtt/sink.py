@@ -137,7 +137,6 @@ class MqttSink:
         if config.tls:
             self._tls_context()  # unreadable or invalid certificate files fail at load, not at connect
         self._topics: dict[tuple[str, str], str] = {}  # (lane, type) -> checked topic
-        self._rate = _TokenBucket(config.max_rate) if config.max_rate > 0 else None
         self._conn: _Connection | None = None
         self._deliver_lock = asyncio.Lock()
         self._failures = 0  # consecutive connection failures, for log levels
@@ -557,11 +556,10 @@ class _Connection:
             self._waiter = None
 
     async def publish_batch(self, batch: Sequence[BufferedEvent], outcomes: list[Outcome]) -> None:
-        """Publish ``batch`` within ``window`` and ``max_rate``; fill ``outcomes`` as acks arrive."""
+        """Publish ``batch`` within ``window``; fill ``outcomes`` as acks arrive."""
         config = self.sink.config
         window, qos, ack_timeout = config.window, config.qos, config.ack_timeout
         low_water = window - 1
-        rate = self.sink._rate
         pending = self.pending
         pending.clear()
         self._outcomes = outcomes
@@ -589,12 +587,6 @@ class _Connection:
                 if room <= 0:
                     await self._wait(low_water, ack_deadline)
                     continue
-                if rate is not None:
-                    allowed = rate.take(room)
-                    if allowed == 0:
-                        await self._wait(-1, min(rate.delay(room), ack_deadline))
-                        continue
-                    room = allowed
                 if not self._publish(batch, i, i + room, outcomes, qos):
                     return
                 i += room
@@ -645,33 +637,6 @@ class _Connection:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-class _TokenBucket:
-    """Events-per-second ceiling with a small burst (a tenth of a second's worth)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate * 0.1)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, want: int) -> int:
-        """Take up to ``want`` whole tokens; how many were taken."""
-        self._refill()
-        taken = min(want, int(self.tokens))
-        self.tokens -= taken
-        return taken
-
-    def delay(self, want: int) -> float:
-        """Seconds until a useful chunk of tokens is there (at most ~100 wakeups a second)."""
-        chunk = min(float(want), max(1.0, self.rate * 0.01), self.capacity)
-        return max(0.0, (chunk - self.tokens) / self.rate)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
