@@ -223,6 +223,18 @@ class Metrics:
             ["component", "name"],
             registry=reg,
         )
+        self._held_family = Gauge(
+            "plantgate_dead_letters_held",
+            'Dead letters in the buffer now (replay or purge removes them), by sink ("-" before any sink)',
+            ["sink"],
+            registry=reg,
+        )
+        self._held_oldest_family = Gauge(
+            "plantgate_dead_letter_oldest_age_seconds",
+            "Age of the oldest dead letter held, by sink (0 when none)",
+            ["sink"],
+            registry=reg,
+        )
         self._size_bytes = Gauge(
             "plantgate_buffer_size_bytes",
             "Size of the buffer database on disk (main file and WAL)",
@@ -267,6 +279,7 @@ class Metrics:
         self._received: dict[tuple[str, str], Counter] = {}
         self._delivered: dict[tuple[str, str], Counter] = {}
         self._dead_letters: dict[tuple[str, str], Counter] = {}
+        self._held_sinks: set[str] = set()
         self._buffer: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}  # (depth, oldest age)
         self._latency_series: dict[tuple[str, str], _HistogramSeries] = {}
         self._retries: dict[str, Counter] = {}
@@ -299,6 +312,9 @@ class Metrics:
         for sink in (*sinks, PRE_SINK):
             for reason in DEAD_LETTER_REASONS:
                 self._dead_letter_child(sink, reason)
+            self._held_family.labels(sink).set(0)
+            self._held_oldest_family.labels(sink).set(0)
+            self._held_sinks.add(sink)
         self._size_bytes.set(0)
         self._refusing_writes.set(0)
 
@@ -379,6 +395,19 @@ class Metrics:
         child.inc()
 
     # --- gauges, set from snapshots --------------------------------------------------------------
+
+    def set_dead_letters_held(self, held: Mapping[str, tuple[int, float]]) -> None:
+        """Dead letters held now from a full snapshot: ``sink -> (count, oldest_age_seconds)``.
+
+        Sinks absent from the snapshot read 0 (their dead letters were replayed or purged).
+        """
+        for sink in self._held_sinks - held.keys():
+            self._held_family.labels(sink).set(0)
+            self._held_oldest_family.labels(sink).set(0)
+        for sink, (count, oldest) in held.items():
+            self._held_family.labels(sink).set(count)
+            self._held_oldest_family.labels(sink).set(oldest if count else 0.0)
+        self._held_sinks |= held.keys()
 
     def set_buffer(self, lanes: Mapping[tuple[str, str], tuple[int, float]]) -> None:
         """Set depth and oldest age from a full snapshot: ``(sink, lane) -> (depth, oldest_age_seconds)``.

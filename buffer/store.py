@@ -140,6 +140,14 @@ class DeadLetter(msgspec.Struct, frozen=True):
     body: bytes
 
 
+class DeadLetterGroup(msgspec.Struct):
+    """The dead letters of one sink, summed up for /status and metrics."""
+
+    count: int
+    oldest: float  # when the oldest of them became a dead letter (Unix time)
+    reasons: dict[str, int]  # the most frequent reasons (truncated), most frequent first
+
+
 class Eviction(msgspec.Struct):
     """Telemetry evicted from one source because the buffer hit its cap (for the gap event)."""
 
@@ -1334,6 +1342,41 @@ class Buffer:
                 raise BufferError(f"buffer file is corrupt: {exc}") from exc
             raise
         return [(int(row[0]), DeadLetter(*row[1:])) for row in rows]
+
+    async def dead_letter_summary(self, top_reasons: int = 5) -> dict[str, DeadLetterGroup]:
+        """Dead letters per sink: how many, the time of the oldest, and the most frequent reasons.
+
+        One grouped scan of the dead-letter table; callers cache it (it changes only when
+        dead letters are made, replayed or purged).
+        """
+        db = self._reader
+        if db is None:
+            raise BufferError("buffer is not open")
+        query = "SELECT sink, reason, count(*), min(time) FROM dead_letters GROUP BY sink, reason"
+        try:
+            async with db.execute(query) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
+                raise BufferError(f"buffer file is corrupt: {exc}") from exc
+            raise
+        grouped: dict[str, list[tuple[str, int, float]]] = {}
+        for sink, reason, count, oldest in rows:
+            grouped.setdefault(str(sink), []).append((str(reason), int(count), float(oldest)))
+        summary: dict[str, DeadLetterGroup] = {}
+        for sink, reasons in sorted(grouped.items()):
+            reasons.sort(key=lambda entry: (-entry[1], entry[0]))
+            top: dict[str, int] = {}
+            for reason, count, _ in reasons[:top_reasons]:
+                key = reason if len(reason) <= 200 else reason[:199] + "…"
+                top[key] = top.get(key, 0) + count
+            summary[sink] = DeadLetterGroup(
+                count=sum(count for _, count, _ in reasons),
+                oldest=min(oldest for _, _, oldest in reasons),
+                reasons=top,
+            )
+        return summary
 
     async def commit_now(self) -> None:
         """Wait until everything appended or acknowledged so far is committed."""

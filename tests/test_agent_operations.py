@@ -151,6 +151,18 @@ async def test_buffer_admin_over_the_running_agent_needs_the_token(tmp_path: Pat
         stats = (await client.get("/v1/buffer/stats", headers=auth)).json()
         assert stats["dead_letters"] == 1 and "file" in stats["sinks"]
 
+        # Monitoring sees the dead letter per sink, with its reason and its age.
+        await agent.refresh_metrics()
+        status = (await client.get("/status")).json()
+        held = status["buffer"]["dead_letters_by_sink"]["-"]
+        assert held["count"] == 1 and held["oldest_age_seconds"] >= 0
+        assert [reason for reason in held["reasons"] if "P-100-OLD" in reason and "obsolete" in reason]
+        assert status["sinks"]["file"]["dead_letters"]["count"] == 0
+        metrics = (await client.get("/metrics")).text
+        assert 'plantgate_dead_letters_held{sink="-"} 1.0' in metrics
+        assert 'plantgate_dead_letters_held{sink="file"} 0.0' in metrics
+        assert 'plantgate_dead_letter_oldest_age_seconds{sink="-"}' in metrics
+
         # The running config still calls the code obsolete: the replay fails again, the letter stays.
         replay = await client.post("/v1/buffer/replay", json={"all": True}, headers=auth)
         assert replay.status_code == 200 and replay.json() == {"replayed": 0, "failed": 1}
@@ -159,6 +171,8 @@ async def test_buffer_admin_over_the_running_agent_needs_the_token(tmp_path: Pat
         purge = await client.post("/v1/buffer/purge", json={"dead_letters": True}, headers=auth)
         assert purge.status_code == 200 and purge.json()["dead_letters"] == 1
         assert (await client.get("/v1/buffer/dead-letters", headers=auth)).json() == []
+        assert 'plantgate_dead_letters_held{sink="-"} 0.0' in (await client.get("/metrics")).text
+        assert (await client.get("/status")).json()["buffer"]["dead_letters_by_sink"] == {}
 
 
 async def test_a_buffer_found_corrupt_while_running_is_moved_aside_and_reported(tmp_path: Path) -> None:
