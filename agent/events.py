@@ -135,7 +135,14 @@ class AlarmChanged(msgspec.Struct, omit_defaults=True):
 
 
 class BarcodeScanned(msgspec.Struct, omit_defaults=True):
-    """``io.plantgate.barcode.scanned`` and a station's configured transaction (GS1 AIs parsed)."""
+    """``io.plantgate.barcode.scanned`` and a station's configured transaction (GS1 AIs parsed).
+
+    ``raw`` is the code as scanned (AIM prefix and GS separators included); the
+    other fields are left out when the code does not carry them: ``gtin`` (AI 01,
+    else 02, as 14 digits), ``lot`` (10), ``serial`` (21), ``expiry`` (17, ISO
+    date), ``quantity`` (30/37 in ``EA``, else a variable measure 310n-316n),
+    ``sscc`` (00), and ``work_order`` (the station's current one, from a tag).
+    """
 
     station: str
     raw: str
@@ -144,10 +151,17 @@ class BarcodeScanned(msgspec.Struct, omit_defaults=True):
     serial: str | None = None
     expiry: str | None = None
     quantity: Quantity | None = None
+    sscc: str | None = None
+    work_order: str | None = None
 
 
 class BarcodeRejected(msgspec.Struct):
-    """``io.plantgate.barcode.rejected``: a scan that could not be parsed, ``raw`` escaped."""
+    """``io.plantgate.barcode.rejected``: a scan that could not be parsed.
+
+    ``raw`` is the frame as it arrived, with every byte outside printable ASCII
+    written as ``\\xNN`` (GS is ``\\x1d``) and a backslash doubled, so it can be
+    read back byte for byte.
+    """
 
     station: str
     raw: str
