@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -383,18 +384,49 @@ def _cmd_buffer_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode(stats).decode())
         return EXIT_OK
-    print(f"buffer {target.path}: {stats.size_bytes / 1e6:.1f} MB, {stats.dead_letters} dead letters")
+    print(f"buffer {target.path}: {stats.size_bytes / 1e6:.1f} MB, {stats.dead_letters} dead letter(s)")
+    rows: list[list[str]] = []
     for name, sink in stats.sinks.items():
-        print(f"  sink {name}: depth {sink.depth}")
         for lane, entry in sink.lanes.items():
-            age = "-" if entry.oldest_age_seconds is None else f"{entry.oldest_age_seconds:.1f}s"
-            print(f"    {lane:<12} depth {entry.depth:>10}  oldest {age}")
+            age = "-" if entry.oldest_age_seconds is None else _age(entry.oldest_age_seconds)
+            rows.append([name, lane, str(entry.depth), age])
+        rows.append([name, "(all)", str(sink.depth), ""])
     for name, depth in stats.orphaned.items():
-        print(
-            f"  orphaned {name}: {depth} events (sink or lane no longer configured; "
-            f"purge with `buffer purge --sink {name}`)"
-        )
+        rows.append([name, "orphaned", str(depth), f"purge with `plantgate buffer purge --sink {name}`"])
+    if rows:
+        print()
+        _print_table(["SINK", "LANE", "DEPTH", "OLDEST"], rows)
     return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    """A human age: 42s, 17m, 3.5h, 2.1d."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Columns padded to their widest cell; numbers right-aligned; the last column left as it is."""
+    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    numeric = [all(row[i].isdigit() or not row[i] for row in rows) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            if i == len(cells) - 1:
+                out.append(cell)
+            else:
+                out.append(cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    print(line(headers))
+    for row in rows:
+        print(line(row))
 
 
 def _dead_letter_list(target: _BufferTarget, sink: str | None) -> list[Any]:
@@ -420,8 +452,15 @@ def _cmd_buffer_dead_letters(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode(letters).decode())
         return EXIT_OK
-    for d in letters:
-        print(f"{d.id}  {d.type}  subject={d.subject}  sink={d.sink}  reason={d.reason}")
+    if letters:
+        now = time.time()
+        _print_table(
+            ["ID", "TYPE", "SUBJECT", "SINK", "AGE", "REASON"],
+            [
+                [d.id, d.type.removeprefix("io.plantgate."), d.subject or "-", d.sink, _age(now - d.time), d.reason]
+                for d in letters
+            ],
+        )
     print(f"{len(letters)} dead letter(s)")
     return EXIT_OK
 

@@ -257,6 +257,18 @@ async def test_cli_on_a_stopped_agents_file(tmp_path: Path, capsys: pytest.Captu
     code, out, _ = await asyncio.to_thread(run, "dead-letters", "--json")
     assert [d["id"] for d in json.loads(out)] == [e.id for e in made]
 
+    # For people: tables with a header, full ids, the orphaned backlog and how to purge it.
+    code, out, _ = await asyncio.to_thread(run, "stats")
+    table = out.splitlines()
+    assert code == 0 and "2 dead letter(s)" in table[0]
+    assert table[2].split() == ["SINK", "LANE", "DEPTH", "OLDEST"]
+    assert any(row.split()[:3] == ["old", "orphaned", "2"] and "buffer purge --sink old" in row for row in table)
+    code, out, _ = await asyncio.to_thread(run, "dead-letters")
+    table = out.splitlines()
+    assert table[0].split() == ["ID", "TYPE", "SUBJECT", "SINK", "AGE", "REASON"]
+    assert [row.split()[0] for row in table[1:-1]] == [e.id for e in made]
+    assert table[-1] == "2 dead letter(s)"
+
     code, out, _ = await asyncio.to_thread(run, "replay", "--id", made[1].id)
     assert (code, out) == (0, "replayed 1, failed 0\n")
     code, out, _ = await asyncio.to_thread(run, "replay", "--all", "--json")
