@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.config_types import TagConfig
+from agent.counters import CounterTracker, counter_spec
 from agent.events import (
     Aggregate,
     CloudEvent,
@@ -84,6 +85,7 @@ class _TagState:
     trigger_value: Any = None
     trigger_known: bool = False
     fired_time: datetime | None = None
+    counter: CounterTracker | None = None  # kind "counter": running total for transaction fields
 
 
 class Rules:
@@ -96,7 +98,10 @@ class Rules:
         self._tags: dict[str, _TagState] = {}
         for source in settings.source_configs():
             for tag in source.tag_configs():
-                self._tags[tag.tag] = _TagState(config=tag, source=source.name)
+                state = _TagState(config=tag, source=source.name)
+                if tag.kind == "counter":
+                    state.counter = CounterTracker(counter_spec(tag))
+                self._tags[tag.tag] = state
         for rule in settings.transactions:
             self._tags[rule.when].triggers.append(rule)
         self.current: dict[str, Reading] = {}
@@ -104,6 +109,10 @@ class Rules:
         self._field_tags = frozenset(tag for rule in settings.transactions for tag in rule.fields.values())
         self._batch_fields: dict[str, list[Reading]] = {}
         self._before_batch: dict[str, Reading | None] = {}
+        # Counter fields: the running total at each reading of the batch, and the count at each rule's last firing.
+        self._batch_totals: dict[str, list[int]] = {}
+        self._before_totals: dict[str, int] = {}
+        self._fired_totals: dict[tuple[str, str], int] = {}
         self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
 
     def source_uri(self, source: str) -> str:
@@ -123,6 +132,7 @@ class Rules:
         current = self.current
         self._batch_fields.clear()
         self._before_batch.clear()
+        self._batch_totals.clear()
         for reading in batch:
             state = tags.get(reading.tag)
             if state is None:
@@ -134,6 +144,8 @@ class Rules:
                     if not seen:
                         self._before_batch[reading.tag] = current.get(reading.tag)
                     seen.append(reading)
+                    if state.counter is not None:
+                        self._count(state.counter, reading)
                 current[reading.tag] = reading
             if state.triggers:
                 triggered.append((state, reading))
@@ -331,6 +343,14 @@ class Rules:
                 problems.append(f"field {key}: tag {tag} has no good value yet")
                 data[key] = None
                 continue
+            counter = self._tags[tag].counter
+            if counter is not None:
+                # A counter field is what was counted since this rule last fired (wrap/reset-aware).
+                total = self._total_at(tag, reading.time)
+                since = total - self._fired_totals.get((rule.name, key), 0)
+                self._fired_totals[(rule.name, key)] = total
+                data[key] = _field_value(key, counter.value_of(since), rule, problems)
+                continue
             data[key] = _field_value(key, current.value, rule, problems)
         subject = _subject(data, rule.when)
         event = make_event(
@@ -372,6 +392,28 @@ class Rules:
                 break
             chosen = candidate
         return chosen
+
+    def _count(self, counter: CounterTracker, reading: Reading) -> None:
+        totals = self._batch_totals.setdefault(reading.tag, [])
+        if not totals:
+            self._before_totals[reading.tag] = counter.total
+        counter.update(reading.value)
+        totals.append(counter.total)
+
+    def _total_at(self, tag: str, at: datetime) -> int:
+        """A counter's running total at source time ``at`` (the reading ``_value_at`` chooses)."""
+        seen = self._batch_fields.get(tag)
+        counter = self._tags[tag].counter
+        total = counter.total if counter is not None else 0
+        if not seen:
+            return total
+        totals = self._batch_totals[tag]
+        total = self._before_totals[tag]
+        for candidate, candidate_total in zip(seen, totals, strict=True):
+            if candidate.time > at:
+                break
+            total = candidate_total
+        return total
 
     def accept_events(self, source: str, events: Sequence[CloudEvent]) -> RuleOutput:
         """Canonical events a source built itself (MES, scans): ours to source, mapped, or dead letters.
