@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
@@ -15,6 +17,7 @@ from protocols.barcode import BarcodeSourceConfig, terminator_bytes
 from protocols.barcode.framing import Frame, Framer
 from protocols.barcode.gs1 import Garbled, escape_raw, read_scan
 from protocols.barcode.source import ScanReader
+from tests.build import context
 
 GS = "\x1d"
 
@@ -77,9 +80,7 @@ def test_terminators() -> None:
 
 
 def test_config_summary_and_warnings() -> None:
-    from tests.build import context
-
-    line = config(work_order_tag="press7.work_order").describe(context(__import__("pathlib").Path("/tmp")))[0]
+    line = config(work_order_tag="press7.work_order").describe(context(Path("/tmp")))[0]
     assert "dock1 tcp-server listen 127.0.0.1:0 station=receiving-dock-1 event=goods.received" in line
     assert "work_order<-press7.work_order" in line and "duplicate_window=1s" in line
     assert config().warnings() == []
@@ -267,7 +268,7 @@ def test_every_scan_has_its_own_id_and_a_later_time() -> None:
     scans = reader(duplicate_window="0s")
     events = scans.events([Frame(b"SAME")] * 50)
     assert len({e.id for e in events}) == 50
-    assert all(a.time < b.time for a, b in zip(events, events[1:], strict=False))
+    assert all(a.time < b.time for a, b in itertools.pairwise(events))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -195,7 +195,7 @@ class BarcodeSource:
     async def _serve(self, output: SourceOutput) -> None:
         assert self.config.listen is not None
         host, port = parse_address(self.config.listen, key="listen")
-        backoff = Backoff(base=0.5, cap=self.config.reconnect_max_backoff)
+        backoff = _backoff(self.config.reconnect_max_backoff)
 
         async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -267,7 +267,7 @@ class BarcodeSource:
         open_stream: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]],
     ) -> None:
         """Open the scanner's stream, read it until it ends, open it again after a backoff."""
-        backoff = Backoff(base=0.2, cap=self.config.reconnect_max_backoff)
+        backoff = _backoff(self.config.reconnect_max_backoff)
         while True:
             try:
                 reader, writer = await open_stream()
@@ -329,7 +329,7 @@ class BarcodeSource:
 
     async def _commit(self, batch: list[CloudEvent], output: SourceOutput) -> None:
         """Hand ``batch`` over until it is committed: the same events, the same ids, after a backoff."""
-        backoff = Backoff(base=0.2, cap=5.0)
+        backoff = _backoff(5.0)
         while True:
             try:
                 await output.events(batch)
@@ -376,6 +376,10 @@ class BarcodeSource:
         if now - self._last_log.get(kind, -_LOG_INTERVAL) >= _LOG_INTERVAL:
             self._last_log[kind] = now
             logger.warning(message, extra={"source": self.name, **fields})
+
+
+def _backoff(cap: float) -> Backoff:
+    return Backoff(base=min(0.2, cap), cap=cap)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
