@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,9 +19,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from agent.config_types import BuildContext, ConfigModel, Duration, mask_secret
 from agent.events import LANE_OF_TYPE, TYPE_PREFIX
 from agent.source import Source, SourceConfig
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["FieldPath", "MesMapping", "MesSourceConfig", "canonical_name", "parse_path"]
 
