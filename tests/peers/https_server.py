@@ -295,16 +295,25 @@ class HttpsReceiver:
         return self
 
     def stop(self) -> None:
-        """Close the listener and every connection; the port refuses connections afterwards."""
+        """Close the listener and every connection; the port refuses connections when this returns.
+
+        A TLS connection closes with an exchange of close_notify: when the client's event
+        loop is the caller's (a test stopping the receiver under a live sink), that exchange
+        can only finish after this returns, so the server's thread is left to end on its own
+        once the listener is closed.
+        """
         thread, self._thread = self._thread, None
         if thread is None:
             return
         if self._loop is not None and self._shutdown is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._shutdown.set)
-        thread.join(10)
-        if thread.is_alive():
-            raise RuntimeError("HTTPS receiver did not stop within 10 s")
+        thread.join(1.0)
+        deadline = time.monotonic() + 10
+        while _accepts(self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTPS receiver still listening on {self.port} 10 s after stop")
+            time.sleep(0.01)  # pacing the poll of a condition that has a deadline
 
     def __enter__(self) -> HttpsReceiver:
         return self.start()
