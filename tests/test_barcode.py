@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from agent.events import LANE_OF_TYPE, CloudEvent, Quantity, encode_event
 from protocols.barcode import BarcodeSourceConfig, terminator_bytes
 from protocols.barcode.framing import Frame, Framer
 from protocols.barcode.gs1 import Garbled, escape_raw, read_scan
+from protocols.barcode.simulator import demo_scans
 from protocols.barcode.source import ScanReader
 from tests.build import context
 
@@ -302,3 +304,15 @@ def test_arbitrary_bytes_never_crash_and_every_frame_is_accounted_for(chunks: li
             assert event.data.reason
             assert all(0x20 <= ord(c) < 0x7F for c in event.data.raw)
     assert len({e.id for e in events}) == len(events)
+
+
+def test_demo_scanner_mix_gives_gs1_plain_double_and_garbled_reads() -> None:
+    scans = reader(duplicate_window="1m")
+    rng = random.Random(7)
+    rounds = [scans.events([Frame(code) for code in demo_scans(rng, number)]) for number in range(8)]
+    kinds = [[(e.type.removeprefix("io.plantgate."), "gtin" in e.data if isinstance(e.data, dict) else None)
+              for e in events] for events in rounds]
+    assert kinds[0] == kinds[1] == kinds[2] == kinds[3] == kinds[5] == [("goods.received", True)]
+    assert kinds[4] == [("goods.received", False)]  # the plain pallet label
+    assert kinds[6] == [("goods.received", True)] and scans.duplicates == 1
+    assert kinds[7] == [("barcode.rejected", None)]

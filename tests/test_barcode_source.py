@@ -145,7 +145,7 @@ async def test_tcp_server_garbage_overlong_and_double_reads(tmp_path: Path) -> N
         assert source.status.state == "connected", "a bad scanner does not stop the source"
     rejected = [e for e in out.events_seen if e.type == "io.plantgate.barcode.rejected"]
     reasons = [e.data.reason for e in rejected]
-    assert [e.data.raw for e in rejected][0] == "\\x00\\x01\\xfe"
+    assert rejected[0].data.raw == "\\x00\\x01\\xfe"
     assert "neither printable ASCII nor GS" in reasons[0]
     assert "longer than max_length 64" in reasons[1]
     assert "]C1 is a GS1 symbology" in reasons[2]
