@@ -357,6 +357,8 @@ class Buffer:
         self._corrupt: str | None = None  # a reader saw corruption: the commit loop quarantines
         self._generation = 0  # bumped by each quarantine: reads begun before it are stale
         self._refusing: str | None = None  # why writes are refused (disk full, size cap), None when fine
+        self._written_since_size_check = 0
+        self._size_check_bytes = max(256 * 1024, self.max_size_bytes // 64)
         self._cursors: dict[tuple[str, Lane], _LaneCursor] = {}
         self._dirty_cursors: set[tuple[str, Lane]] = set()
         self._configured: dict[str, frozenset[Lane]] | None = (
@@ -808,6 +810,12 @@ class Buffer:
             if pending.count:
                 for event in self._new_data.values():
                     event.set()
+            if self._written_since_size_check >= self._size_check_bytes:
+                # A burst (a webhook at full speed) must not overshoot max_size_mb by a second's worth.
+                try:
+                    await self.maintain()
+                except sqlite3.Error as exc:  # the periodic upkeep tries again within a second
+                    log.debug("Size check after a commit failed", extra={"error": str(exc)})
             if self._closing and not self._pending.count and not self._dirty_cursors:
                 return
 
@@ -931,10 +939,11 @@ class Buffer:
             segments = [
                 events[start : start + _SEGMENT_MAX_EVENTS] for start in range(0, len(events), _SEGMENT_MAX_EVENTS)
             ]
+            rows = [(seg[0].seq, seg[-1].seq, len(seg), now, pack_segment(seg)) for seg in segments]
             await db.executemany(
-                f"INSERT INTO {_TABLE[lane]}(first_seq, last_seq, count, enqueued, events) VALUES (?,?,?,?,?)",
-                [(seg[0].seq, seg[-1].seq, len(seg), now, pack_segment(seg)) for seg in segments],
+                f"INSERT INTO {_TABLE[lane]}(first_seq, last_seq, count, enqueued, events) VALUES (?,?,?,?,?)", rows
             )
+            self._written_since_size_check += sum(len(row[4]) for row in rows)
             txn.inserted[lane] = events
             if lane == "telemetry":
                 # Counted before eviction so the cap holds right after the commit that crosses it.
@@ -1247,6 +1256,7 @@ class Buffer:
         """Periodic upkeep (about once a second): size cap and back-pressure."""
         if self._db is None:
             return
+        self._written_since_size_check = 0
         await self._refresh_size()
         if self._size_bytes >= self.max_size_bytes:
             if self._telemetry_rows > 0:
