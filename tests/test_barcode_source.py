@@ -10,11 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hypothesis.strategies as st
 import msgspec
+from hypothesis import HealthCheck, given, settings
 
 from agent.events import CloudEvent, Reading
 from agent.source import BufferUnavailable
 from protocols.barcode import BarcodeSourceConfig
+from protocols.barcode.framing import Framer
 from protocols.barcode.source import BarcodeSource
 from tests.build import context
 from tests.peers.mosquitto import free_port
@@ -236,3 +239,32 @@ async def test_serial_device_missing_is_retried(tmp_path: Path) -> None:
     async with running(source, Recorder(), connect=False):
         await wait_for(lambda: source.status.state == "reconnecting", message=lambda: str(source.status))
         assert "ttyNOPE" in (source.status.last_error or "")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=200), st.sampled_from([b"\r", b"\r\n", b"]C1", GS.encode(), b"01" + GTIN.encode()])
+        ),
+        max_size=20,
+    )
+)
+def test_arbitrary_bytes_over_tcp_never_stop_the_source(tmp_path: Path, chunks: list[bytes]) -> None:
+    async def scenario() -> None:
+        source = build(tmp_path, max_length=128, duplicate_window="1h")
+        async with running(source, Recorder()) as out:
+            _, scanner = await asyncio.open_connection("127.0.0.1", listen_port(source))
+            await wait_for(lambda: source.status.info["scanners"] == "1", timeout=5)
+            for chunk in chunks:
+                scanner.write(chunk)
+                await scanner.drain()
+            scanner.close()
+            await wait_for(lambda: source.status.info["scanners"] == "0", timeout=5)
+            assert source.status.state == "connected"
+        reference = Framer(b"\r", 128)
+        frames = [f for chunk in chunks for f in reference.feed(chunk)] + reference.close()
+        assert len(out.events_seen) + int(source.status.info["duplicates_suppressed"]) == len(frames)
+        assert len({e.id for e in out.events_seen}) == len(out.events_seen)
+
+    asyncio.run(scenario())
