@@ -18,6 +18,7 @@ from agent.events import CloudEvent, Reading
 from agent.source import BufferUnavailable
 from protocols.barcode import BarcodeSourceConfig
 from protocols.barcode.framing import Framer
+from protocols.barcode.simulator import ScannerSimulator
 from protocols.barcode.source import BarcodeSource
 from tests.build import context
 from tests.peers.mosquitto import free_port
@@ -268,3 +269,21 @@ def test_arbitrary_bytes_over_tcp_never_stop_the_source(tmp_path: Path, chunks: 
         assert len({e.id for e in out.events_seen}) == len(out.events_seen)
 
     asyncio.run(scenario())
+
+
+async def test_demo_scanner_feeds_a_tcp_server_source(tmp_path: Path) -> None:
+    source = build(tmp_path)
+    async with running(source, Recorder()) as out:
+        simulator = ScannerSimulator(connect=source.status.info["listen"])
+        stop = asyncio.Event()
+        demo = asyncio.create_task(simulator.run_demo(stop, interval=0.03))
+        try:
+            await wait_for(lambda: int(source.status.info["rejected"]) >= 1, timeout=10)  # the smudged read of round 7
+        finally:
+            stop.set()
+            await asyncio.wait_for(demo, 5)
+        await wait_for(lambda: source.status.info["scanners"] == "0")
+    types = {e.type for e in out.events_seen}
+    assert types == {"io.plantgate.goods.received", "io.plantgate.barcode.rejected"}
+    assert int(source.status.info["duplicates_suppressed"]) >= 1  # the double read of round 6
+    assert any("lot" in d and "serial" in d for d in out.data())

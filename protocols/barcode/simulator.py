@@ -126,15 +126,15 @@ class ScannerSimulator:
         self.sent += sent
         return sent
 
-    async def run_demo(self, stop: asyncio.Event) -> None:
-        """Scan the demo mix every second or two until ``stop`` is set; reconnects to the agent as needed."""
+    async def run_demo(self, stop: asyncio.Event, *, interval: float = 1.5) -> None:
+        """Scan the demo mix about every ``interval`` seconds until ``stop`` is set; reconnects as needed."""
         rng = random.Random()
         if self._server is None and not self._writers:
             with contextlib.suppress(OSError):
                 await self.start()
         try:
             for number in itertools.count():
-                if await _stopped(stop, rng.uniform(1.0, 2.0)):
+                if await _stopped(stop, rng.uniform(interval * 2 / 3, interval * 4 / 3)):
                     return
                 if self.connect is not None and not self.connected:
                     try:

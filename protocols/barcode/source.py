@@ -149,7 +149,15 @@ class ScanReader:
 
 
 class BarcodeSource:
-    """Scans from a station's scanners, as the station's configured event."""
+    """Scans from a station's scanners, as the station's configured event.
+
+    ``status.state`` is ``connected`` while listening (tcp-server, however many
+    scanners are connected) or while the scanner's connection or port is open,
+    ``reconnecting`` while it is being (re)opened. ``status.info`` counts
+    ``scans`` (committed), ``rejected``, ``duplicates_suppressed`` and
+    ``empty_frames``, gives ``last_scan`` (its time) and, for tcp-server,
+    ``scanners`` connected now, ``refused_connections`` and ``listen``.
+    """
 
     def __init__(self, config: BarcodeSourceConfig, *, source_uri: str, site: str):
         self.name = config.name
@@ -159,6 +167,7 @@ class BarcodeSource:
         self._terminator = config.terminator_bytes()
         self._scans = 0
         self._empty = 0
+        self._refused = 0
         self._connections: set[asyncio.Task[Any]] = set()
         self._work_order_missing = False
         self._last_log: dict[str, float] = {}
@@ -202,6 +211,8 @@ class BarcodeSource:
             assert task is not None
             peer = _peer(writer)
             if len(self._connections) >= self.config.max_connections:
+                self._refused += 1
+                self._update_counts()
                 logger.warning(
                     "Scanner connection refused: too many scanners connected",
                     extra={"source": self.name, "peer": peer, "max_connections": self.config.max_connections},
@@ -320,6 +331,8 @@ class BarcodeSource:
             await self._commit(batch, output)
         rejected = self.reader.rejected - rejected_before
         self._scans += len(batch) - rejected
+        if batch:
+            self.status.info["last_scan"] = batch[-1].time.isoformat()
         if rejected:
             reasons = [e.data.reason for e in batch if isinstance(e.data, BarcodeRejected)]
             self._log_rate_limited(
@@ -370,6 +383,7 @@ class BarcodeSource:
         info["empty_frames"] = str(self._empty)
         if self.config.mode == "tcp-server":
             info["scanners"] = str(len(self._connections))
+            info["refused_connections"] = str(self._refused)
 
     def _log_rate_limited(self, kind: str, message: str, fields: dict[str, Any]) -> None:
         now = time.monotonic()
