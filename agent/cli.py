@@ -327,8 +327,9 @@ class _BufferTarget:
         headers = {"Accept": "application/json"}
         token_file = self.settings.http.ingest_token_file
         if token_file is not None:
+            token_file = self.settings.data_path(token_file)  # as the agent reads it
             try:
-                token = Path(token_file).read_text(encoding="utf-8").strip()
+                token = token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise _AgentUnreachable(f"{token_file}: cannot read the ingest token: {exc.strerror}") from exc
             headers["Authorization"] = f"Bearer {token}"

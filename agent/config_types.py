@@ -33,7 +33,7 @@ class BuildContext:
     version: str
     data_dir: Path
     ingest_token_file: Path | None = None
-    """``[http].ingest_token_file``: the bearer token sources serving HTTP (the MES webhook) require."""
+    """``[http].ingest_token_file`` (resolved): the bearer token sources serving HTTP (the MES webhook) require."""
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def shared(self, key: Hashable, create: Callable[[], _T]) -> _T:

@@ -53,7 +53,9 @@ def build_context(settings: Settings) -> BuildContext:
         site=agent.site,
         version=__version__,
         data_dir=agent.data_dir,
-        ingest_token_file=settings.http.ingest_token_file,
+        ingest_token_file=(
+            settings.data_path(settings.http.ingest_token_file) if settings.http.ingest_token_file else None
+        ),
     )
 
 
