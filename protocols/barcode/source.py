@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,8 @@ _READ_SIZE = 65536
 _MAX_REMEMBERED = 10_000  # codes kept for the duplicate window; the oldest go first beyond this
 _LOG_INTERVAL = 10.0  # at most one log line per kind of trouble per source in this many seconds
 _ONE_MICROSECOND = timedelta(microseconds=1)
+# Scanners send nothing between scans: without probes a half-open connection stays "connected".
+_KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_PROBES = 30, 10, 3
 
 
 class ScanReader:
@@ -220,6 +223,7 @@ class BarcodeSource:
                 writer.close()
                 return
             self._connections.add(task)
+            _keepalive(writer)
             self._update_counts()
             logger.info("Scanner connected", extra={"source": self.name, "peer": peer})
             try:
@@ -246,7 +250,6 @@ class BarcodeSource:
             bound = server.sockets[0].getsockname()
             self.status.info["listen"] = f"{bound[0]}:{bound[1]}"
             self.status.set_state("connected")
-            self.status.last_error = None
             logger.info("Listening for scanners", extra={"source": self.name, "listen": self.status.info["listen"]})
             await asyncio.Event().wait()  # until cancelled; the connections run as the server's tasks
 
@@ -289,8 +292,8 @@ class BarcodeSource:
                 await backoff.wait()
                 continue
             backoff.reset()
+            _keepalive(writer)
             self.status.set_state("connected")
-            self.status.last_error = None
             logger.info("Scanner connected", extra={"source": self.name, "peer": peer})
             try:
                 await self._read(reader, peer, output)
@@ -394,6 +397,18 @@ class BarcodeSource:
 
 def _backoff(cap: float) -> Backoff:
     return Backoff(base=min(0.2, cap), cap=cap)
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keep-alive, so a scanner that lost power is noticed within about a minute, not never."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a serial port
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE_PROBES)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:
