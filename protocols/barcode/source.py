@@ -328,18 +328,15 @@ class BarcodeSource:
             self._update_counts()
             return
         work_order = self._work_order(output) if self.config.work_order_tag else None
-        rejected_before = self.reader.rejected
         batch = self.reader.events(frames, work_order=work_order)
         if batch:
             await self._commit(batch, output)
-        rejected = self.reader.rejected - rejected_before
-        self._scans += len(batch) - rejected
-        if batch:
             self.status.info["last_scan"] = batch[-1].time.isoformat()
-        if rejected:
-            reasons = [e.data.reason for e in batch if isinstance(e.data, BarcodeRejected)]
+        reasons = [e.data.reason for e in batch if isinstance(e.data, BarcodeRejected)]
+        self._scans += len(batch) - len(reasons)
+        if reasons:
             self._log_rate_limited(
-                "rejected", "Scan rejected", {"peer": peer, "count": rejected, "reason": reasons[0]}
+                "rejected", "Scan rejected", {"peer": peer, "count": len(reasons), "reason": reasons[0]}
             )
         self._update_counts()
 
