@@ -122,10 +122,11 @@ class ModbusTagConfig(TagConfig):
         "(protocol addresses, as sent on the wire: holding register 40101 in 1-based notation is holding:100)",
         examples=["holding:100"],
     )
-    type: str = Field(
-        "uint16",
+    type: str | None = Field(
+        None,
         description="bool | int16 | uint16 | int32 | uint32 | float32 | float64 | string:N "
-        "(N registers, high byte first, trailing NULs and spaces stripped); coils and discrete inputs are bool",
+        "(N registers, high byte first, trailing NULs and spaces stripped); default: bool on coils and "
+        "discrete inputs (the only type there), uint16 on registers",
     )
     byte_order: Order = Field("big", description="big | little: byte order inside each register")
     word_order: Order = Field(
@@ -145,8 +146,8 @@ class ModbusTagConfig(TagConfig):
 
     @field_validator("type")
     @classmethod
-    def _valid_type(cls, value: str) -> str:
-        return parse_type(value).name
+    def _valid_type(cls, value: str | None) -> str | None:
+        return parse_type(value).name if value is not None else None
 
     @model_validator(mode="after")
     def _fits(self) -> ModbusTagConfig:
@@ -174,8 +175,10 @@ class ModbusTagConfig(TagConfig):
 
     @property
     def value_type(self) -> ValueType:
-        """The parsed ``type``."""
-        return parse_type(self.type)
+        """The parsed ``type`` (its default for the tag's table when not set)."""
+        if self.type is not None:
+            return parse_type(self.type)
+        return parse_type("bool" if self.location[0] in BIT_TABLES else "uint16")
 
     @property
     def writable(self) -> bool:
@@ -249,7 +252,7 @@ class ModbusSourceConfig(SourceConfig):
         for index, tag in enumerate(self.tags):
             if tag.value_type.registers > self.max_registers and tag.location[0] not in BIT_TABLES:
                 raise ValueError(
-                    f"tags.{index}: {tag.type} spans {tag.value_type.registers} registers, "
+                    f"tags.{index}: {tag.value_type.name} spans {tag.value_type.registers} registers, "
                     f"more than max_registers = {self.max_registers}"
                 )
         return self
@@ -270,7 +273,7 @@ class ModbusSourceConfig(SourceConfig):
             f"{self.name} {endpoint} unit={self.unit} poll_interval={self.poll_interval:g}s tags={len(self.tags)}"
         ]
         for tag in self.tags:
-            extra = [f"type={tag.type}"]
+            extra = [f"type={tag.value_type.name}"]
             if tag.value_type.registers > 1 and not tag.value_type.is_string and tag.word_order != "big":
                 extra.append(f"word_order={tag.word_order}")
             if tag.byte_order != "big":
