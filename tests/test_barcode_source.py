@@ -287,3 +287,21 @@ async def test_demo_scanner_feeds_a_tcp_server_source(tmp_path: Path) -> None:
     assert types == {"io.plantgate.goods.received", "io.plantgate.barcode.rejected"}
     assert int(source.status.info["duplicates_suppressed"]) >= 1  # the double read of round 6
     assert any("lot" in d and "serial" in d for d in out.data())
+
+
+async def test_serial_port_that_fails_is_retried(tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    closed = False
+    try:
+        source = build(tmp_path, mode="serial", listen=None, device=os.ttyname(slave))
+        async with running(source, Recorder()) as out:
+            os.write(master, b"BEFORE\r")
+            await wait_for(lambda: len(out.events_seen) == 1)
+            os.close(master)  # the adapter unplugged: reads fail, and so does reopening
+            closed = True
+            await wait_for(lambda: source.status.state == "reconnecting", message=lambda: str(source.status))
+            assert source.status.last_error
+    finally:
+        if not closed:
+            os.close(master)
+        os.close(slave)
