@@ -89,6 +89,8 @@ def test_config_summary_and_warnings() -> None:
     assert "double read" in config(duplicate_window="0s").warnings()[0]
     assert "without work_order_tag" in config(event="material.consumed").warnings()[0]
     assert config(event="material.consumed", work_order_tag="press7.work_order").warnings() == []
+    assert config(work_order_tag="press7.work_order").referenced_tags() == {"work_order_tag": "press7.work_order"}
+    assert config().referenced_tags() == {}
 
 
 # --- GS1 with biip -------------------------------------------------------------------------------

@@ -164,6 +164,10 @@ class BarcodeSourceConfig(SourceConfig):
                 raise ValueError(f"connect {self.connect!r} needs the scanner's port")
         return self
 
+    def referenced_tags(self) -> dict[str, str]:
+        """Config key -> tag of another source this one reads (for the settings' cross-reference check)."""
+        return {"work_order_tag": self.work_order_tag} if self.work_order_tag else {}
+
     def terminator_bytes(self) -> bytes:
         """The terminator as bytes."""
         return terminator_bytes(self.terminator)
