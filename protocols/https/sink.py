@@ -232,8 +232,14 @@ class HttpsSink:
         headers = {"content-type": CONTENT_TYPE}
         if token is not None:
             headers["authorization"] = f"Bearer {token}"
+        client = self._http()
         try:
-            response = await self._http().post(self.url, content=content, headers=headers)
+            try:
+                response = await client.post(self.url, content=content, headers=headers)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                # A kept-alive connection the server closed as we reused it: one new connection at once
+                # (the events carry their ids, so a batch the server did take is deduplicated there).
+                response = await client.post(self.url, content=content, headers=headers)
         except httpx.HTTPError as exc:
             self._set_state("reconnecting", f"{self.url}: {describe_error(exc)}")
             self._unreachable.set()
