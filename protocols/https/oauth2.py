@@ -221,16 +221,24 @@ def _oauth_error(body: bytes) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-line, secret-free description of a request failure (TLS verification named as such)."""
+    """A one-line, secret-free description of a request failure: TLS verification named as such,
+    else the innermost operating-system error (connection refused, reset by peer), else the exception."""
+    os_error: OSError | None = None
     cause: BaseException | None = exc
-    while cause is not None:
+    seen = 0
+    while cause is not None and seen < 10:
+        seen += 1
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS certificate verification failed: {cause.verify_message or cause.reason}"
         if isinstance(cause, ssl.SSLError):
             return f"TLS error: {cause.reason or cause}"
+        if isinstance(cause, OSError) and cause.strerror:
+            os_error = cause
         cause = cause.__cause__ or cause.__context__
+    kind = "cannot connect" if isinstance(exc, httpx.ConnectError) else type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect: {exc}" if str(exc) else "cannot connect"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"timed out ({kind})"
+    if os_error is not None:
+        # a server that requires a client certificate we did not send closes TLS 1.3 this way
+        return f"{kind}: {(os_error.strerror or str(os_error)).lower()}"
+    return f"{kind}: {exc}" if str(exc) else kind
