@@ -240,6 +240,16 @@ class Metrics:
             "Size of the buffer database on disk (main file and WAL)",
             registry=reg,
         )
+        self._max_size_bytes = Gauge(
+            "plantgate_buffer_max_size_bytes",
+            "The buffer's size cap ([buffer] max_size_mb): telemetry is evicted, then sources held, beyond it",
+            registry=reg,
+        )
+        self._disk_free_bytes = Gauge(
+            "plantgate_disk_free_bytes",
+            "Free space on the file system that holds the buffer (what the agent's user may still use)",
+            registry=reg,
+        )
         self._refusing_writes = Gauge(
             "plantgate_buffer_refusing_writes",
             "1 while the buffer refuses writes (disk full or max_size_mb reached), else 0",
@@ -430,6 +440,11 @@ class Metrics:
     def set_buffer_size(self, size_bytes: int) -> None:
         """The buffer database's size on disk."""
         self._size_bytes.set(size_bytes)
+
+    def set_headroom(self, max_size_bytes: int, disk_free_bytes: int) -> None:
+        """The buffer's size cap and the free space on its file system."""
+        self._max_size_bytes.set(max_size_bytes)
+        self._disk_free_bytes.set(disk_free_bytes)
 
     def set_refusing_writes(self, refusing: bool) -> None:
         """Whether the buffer currently refuses writes (readiness is 503 while it does)."""

@@ -14,10 +14,12 @@ import ctypes
 import functools
 import gc
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from agent import __version__, systemd
@@ -44,6 +46,7 @@ from agent.settings import Settings
 from agent.sink import RetryLater, Sink
 from agent.source import BufferUnavailable, ServesHttp, Source
 from agent.supervision import TaskHealth, supervise
+from agent.throughput import DeliveryRate
 from buffer import Buffer, BufferError, DeadLetterGroup, DeliveryCursor, Eviction
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,8 @@ class Agent:
         self.tasks: dict[str, TaskHealth] = {}
         """Every supervised long-running task, for /status."""
         self._oldest: dict[tuple[str, Lane], float] = {}
+        self.rates = DeliveryRate()
+        """Acknowledged events per second per (sink, lane), for /status and the drain estimate."""
         self._gap_pending: dict[str, Eviction] = {}
         self._gap_sent: dict[str, float] = {}
         self._started = asyncio.Event()
@@ -363,6 +368,7 @@ class Agent:
                 for event in settlement.acked:
                     lanes.setdefault(event.lane, []).append(now - event.enqueued)
                 for lane, latencies in lanes.items():
+                    self.rates.record((sink.name, lane), len(latencies))
                     metrics.delivered(sink.name, lane, len(latencies))
                     metrics.observe_latency(sink.name, lane, latencies)
             for event, reason in settlement.rejected:
@@ -401,6 +407,7 @@ class Agent:
             await self._refresh_dead_letters()  # cheap unless dead letters changed
             if tick % 5 == 0:
                 await self._refresh_oldest()
+                self.rates.sample()
 
     def _report_evictions(self) -> None:
         buffer = self.buffer
@@ -496,6 +503,8 @@ class Agent:
             }
         )
         self.metrics.set_buffer_size(self.buffer.size_bytes)
+        headroom = self._headroom()
+        self.metrics.set_headroom(headroom["max_size_bytes"], headroom["disk_free_bytes"])
         self.metrics.set_refusing_writes(self.buffer.refusing_writes is not None)
         components: list[tuple[Component, Source | Sink]] = [
             *(("source", source) for source in self.sources),
@@ -535,13 +544,16 @@ class Agent:
         agent = self.settings.agent
         sinks: dict[str, Any] = {}
         for sink in self.sinks:
-            lanes = {
-                lane: {
-                    "depth": self.buffer.depth(sink.name, lane),
+            lanes = {}
+            for lane in sorted(sink.lanes):
+                depth = self.buffer.depth(sink.name, lane)
+                drain = self.rates.drain_seconds((sink.name, lane), depth)
+                lanes[lane] = {
+                    "depth": depth,
                     "oldest_age_seconds": round(self._oldest.get((sink.name, lane), 0.0), 3),
+                    "rate_per_second": round(self.rates.rate((sink.name, lane)), 1),
+                    "drain_seconds": None if drain is None else round(drain, 1),
                 }
-                for lane in sorted(sink.lanes)
-            }
             sinks[sink.name] = {
                 **_status_of(sink.status),
                 "depth": sum(entry["depth"] for entry in lanes.values()),
@@ -562,6 +574,7 @@ class Agent:
                 "path": str(self.buffer.path),
                 "size_bytes": self.buffer.size_bytes,
                 "refusing_writes": self.buffer.refusing_writes,
+                **self._headroom(),
                 "last_sequence": self.buffer.last_sequence,
                 "dead_letters": self.buffer.dead_letter_count,
                 "dead_letters_by_sink": {name: self._dead_letters_of(name) for name in self._dead_summary},
@@ -570,6 +583,16 @@ class Agent:
             "unrouted": dict(self._unrouted),
             "tasks": {name: health.as_dict() for name, health in self.tasks.items()},
             "plc_acks": self.acks.status(),
+        }
+
+    def _headroom(self) -> dict[str, int]:
+        """Room left: to ``max_size_mb`` and on the buffer's file system (whichever ends first)."""
+        free = disk_free_bytes(self.buffer.path)
+        to_cap = max(0, self.buffer.max_size_bytes - self.buffer.size_bytes)
+        return {
+            "max_size_bytes": self.buffer.max_size_bytes,
+            "disk_free_bytes": free,
+            "headroom_bytes": min(to_cap, free),
         }
 
     async def wait_started(self) -> None:
@@ -651,6 +674,15 @@ def _status_of(status: Any) -> dict[str, Any]:
         "degraded": dict(status.degraded),
         **({"info": dict(status.info)} if status.info else {}),
     }
+
+
+def disk_free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
 
 
 def _settle_memory() -> None:

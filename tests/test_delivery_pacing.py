@@ -137,3 +137,23 @@ async def test_a_live_transaction_overtakes_a_paced_telemetry_backlog(tmp_path: 
     # ... while most of the telemetry backlog was still waiting behind it.
     assert telemetry_left > len(backlog) // 2
     assert sorted(sink.delivered()) == sorted([*(e.id for e in backlog), live.id, sink.delivered()[0]])
+
+
+async def test_status_shows_each_lanes_delivery_rate_drain_estimate_and_headroom(tmp_path: Path) -> None:
+    async with paced_agent(tmp_path) as (agent, sink):
+        future = agent.accept("press", RuleOutput(events=telemetry(1500)))  # three seconds' worth at RATE
+        assert future is not None
+        await future
+        await wait_for(lambda: len(sink.delivered()) >= 400)
+        agent.rates.sample()
+        status = agent.status()
+        lane = status["sinks"]["paced"]["lanes"]["telemetry"]
+        # Paced at RATE: the measured rate cannot be above it (plus one burst), and the rest drains at it.
+        assert 0 < lane["rate_per_second"] <= RATE * 1.2
+        assert lane["depth"] > 0 and lane["drain_seconds"] is not None
+        assert abs(lane["drain_seconds"] - lane["depth"] / lane["rate_per_second"]) < 1.0
+        buffer = status["buffer"]
+        assert buffer["disk_free_bytes"] > 0
+        assert 0 < buffer["headroom_bytes"] <= buffer["max_size_bytes"]
+        empty = status["sinks"]["paced"]["lanes"]["transaction"]
+        assert empty["depth"] == 0 and empty["drain_seconds"] == 0.0
