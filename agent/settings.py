@@ -171,6 +171,11 @@ class Settings(BaseSettings):
                 tags[tag.tag] = source.name
         _unique("sources", [s.name for s in self.source_configs()])
         _unique("sinks", [s.name for s in self.sink_configs()])
+        for key in SOURCES:
+            for index, config in enumerate(getattr(self.sources, key)):
+                for field, tag in config.referenced_tags().items():
+                    if tag not in tags:
+                        raise ValueError(f"sources.{key}.{index}.{field}: tag {tag!r} is not defined by any source")
         _unique("transactions", [rule.name for rule in self.transactions])
         for index, rule in enumerate(self.transactions):
             where = f"transactions.{index}"

@@ -124,6 +124,13 @@ class SourceConfig(ConfigModel):
         """The tags this source defines (rules and cross-reference checks use them); none by default."""
         return ()
 
+    def referenced_tags(self) -> dict[str, str]:
+        """Config key -> a tag of another source this one reads (a scanner's ``work_order_tag``).
+
+        The settings check that each names a defined tag, as they do for rules.
+        """
+        return {}
+
     def describe(self, context: BuildContext) -> list[str]:
         """``plantgate check``'s summary of this source: one line, then detail lines; secrets masked."""
         return [self.name]

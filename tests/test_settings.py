@@ -512,3 +512,22 @@ def test_tag_options_must_fit_the_kind() -> None:
     error = config_error(text)
     assert error.key == "sources.opcua.1.tags.0"
     assert "deadband" in error.message
+
+
+def test_a_scanner_work_order_tag_must_be_defined_by_a_source() -> None:
+    error = config_error(
+        """
+[agent]
+site = "s"
+id = "a"
+
+[[sources.barcode]]
+name = "dock1"
+mode = "tcp-server"
+listen = "127.0.0.1:9101"
+station = "dock-1"
+event = "goods.received"
+work_order_tag = "press7.work_orderr"
+"""
+    )
+    assert "sources.barcode.0.work_order_tag" in str(error) and "press7.work_orderr" in str(error)
