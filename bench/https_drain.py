@@ -75,6 +75,7 @@ def receiver_main(argv: list[str]) -> None:
     parser.add_argument("--certfile", required=True)
     parser.add_argument("--keyfile", required=True)
     parser.add_argument("--expected", type=int, default=0)
+    parser.add_argument("--http2", action="store_true", help="serve with hypercorn, offering HTTP/2")
     args = parser.parse_args(argv)
 
     class Event(msgspec.Struct):
@@ -113,6 +114,17 @@ def receiver_main(argv: list[str]) -> None:
         return JSONResponse({**state, "distinct": seen, "duplicates": duplicates})
 
     app = Starlette(routes=[Route("/events", events, methods=["POST", "OPTIONS"]), Route("/stats", stats)])
+    if args.http2:
+        # hypercorn speaks HTTP/2 (ALPN h2): for the client-cost comparison only
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"{HOST}:{args.port}"]
+        config.certfile, config.keyfile = args.certfile, args.keyfile
+        config.errorlog = config.accesslog = None
+        asyncio.run(serve(app, config))  # type: ignore[arg-type]
+        return
     uvicorn.run(
         app, host=HOST, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
         log_level="warning", access_log=False, http="h11",
@@ -122,7 +134,7 @@ def receiver_main(argv: list[str]) -> None:
 class Receiver:
     """The receiver process and its TLS material (trustme CA)."""
 
-    def __init__(self, directory: Path, expected: int) -> None:
+    def __init__(self, directory: Path, expected: int, *, http2: bool = False) -> None:
         import trustme
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -135,6 +147,7 @@ class Receiver:
         cert.private_key_pem.write_to_path(str(self.keyfile))
         self.port = free_port()
         self.expected = expected
+        self.http2 = http2
         self.proc: subprocess.Popen[bytes] | None = None
         self._context = ssl.create_default_context(cafile=str(self.ca_file))
 
@@ -150,7 +163,8 @@ class Receiver:
     def start(self) -> Receiver:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.https_drain", "receive", "--port", str(self.port),
-             "--certfile", str(self.certfile), "--keyfile", str(self.keyfile), "--expected", str(self.expected)],
+             "--certfile", str(self.certfile), "--keyfile", str(self.keyfile), "--expected", str(self.expected),
+             *(["--http2"] if self.http2 else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_until(lambda: self.stats() is not None, timeout=30, what="the HTTPS receiver answering")
@@ -330,6 +344,59 @@ def poison_cost(quick: bool) -> list[dict[str, Any]]:
             receiver.stop()
 
 
+# --- what a request costs the sink: HTTP/1.1 against HTTP/2 ------------------------------------------------------
+
+
+async def _request_cost(url: str, ca_file: Path, directory: Path, requests: int) -> dict[str, Any]:
+    from agent.config_types import BuildContext
+    from agent.events import encode_event
+    from agent.sink import ACKED, BufferedEvent
+    from bench.ingest import transaction
+    from protocols.https import HttpsSinkConfig
+
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    events = [transaction(20_000_000 + i, base) for i in range(BATCH)]
+    batch = [
+        BufferedEvent(seq=i + 1, lane=e.lane, type=e.type, id=e.id, body=encode_event(e)) for i, e in enumerate(events)
+    ]
+    config = HttpsSinkConfig(name="cost", url=url, ca_file=ca_file, http2=True)
+    sink = config.build(BuildContext(agent_id="bench", site="bench", version="bench", data_dir=directory))
+    task = asyncio.create_task(sink.run())
+    try:
+        assert all(o is ACKED for o in await sink.deliver(batch))  # connection and TLS set up, not measured
+        window = CpuWindow().start()
+        for _ in range(requests):
+            outcomes = await sink.deliver(batch)
+            if not all(o is ACKED for o in outcomes):
+                raise RuntimeError(f"request refused: {sink.status.last_error}")
+        window.stop()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return {
+        "http_version": sink.status.info.get("http_version"),
+        "requests": requests,
+        "batch": BATCH,
+        "body_bytes": sum(len(e.body) for e in batch) + BATCH + 1,
+        "client_cpu_ms_per_request": round(window.cpu / requests * 1000, 2),
+        "client_cpu_us_per_event": round(window.cpu / requests / BATCH * 1e6, 2),
+        "events_per_s_wall": round(requests * BATCH / window.wall, 1),
+    }
+
+
+def request_cost(quick: bool) -> list[dict[str, Any]]:
+    """The sink's own CPU per request of 500 events, to a receiver offering HTTP/1.1 only and one offering HTTP/2."""
+    results = []
+    with workdir("https-cost") as tmp:
+        for http2 in (False, True):
+            receiver = Receiver(tmp / f"receiver-{int(http2)}", 0, http2=http2).start()
+            try:
+                results.append(asyncio.run(_request_cost(receiver.url, receiver.ca_file, tmp, 20 if quick else 100)))
+            finally:
+                receiver.stop()
+    return results
+
+
 # --- the scenario ---------------------------------------------------------------------------------------------
 
 
@@ -341,7 +408,8 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> ScenarioRe
     )
     runs = [drain_once(size, quick=quick) for size in sizes]
     poison = poison_cost(quick)
-    result.figures = {"runs": runs, "poison": poison, "target_events_per_s": TARGET}
+    costs = request_cost(quick)
+    result.figures = {"runs": runs, "poison": poison, "request_cost": costs, "target_events_per_s": TARGET}
     for r in runs:
         rate = r["events_per_s"]
         ok = target_min(rate, TARGET)
@@ -393,6 +461,22 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> ScenarioRe
             ", ".join(f"at {p['poison_at']}: {p['requests']} in {p['seconds'] * 1000:.0f} ms" for p in poison),
         )
     )
+    for cost in costs:
+        result.rows.append(
+            Row(
+                "https request cost",
+                f"sink CPU per request of {BATCH} over {cost['http_version']}",
+                cost["client_cpu_ms_per_request"],
+                "ms",
+                "",
+                None,
+                "",
+                None,
+                None,
+                f"{cost['client_cpu_us_per_event']} us/event, {cost['events_per_s_wall']:.0f} ev/s "
+                f"(one request at a time, {cost['body_bytes'] // 1024} KiB bodies)",
+            )
+        )
     return result
 
 
