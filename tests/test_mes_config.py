@@ -122,3 +122,14 @@ async def test_demo_mes_feeds_both_modes(tmp_path: Path) -> None:
             demo_stop.set()
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+def test_one_webhook_per_agent(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t", encoding="utf-8")
+    text = (
+        f'[agent]\nsite = "s"\ndata_dir = "{tmp_path}"\n[http]\ningest_token_file = "token"\n'
+        '[[sources.mes]]\nname = "mes-a"\n[[sources.mes]]\nname = "mes-b"\n'
+    )
+    with pytest.raises(ConfigError, match="already is the MES webhook") as error:
+        build_sources(parse_settings(text))
+    assert error.value.key == "sources.mes.1.mode"

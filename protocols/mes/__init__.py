@@ -303,6 +303,10 @@ class MesSourceConfig(SourceConfig):
 
             if context.ingest_token_file is None:
                 raise ValueError("mode: the webhook needs [http].ingest_token_file (the bearer token callers send)")
+            # One agent serves one POST /v1/events: a second webhook entry would never receive anything.
+            owner = context.shared("mes-webhook", lambda: self.name)
+            if owner != self.name:
+                raise ValueError(f"mode: source {owner!r} already is the MES webhook; use one webhook entry per agent")
             from agent.http_server import read_token_file
 
             token = read_token_file(context.resolve(context.ingest_token_file))

@@ -144,6 +144,13 @@ class MesWebhookSource:
             reason = str(exc) or f"not committed within {self.config.commit_timeout:g}s"
             log.warning("MES events not committed; answered 503", extra={"source": self.name, "error": reason})
             return error_response(503, f"not committed: {reason}", {"Retry-After": self._retry_after})
+        except Exception as exc:  # e.g. the buffer closing under a request at shutdown: not acknowledged
+            log.error(
+                "MES events not committed; answered 503",
+                extra={"source": self.name, "error": f"{type(exc).__name__}: {exc}"},
+                exc_info=exc,
+            )
+            return error_response(503, "not committed; try again", {"Retry-After": self._retry_after})
         self.accepted += count
         self.status.info["accepted_events"] = str(self.accepted)
         return json_response({"accepted": count}, 202)
