@@ -271,8 +271,9 @@ class MesSourceConfig(SourceConfig):
                 auth = f" bearer={mask_secret(self.bearer_token, self.bearer_token_file)}"
             elif self.username is not None:
                 auth = f" user={self.username} password={mask_secret(self.password, self.password_file)}"
-            cursor = self.cursor_field or self.cursor_response or "-"
-            line = f"{self.name} poll {self.url} every {self.interval:g}s cursor={self.cursor_param}<-{cursor}{auth}"
+            source = self.cursor_field or self.cursor_response
+            cursor = f"{self.cursor_param}<-{source}" if source else "(none)"
+            line = f"{self.name} poll {self.url} every {self.interval:g}s cursor={cursor}{auth}"
         lines = [line]
         for name, mapping in self.mappings.items():
             where = f"POST /v1/mes/{name}" if self.mode == "webhook" else "records"
