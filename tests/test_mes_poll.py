@@ -206,3 +206,75 @@ async def test_agent_killed_mid_page_resumes_at_the_committed_cursor(tmp_path: P
     assert set(delivered) == {f"WO-{n:05d}" for n in range(1, total + 1)}
     assert all(len(ids) == 1 for ids in delivered.values()), "every record under one id"
     assert len({next(iter(ids)) for ids in delivered.values()}) == total
+
+
+CLOUDEVENTS_CONFIG = """
+[agent]
+site = "plant-poll"
+id = "gw-poll"
+data_dir = "{data_dir}"
+
+[http]
+listen = "127.0.0.1:0"
+
+[[sources.mes]]
+name = "mes"
+mode = "poll"
+url = "{url}"
+interval = "200ms"
+max_backoff = "300ms"
+records = "$.records"
+cursor_field = "$.seq"
+{extra}
+
+[[sinks.jsonl]]
+name = "file"
+path = "events.jsonl"
+"""
+
+
+def receipts(path: Path) -> dict[str, dict[str, Any]]:
+    return {event["id"]: event for event in lines(path) if event["type"] == "io.plantgate.goods.received"}
+
+
+async def test_cloudevents_records_paged_by_link_header_and_a_bad_record_reported(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    async with MesRestServer(12, page_size=5, cloudevents=True, link_header=True) as server:
+        server.records[7]["time"] = "not a time"  # one record the agent cannot take
+        text = CLOUDEVENTS_CONFIG.format(data_dir=tmp_path, url=server.url, extra="")
+        async with running_agent(text) as agent:
+            source = agent.sources[0]
+            await wait_for(lambda: len(receipts(out)) == 11, message=lambda: f"{len(receipts(out))} of 11")
+            assert [r.since for r in server.requests[:3]] == [None, "5", "10"]  # followed the Link header
+            assert "time" in source.status.degraded["records"]
+            assert source.status.info["rejected_records"] == "1"
+            assert committed_cursor(tmp_path / "buffer.db") == "12"
+    received = receipts(out)
+    assert "gr-00008" not in received
+    first = received["gr-00001"]
+    assert first["source"] == "plantgate/plant-poll/gw-poll/mes"
+    assert first["originsource"] == "mes://plant/rest"
+    assert first["data"]["quantity"] == {"value": "1", "uom": "EA"}
+
+
+async def test_https_with_the_configured_ca(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    out = tmp_path / "events.jsonl"
+    async with MesRestServer(3, cloudevents=True, tls=(str(cert_file), str(key_file))) as server:
+        assert server.url.startswith("https://")
+        untrusted = tmp_path / "untrusted"
+        untrusted.mkdir()
+        async with running_agent(CLOUDEVENTS_CONFIG.format(data_dir=untrusted, url=server.url, extra="")) as agent:
+            source = agent.sources[0]
+            await wait_for(lambda: source.status.state == "reconnecting", message="certificate refused")
+            assert "CERTIFICATE_VERIFY_FAILED" in (source.status.last_error or "")
+        text = CLOUDEVENTS_CONFIG.format(data_dir=tmp_path, url=server.url, extra=f'ca_file = "{ca_file}"')
+        async with running_agent(text):
+            await wait_for(lambda: len(receipts(out)) == 3, message="records over HTTPS")

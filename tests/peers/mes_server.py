@@ -36,6 +36,20 @@ class SeenRequest:
     if_none_match: str | None
 
 
+def cloudevent(n: int) -> dict[str, Any]:
+    """The n-th goods receipt as a CloudEvent (an MES that speaks CloudEvents); ``seq`` orders them."""
+    return {
+        "specversion": "1.0",
+        "id": f"gr-{n:05d}",
+        "source": "mes://plant/rest",
+        "type": "io.plantgate.goods.received",
+        "time": "2026-12-04T08:00:00Z",
+        "subject": f"LOT-{n:05d}",
+        "seq": n,
+        "data": {"item": "FILL-500", "lot": f"LOT-{n:05d}", "quantity": {"value": str(n), "uom": "EA"}},
+    }
+
+
 def record(n: int) -> dict[str, Any]:
     """The n-th production confirmation, in the MES's own shape."""
     return {
@@ -60,8 +74,16 @@ class MesRestServer:
         token: str | None = None,
         basic: tuple[str, str] | None = None,
         page_delay: float = 0.0,
+        cloudevents: bool = False,
+        link_header: bool = False,
+        tls: tuple[str, str] | None = None,
     ):
-        self.records = [record(n) for n in range(1, records + 1)]
+        self.make = cloudevent if cloudevents else record
+        self.records = [self.make(n) for n in range(1, records + 1)]
+        self.link_header = link_header
+        """Give the next page in a ``Link: <...>; rel="next"`` header instead of the body's ``next``."""
+        self.tls = tls
+        """(certificate file, key file): serve HTTPS."""
         self.page_size = page_size
         self.token = token
         self.basic = basic
@@ -78,7 +100,7 @@ class MesRestServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}/records"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}/records"
 
     @property
     def running(self) -> bool:
@@ -87,7 +109,7 @@ class MesRestServer:
     def add(self, count: int) -> None:
         """``count`` more records at the end."""
         start = len(self.records) + 1
-        self.records.extend(record(n) for n in range(start, start + count))
+        self.records.extend(self.make(n) for n in range(start, start + count))
 
     async def _records(self, request: Request) -> Response:
         since_text = request.query_params.get("since")
@@ -99,7 +121,8 @@ class MesRestServer:
             self.requests.append(SeenRequest(since_text, 500, None))
             return JSONResponse({"error": "database busy"}, 500)
         since = int(since_text) if since_text and since_text.isdigit() else 0
-        after = [r for r in self.records if r["id"] > since]
+        key = "seq" if self.make is cloudevent else "id"
+        after = [r for r in self.records if r[key] > since]
         page = after[: self.page_size]
         etag = f'"{since}-{len(self.records)}"'
         if_none_match = request.headers.get("if-none-match")
@@ -109,10 +132,15 @@ class MesRestServer:
         if self.page_delay:
             await asyncio.sleep(self.page_delay)  # the MES's own latency, not synchronisation
         body: dict[str, Any] = {"records": page}
+        headers = {"ETag": etag}
         if len(after) > len(page):
-            body["next"] = f"/records?since={page[-1]['id']}"
+            following = f"/records?since={page[-1][key]}"
+            if self.link_header:
+                headers["Link"] = f'<{following}>; rel="next"'
+            else:
+                body["next"] = following
         self.requests.append(SeenRequest(since_text, 200, if_none_match))
-        return JSONResponse(body, headers={"ETag": etag})
+        return JSONResponse(body, headers=headers)
 
     def _authorized(self, request: Request) -> bool:
         sent = request.headers.get("authorization", "")
@@ -131,9 +159,11 @@ class MesRestServer:
         sock.listen(64)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
+        certfile, keyfile = self.tls if self.tls else (None, None)
         config = uvicorn.Config(
-            self._app, loop="none", lifespan="off", log_config=None, access_log=False, http="h11", ws="none"
-        )
+            self._app, loop="none", lifespan="off", log_config=None, access_log=False, http="h11", ws="none",
+            ssl_certfile=certfile, ssl_keyfile=keyfile,
+        )  # fmt: skip
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
