@@ -3,7 +3,9 @@
 Per source batch: telemetry beyond its deadband (or its aggregation window) goes
 into one ``telemetry.samples`` event, state changes become
 ``machine.state.changed``, and ``[[transactions]]`` rules fire on their trigger
-tag's rising edge with fields filled from the current values of other tags.
+tag's rising edge with fields filled from the current values of other tags; a
+field naming a ``counter`` tag takes what the counter counted since that rule last
+fired (wrap-around and resets handled by ``agent.counters``).
 Mapping problems become dead letters (sink ``-``), never drops.
 
 Pure and synchronous: no I/O, no awaits, so it is cheap per batch and easy to

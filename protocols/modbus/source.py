@@ -83,6 +83,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _PymodbusNoiseFilter(logging.Filter):
+    """Drops pymodbus's own reports of what this source reports once itself (no answer, cannot connect).
+
+    pymodbus logs every unanswered request as an ERROR with a dump of the last frames;
+    the source's single WARNING per failing read (and per device away) says the same.
+    Anything else from pymodbus passes unchanged.
+    """
+
+    _EXPECTED = (
+        "No response received",
+        "Failed to connect",
+        "Not connected, trying to connect",
+        "Cancel send, because not connected",
+        "Repeating....",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        return not message.startswith(self._EXPECTED)
+
+
+_NOISE_FILTER = _PymodbusNoiseFilter()
+
+
+def _install_noise_filter() -> None:
+    log = logging.getLogger("pymodbus.logging")
+    if _NOISE_FILTER not in log.filters:
+        log.addFilter(_NOISE_FILTER)
+
+
 class ModbusLine:
     """One connection to a Modbus TCP peer, or one serial port: the only way requests reach it.
 
@@ -300,6 +330,7 @@ class ModbusSource:
     async def run(self, output: SourceOutput) -> None:
         """Poll until cancelled; back off while the device does not answer."""
         interval = self.config.poll_interval
+        _install_noise_filter()
         self.line.attach()
         log = {"source": self.name, "endpoint": str(self.line.endpoint), "unit": self.config.unit}
         reachable_before: bool | None = None
