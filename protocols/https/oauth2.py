@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+import anyio
 import httpx
 import msgspec
 
@@ -183,7 +184,7 @@ class ClientCredentials:
             response = await self._client.post(
                 config.token_url, data=form, auth=auth, headers={"accept": "application/json"}
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
             self._failed(f"token endpoint {config.token_url}: {describe_error(exc)}")
         if response.status_code != 200:
             self._failed(f"token endpoint answered HTTP {response.status_code}{_oauth_error(response.content)}")
@@ -236,6 +237,8 @@ def describe_error(exc: BaseException) -> str:
             os_error = cause
         cause = cause.__cause__ or cause.__context__
     kind = "cannot connect" if isinstance(exc, httpx.ConnectError) else type(exc).__name__
+    if isinstance(exc, anyio.EndOfStream):
+        return "the server closed the connection"
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out ({kind})"
     if os_error is not None:

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal, NamedTuple
 
+import anyio
 import httpx
 
 from agent.backoff import Backoff
@@ -63,6 +64,13 @@ REASON_MAX = 1024
 _REFUSED = frozenset({400, 413, 422})
 _THROTTLED = frozenset({429, 503})
 _PROBE_BACKOFF_CAP = 5.0
+# What a request can raise for connection trouble. httpx wraps most of it in HTTPError, but a
+# server closing the connection while an HTTP/2 request is written surfaces as anyio's own
+# stream errors (httpcore does not map them on that path).
+_TRANSPORT_ERRORS = (httpx.HTTPError, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+_STALE_CONNECTION = (
+    httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, anyio.EndOfStream, anyio.BrokenResourceError
+)
 # httpx logs a line per request at INFO, and the HTTP/2 header codec (hpack) logs every header,
 # the Authorization header included, at DEBUG: held at WARNING whatever the agent's log level.
 _QUIET_LOGGERS = ("httpx", "httpcore", "h2", "hpack")
@@ -163,7 +171,7 @@ class HttpsSink:
         """Any HTTP answer to ``OPTIONS url`` shows the receiver reachable (TCP, TLS, HTTP)."""
         try:
             response = await self._http().request("OPTIONS", self.url)
-        except httpx.HTTPError as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._set_state("reconnecting", f"{self.url}: {describe_error(exc)}")
             return False
         self.status.info["http_version"] = response.http_version
@@ -236,11 +244,11 @@ class HttpsSink:
         try:
             try:
                 response = await client.post(self.url, content=content, headers=headers)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            except _STALE_CONNECTION:
                 # A kept-alive connection the server closed as we reused it: one new connection at once
                 # (the events carry their ids, so a batch the server did take is deduplicated there).
                 response = await client.post(self.url, content=content, headers=headers)
-        except httpx.HTTPError as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._set_state("reconnecting", f"{self.url}: {describe_error(exc)}")
             self._unreachable.set()
             return _Answer("retry")
