@@ -61,7 +61,7 @@ def test_the_design_example_is_valid() -> None:
     assert tag.location == ("holding", 100)
     assert tag.value_type.registers == 2
     lines = source.describe(context(Path("/tmp")))
-    assert lines[0].startswith("filler2 tcp://10.1.3.20:502 unit=1 poll_interval=0.25s tags=1")
+    assert lines[0].startswith("filler2 tcp://10.1.3.20:502 unit=1 poll_interval=250ms tags=1")
     assert "filler2.good_count <- holding:100 kind=counter type=uint32" in lines[1]
 
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.config_types import BuildContext, Duration, TagConfig
+from agent.config_types import BuildContext, Duration, TagConfig, format_duration
 from agent.counters import CounterSpec
 from agent.source import SourceConfig
 from protocols.modbus.registers import (
@@ -203,7 +203,7 @@ class ModbusSourceConfig(SourceConfig):
     )
     unit: int = Field(1, ge=0, le=255, description="Unit id (slave address) of the device; 1-247 on a serial line")
     poll_interval: Duration = Field(1.0, gt=0, description="How often every tag is read (fixed schedule, no drift)")
-    timeout: Duration = Field(1.0, gt=0, description="How long to wait for each response")
+    timeout: Duration = Field(0.5, gt=0, description="How long to wait for each response")
     retries: int = Field(
         0, ge=0, le=5, description="Times a request that got no answer is sent again before it counts as failed"
     )
@@ -270,7 +270,8 @@ class ModbusSourceConfig(SourceConfig):
         """One line for the device, one per tag."""
         endpoint = self.parsed_endpoint
         lines = [
-            f"{self.name} {endpoint} unit={self.unit} poll_interval={self.poll_interval:g}s tags={len(self.tags)}"
+            f"{self.name} {endpoint} unit={self.unit} poll_interval={format_duration(self.poll_interval)} "
+            f"tags={len(self.tags)}"
         ]
         for tag in self.tags:
             extra = [f"type={tag.value_type.name}"]
