@@ -8,6 +8,9 @@ from typing import Literal
 import msgspec
 
 ConnectionState = Literal["starting", "connected", "reconnecting", "disconnected", "unauthorized", "stopped"]
+CONNECTION_STATES: tuple[ConnectionState, ...] = (
+    "starting", "connected", "reconnecting", "disconnected", "unauthorized", "stopped"
+)
 
 
 class ComponentStatus(msgspec.Struct):
@@ -24,10 +27,16 @@ class ComponentStatus(msgspec.Struct):
     info: dict[str, str] = msgspec.field(default_factory=dict)
 
     def set_state(self, state: ConnectionState, error: str | None = None) -> None:
-        """Move to ``state``; keeps ``since`` when the state does not change."""
+        """Move to ``state``; keeps ``since`` when the state does not change.
+
+        Connecting again clears ``last_error``: an error shown next to "connected" would
+        send an operator after a problem that is over (the log keeps it).
+        """
         if state != self.state:
             self.state = state
             self.since = time.time()
+            if state == "connected":
+                self.last_error = None
         if error is not None:
             self.last_error = error
 

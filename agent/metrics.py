@@ -28,6 +28,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from agent.events import LANES
+from agent.health import CONNECTION_STATES
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The content type of ``Metrics.render()``: prometheus_client's own text exposition."""
@@ -223,6 +224,12 @@ class Metrics:
             ["component", "name"],
             registry=reg,
         )
+        self._state_family = Gauge(
+            "plantgate_component_state",
+            "1 for the state a source or sink is in now (connected, reconnecting, unauthorized, ...), 0 for the others",
+            ["component", "name", "state"],
+            registry=reg,
+        )
         self._held_family = Gauge(
             "plantgate_dead_letters_held",
             'Dead letters in the buffer now (replay or purge removes them), by sink ("-" before any sink)',
@@ -309,6 +316,8 @@ class Metrics:
         # would read 0 forever and fire a "connection down" alert.
         for source in sources:
             self._connection_child("source", source)
+            for state in CONNECTION_STATES:
+                self._state_family.labels("source", source, state).set(1 if state == "starting" else 0)
             self._source_batch_retry_child(source)
             self._restart_child("source", source)
         for sink, lanes in sinks.items():
@@ -318,6 +327,8 @@ class Metrics:
                 self._latency_child(sink, lane)
             self._retry_child(sink)
             self._connection_child("sink", sink)
+            for state in CONNECTION_STATES:
+                self._state_family.labels("sink", sink, state).set(1 if state == "starting" else 0)
             self._restart_child("sink", sink)
         for sink in (*sinks, PRE_SINK):
             for reason in DEAD_LETTER_REASONS:
@@ -450,12 +461,15 @@ class Metrics:
         """Whether the buffer currently refuses writes (readiness is 503 while it does)."""
         self._refusing_writes.set(1 if refusing else 0)
 
-    def set_connection(self, component: Component, name: str, up: bool) -> None:
-        """Whether source or sink ``name`` is connected to its peer."""
+    def set_connection(self, component: Component, name: str, up: bool, state: str | None = None) -> None:
+        """Whether source or sink ``name`` is connected to its peer, and the state it is in."""
         child = self._connection.get((component, name))
         if child is None:
             child = self._connection_child(component, name)
         child.set(1 if up else 0)
+        if state is not None:
+            for known in CONNECTION_STATES:
+                self._state_family.labels(component, name, known).set(1 if known == state else 0)
 
     def set_component_path(self, component: str, name: str, path: str) -> None:
         """Which implementation path ``component`` ``name`` uses now (``plantgate_component_info``).

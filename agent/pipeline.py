@@ -511,7 +511,7 @@ class Agent:
             *(("sink", sink) for sink in self.sinks),
         ]
         for component, item in components:
-            self.metrics.set_connection(component, item.name, item.status.state == "connected")
+            self.metrics.set_connection(component, item.name, item.status.state == "connected", item.status.state)
             # A speedup in use (or its fallback) is visible to monitoring, not only in /status.
             path = item.status.info.get("decoder")
             if path is not None:
