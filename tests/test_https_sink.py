@@ -444,6 +444,11 @@ def test_config_validation_masking_and_warnings(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="bearer_token_file: cannot read"):
         HttpsSinkConfig(name="x", url="https://e.example/", bearer_token_file=Path("missing")).build(ctx)
+    with pytest.raises(ValueError, match=r"oauth2\.client_secret_file: cannot read"):
+        HttpsSinkConfig(
+            name="x", url="https://e.example/",
+            oauth2={"token_url": "https://idp.example/token", "client_id": "c", "client_secret_file": "missing"},
+        ).build(ctx)
     with pytest.raises(ValueError, match="ca_file: cannot read"):
         HttpsSinkConfig(name="x", url="https://e.example/", ca_file=Path("missing.pem")).build(ctx)
 
@@ -558,5 +563,15 @@ async def test_the_demo_receiver_counts_what_the_sink_delivers(tmp_path: Path) -
             assert acked(await sink.deliver(events(20)))
             assert acked(await sink.deliver(events(5, start=20)))
         assert receiver.events == 25 and receiver.batches == 2
+        assert receiver.by_type == {"io.plantgate.production.completed": 25}
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            wrong_type = await client.post(receiver.url, content=b"[]", headers={"content-type": "application/json"})
+            garbage = await client.post(
+                receiver.url, content=b'{"id": 1}', headers={"content-type": "application/cloudevents-batch+json"}
+            )
+        assert (wrong_type.status_code, garbage.status_code) == (415, 400)
+        assert receiver.events == 25
     finally:
         await receiver.stop()

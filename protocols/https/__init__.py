@@ -199,7 +199,10 @@ class HttpsSinkConfig(SinkConfig):
         token_file = context.resolve(self.bearer_token_file) if self.bearer_token_file else None
         read_secret(token_file, None, key="bearer_token")
         if self.oauth2 is not None and self.oauth2.client_secret_file is not None:
-            read_secret(context.resolve(self.oauth2.client_secret_file), None, key="client_secret")
+            try:
+                read_secret(context.resolve(self.oauth2.client_secret_file), None, key="client_secret")
+            except ValueError as exc:
+                raise ValueError(f"oauth2.{exc}") from exc  # the key sits in the oauth2 table
         from protocols.https.sink import HttpsSink
 
         return HttpsSink(self, context)

@@ -112,7 +112,10 @@ class HttpsSink:
             o = config.oauth2
             verify = self._verify
             if o.ca_file is not None:
-                verify = tls_context(context.resolve(o.ca_file), None, None)
+                try:
+                    verify = tls_context(context.resolve(o.ca_file), None, None)
+                except ValueError as exc:
+                    raise ValueError(f"oauth2.{exc}") from exc
             elif config.cert_file is not None:
                 # The token endpoint gets the receiver's CAs, not the client certificate meant for the receiver.
                 verify = tls_context(context.resolve(config.ca_file) if config.ca_file else None, None, None)
