@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from agent.plc_acks import PlcAckWriter
 from agent.registry import build_sinks, build_sources
 from agent.rules import RuleOutput, Rules
 from agent.settings import Settings
-from agent.sink import RetryLater, Sink
+from agent.sink import PublishesStatus, RetryLater, Sink
 from agent.source import BufferUnavailable, ServesHttp, Source
 from agent.supervision import TaskHealth, supervise
 from agent.throughput import DeliveryRate
@@ -408,6 +408,11 @@ class Agent:
             if tick % 5 == 0:
                 await self._refresh_oldest()
                 self.rates.sample()
+            figures = None
+            for sink in self.sinks:
+                if isinstance(sink, PublishesStatus):  # each sink refreshes on its own interval
+                    figures = figures or self.key_figures()
+                    sink.publish_status(figures)
 
     def _report_evictions(self) -> None:
         buffer = self.buffer
@@ -585,6 +590,29 @@ class Agent:
             "plc_acks": self.acks.status(),
         }
 
+    def key_figures(self) -> dict[str, Any]:
+        """The few numbers central monitoring needs, for the MQTT status heartbeat (a compact /status)."""
+        status = self.status()
+        buffer = status["buffer"]
+        return {
+            "uptime_seconds": status["agent"]["uptime_seconds"],
+            "sources": {name: source["state"] for name, source in status["sources"].items()},
+            "sinks": {
+                name: {
+                    "state": sink["state"],
+                    "depth": sink["depth"],
+                    "oldest_age_seconds": max([lane["oldest_age_seconds"] for lane in lanes], default=0),
+                    "drain_seconds": _slowest(lane["drain_seconds"] for lane in lanes),
+                    "dead_letters": sink["dead_letters"]["count"],
+                }
+                for name, sink in status["sinks"].items()
+                for lanes in [list(sink["lanes"].values())]
+            },
+            "dead_letters": buffer["dead_letters"],
+            "refusing_writes": buffer["refusing_writes"],
+            "headroom_bytes": buffer["headroom_bytes"],
+        }
+
     def _headroom(self) -> dict[str, int]:
         """Room left: to ``max_size_mb`` and on the buffer's file system (whichever ends first)."""
         free = disk_free_bytes(self.buffer.path)
@@ -617,19 +645,22 @@ class _SourceInlet:
         await self._writable()
         out = agent.rules.process(self._name, batch)
         agent.acks.observe(self._name)
-        await self._committed(agent.accept(self._name, out))
+        try:
+            future = agent.accept(self._name, out)
+        except BufferError as exc:  # the buffer is closing (the agent stops)
+            raise BufferUnavailable(str(exc)) from exc
+        await self._committed(future)
 
     async def events(self, batch: Sequence[CloudEvent], *, state: Mapping[str, str | None] | None = None) -> None:
         agent = self._agent
         await self._writable()
-        future = agent.accept(self._name, agent.rules.accept_events(self._name, batch))
-        if state:
-            try:
-                for key, value in state.items():
-                    # Queued after the events: the same group commit, so both or neither are durable.
-                    future = agent.buffer.save_state(f"source/{self._name}/{key}", value)
-            except BufferError as exc:
-                raise BufferUnavailable(str(exc)) from exc
+        try:
+            future = agent.accept(self._name, agent.rules.accept_events(self._name, batch))
+            for key, value in (state or {}).items():
+                # Queued after the events: the same group commit, so both or neither are durable.
+                future = agent.buffer.save_state(f"source/{self._name}/{key}", value)
+        except BufferError as exc:  # the buffer is closing (the agent stops)
+            raise BufferUnavailable(str(exc)) from exc
         await self._committed(future)
 
     def tag_value(self, tag: str) -> Reading | None:
@@ -674,6 +705,16 @@ def _status_of(status: Any) -> dict[str, Any]:
         "degraded": dict(status.degraded),
         **({"info": dict(status.info)} if status.info else {}),
     }
+
+
+def _slowest(estimates: Iterable[float | None]) -> float | None:
+    """The longest drain estimate; None (stalled) wins."""
+    longest = 0.0
+    for estimate in estimates:
+        if estimate is None:
+            return None
+        longest = max(longest, estimate)
+    return longest
 
 
 def disk_free_bytes(path: Path) -> int:

@@ -9,8 +9,8 @@ after ``deliver`` reported it ``ACKED`` (or rejected it into a dead letter).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 from pydantic import Field, field_validator
@@ -78,6 +78,14 @@ class Sink(Protocol):
         everything it has not acknowledged. Should return promptly (bounded by the
         sink's own timeouts) so the agent can back off and stop.
         """
+
+
+@runtime_checkable
+class PublishesStatus(Protocol):
+    """A sink that also carries the agent's heartbeat to where monitoring reads it (MQTT's status topic)."""
+
+    def publish_status(self, figures: Mapping[str, Any]) -> None:
+        """The agent's key figures, handed every few seconds; the sink publishes them on its own schedule."""
 
 
 class SinkConfig(ConfigModel):

@@ -387,3 +387,31 @@ async def test_telemetry_cap_evicts_oldest_and_reports_a_gap(
     assert gap.data.evicted_events >= 1
     assert gap.data.evicted_samples >= gap.data.evicted_events
     assert gap.data.start <= gap.data.end
+
+
+async def test_status_heartbeat_carries_the_key_figures_retained(
+    tmp_path: Path, press_server: PressSimulator, mosquitto: MosquittoBroker
+) -> None:
+    text = write_config(tmp_path, press_server, mosquitto).read_text(encoding="utf-8")
+    settings = parse_settings(text + 'status_interval = "1s"\n')  # the last section is the MQTT sink
+    topic = f"{PREFIX}/status/gw-e2e"
+    async with running(settings):
+        await cycles(press_server, ["WO-HB1"])
+        with MqttCollector(mosquitto.host, mosquitto.port, topic) as collector:
+
+            def heartbeats() -> list[dict[str, Any]]:
+                return [msgspec.json.decode(m.payload) for m in collector.snapshot() if "figures" in m.payload.decode()]
+
+            await wait_for(lambda: len(heartbeats()) >= 2, timeout=15, message="two heartbeats a second apart")
+    first, second = heartbeats()[:2]
+    assert first["state"] == "online" and first["agent"] == "gw-e2e" and first["site"] == "plant-e2e"
+    assert second["time"] > first["time"]
+    figures = second["figures"]
+    assert figures["sources"] == {"press7": "connected"}
+    cloud = figures["sinks"]["cloud"]
+    assert cloud["state"] == "connected" and cloud["dead_letters"] == 0 and cloud["depth"] >= 0
+    assert figures["refusing_writes"] is None and figures["headroom_bytes"] > 0
+    # Retained: a monitor that subscribes later gets the latest heartbeat at once.
+    with MqttCollector(mosquitto.host, mosquitto.port, topic) as late:
+        await wait_for(lambda: bool(late.snapshot()), timeout=5)
+        assert late.snapshot()[0].retain

@@ -84,6 +84,12 @@ class MqttSinkConfig(SinkConfig):
         description="Time without any PUBACK while publishes are pending after which the connection is "
         "considered dead: the unacknowledged events are retried on a new connection",
     )
+    status_interval: Duration = Field(
+        60.0,
+        ge=0,
+        description="How often the retained status message on the status topic is refreshed with the agent's key "
+        "figures (backlog, oldest age, drain estimate, dead letters, headroom); 0 = only on connect",
+    )
     reconnect_max_backoff: Duration = Field(
         4.0,
         gt=0,

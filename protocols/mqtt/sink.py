@@ -53,7 +53,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,6 +138,8 @@ class MqttSink:
             self._tls_context()  # unreadable or invalid certificate files fail at load, not at connect
         self._topics: dict[tuple[str, str], str] = {}  # (lane, type) -> checked topic
         self._conn: _Connection | None = None
+        self._figures: dict[str, Any] | None = None
+        self._status_published = time.monotonic()  # the heartbeat's last refresh (the connect publishes too)
         self._deliver_lock = asyncio.Lock()
         self._failures = 0  # consecutive connection failures, for log levels
         self._next_attempt = 0.0  # monotonic time of the next connection attempt (past: under way)
@@ -179,10 +181,28 @@ class MqttSink:
         return topic
 
     def status_payload(self, state: Literal["online", "offline"]) -> bytes:
-        """The retained status message (contract): ``{"state", "agent", "site", "version", "time"}``."""
-        return msgspec.json.encode(
-            {"state": state, "agent": self._agent_id, "site": self._site, "version": self._version, "time": utc_now()}
-        )
+        """The retained status message (contract): ``{"state", "agent", "site", "version", "time"}``.
+
+        While online it also carries ``figures``, the agent's key figures (an extension):
+        monitoring that only reads the broker sees backlog, ages and dead letters too.
+        """
+        payload: dict[str, Any] = {
+            "state": state, "agent": self._agent_id, "site": self._site, "version": self._version, "time": utc_now()
+        }
+        if state == "online" and self._figures is not None:
+            payload["figures"] = self._figures
+        return msgspec.json.encode(payload)
+
+    def publish_status(self, figures: Mapping[str, Any]) -> None:
+        """Keep the agent's latest key figures; refresh the retained status with them every ``status_interval``."""
+        self._figures = dict(figures)
+        interval = self.config.status_interval
+        conn = self._conn
+        now = time.monotonic()
+        if interval <= 0 or conn is None or now - self._status_published < interval:
+            return
+        self._status_published = now
+        conn.publish_status(self.status_payload("online"))
 
     async def run(self) -> None:
         """Connect (at once), stay connected and reconnect with capped jittered backoff until cancelled.
@@ -316,6 +336,7 @@ class MqttSink:
             conn.abort("connect failed")
             raise
         conn.publish_status(self.status_payload("online"))
+        self._status_published = time.monotonic()
         return conn
 
     def _connect_failed(self, exc: _ConnectFailed) -> None:
