@@ -209,13 +209,13 @@ def https_config(*, data_dir: Path, http_port: int, url: str, ca_file: Path, bat
 # --- one drain ---------------------------------------------------------------------------------------------
 
 
-def drain_once(count: int, *, quick: bool, batch_max: int = BATCH) -> dict[str, Any]:
+def drain_once(count: int, *, quick: bool, batch_max: int = BATCH, http2: bool = False) -> dict[str, Any]:
     """Fill a backlog of ``count`` events, start receiver and agent, time the drain; every figure of one run."""
     with workdir(f"https-{count}") as tmp:
         data_dir = tmp / "agent"
         data_dir.mkdir()
         fill_s = asyncio.run(fill(data_dir / "buffer.db", count))
-        receiver = Receiver(tmp / "receiver", count).start()
+        receiver = Receiver(tmp / "receiver", count, http2=http2).start()
         agent: AgentProcess | None = None
         try:
             http_port = free_port()
@@ -266,6 +266,8 @@ def drain_once(count: int, *, quick: bool, batch_max: int = BATCH) -> dict[str, 
         return {
             "backlog": count,
             "batch_max": batch_max,
+            "receiver_server": "hypercorn (offers HTTP/2)" if http2 else "uvicorn (HTTP/1.1)",
+            "http_version": sink_info.get("info", {}).get("http_version") if isinstance(sink_info, dict) else None,
             "fill_seconds": round(fill_s, 2),
             "drained": depth == 0,
             "depth_start": depth_start,
@@ -407,17 +409,21 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> ScenarioRe
         "https", "backlog drain over HTTPS (TLS) to a local receiver (agent subprocess, no sources)", quick=quick
     )
     runs = [drain_once(size, quick=quick) for size in sizes]
+    # The same drain against a receiver that offers HTTP/2 (the sink's default takes it)
+    h2_run = drain_once(sizes[1], quick=quick, http2=True)
     poison = poison_cost(quick)
     costs = request_cost(quick)
-    result.figures = {"runs": runs, "poison": poison, "request_cost": costs, "target_events_per_s": TARGET}
-    for r in runs:
+    result.figures = {
+        "runs": runs, "http2_run": h2_run, "poison": poison, "request_cost": costs, "target_events_per_s": TARGET,
+    }  # fmt: skip
+    for r in [*runs, h2_run]:
         rate = r["events_per_s"]
         ok = target_min(rate, TARGET)
         if ok and (r["lost"] or r["duplicates"]):
             ok = False
         result.rows.append(
             Row(
-                f"https drain {r['backlog']:,}",
+                f"https drain {r['backlog']:,} {r['http_version'] or ''}",
                 "events/s drained",
                 rate,
                 "ev/s",
