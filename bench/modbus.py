@@ -183,7 +183,10 @@ def measure(
     )  # fmt: skip
     agent: AgentProcess | None = None
     try:
-        wait_until(ready.exists, 30, what="Modbus load server listening")
+        wait_until(lambda: ready.exists() or server.poll() is not None, 60, what="Modbus load server listening")
+        if server.poll() is not None:
+            log = (base / "server.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise RuntimeError(f"the Modbus load server exited with {server.returncode}: {log}")
         with Broker(base / "broker") as broker:
             http_port = free_port()
             config_path = base / "plantgate.toml"
