@@ -476,7 +476,7 @@ bearer_token_file = "nowhere/token"
 # --- in the agent ---------------------------------------------------------------------------------------------
 
 
-async def test_agent_with_one_receiver_down_delivers_everything_to_the_other(
+async def test_agent_with_one_receiver_down_delivers_everything_to_the_other_poison_as_dead_letters(
     certs: Certificates, tmp_path: Path
 ) -> None:
     down = f"https://127.0.0.1:{free_port()}/events"
@@ -511,12 +511,12 @@ batch_max = 100
         task = asyncio.create_task(agent.run(stop))
         try:
             await wait_for(lambda: agent.state == "running", timeout=10)
-            made = cloud_events(250)
+            made = cloud_events(250, poison={17, 201})
             for start in range(0, 250, 50):
                 committed = agent.accept(AGENT_SOURCE, RuleOutput(events=made[start : start + 50]))
                 assert committed is not None
                 await committed
-            wanted = [e.id for e in made]
+            wanted = [e.id for e in made if e.subject not in ("WO-17", "WO-201")]
             await wait_for(
                 lambda: set(wanted) <= set(receiver.ids()),
                 timeout=20,
@@ -529,13 +529,17 @@ batch_max = 100
             assert "cannot connect" in (sinks["down"].status.last_error or "")
             assert sinks["up"].status.state == "connected"
             assert agent.buffer.depth("down", "transaction") == 250  # kept for the receiver that is down
-            assert agent.buffer.depth("up", "transaction") == 0
+            await wait_for(lambda: agent.buffer.depth("up", "transaction") == 0, timeout=5)
+            dead = await agent.buffer.dead_letters("up")
+            assert sorted(d.subject or "" for d in dead) == ["WO-17", "WO-201"]
+            assert all(d.reason.startswith("HTTP 422: ") and d.id in d.reason for d in dead)
+            assert await agent.buffer.dead_letters("down") == []
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
 
 
-def cloud_events(n: int) -> list[CloudEvent]:
+def cloud_events(n: int, poison: set[int]) -> list[CloudEvent]:
     return [
         make_event(
             "production.completed",
@@ -544,7 +548,7 @@ def cloud_events(n: int) -> list[CloudEvent]:
             time=_T0 + timedelta(seconds=i),
             site=SITE,
             subject=f"WO-{i}",
-            data={"work_order": f"WO-{i}"},
+            data={"work_order": f"WO-{i}", **({"poison": True} if i in poison else {})},
         )
         for i in range(n)
     ]
