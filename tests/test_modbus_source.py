@@ -301,6 +301,38 @@ async def test_polls_keep_their_schedule(peer: ModbusPeer, tmp_path: Path) -> No
     assert 0.85 <= elapsed <= 1.3, elapsed
 
 
+async def test_a_slow_device_skips_missed_polls_instead_of_bursting(peer: ModbusPeer, tmp_path: Path) -> None:
+    peer.delay = 0.12  # each poll takes longer than the 50 ms interval
+    source = build(make_config(peer.endpoint, [{"tag": "x", "register": "holding:0"}], timeout="1s"), tmp_path)
+    async with polling(source):
+        await wait_for(lambda: source.polls >= 2, timeout=5)
+        start, polls = asyncio.get_running_loop().time(), source.polls
+        await wait_for(lambda: source.polls >= polls + 5, timeout=5)
+        elapsed = asyncio.get_running_loop().time() - start
+    assert source.skipped_polls >= 5
+    assert source.status.info["skipped_polls"] == str(source.skipped_polls)
+    # One poll per 150 ms tick at most (120 ms poll, next free 50 ms tick): no catch-up burst.
+    assert elapsed >= 5 * 0.12, elapsed
+
+
+async def test_a_tag_may_name_another_unit_on_the_same_endpoint(tmp_path: Path) -> None:
+    peer = ModbusPeer((1, 2)).tcp()
+    peer.set("holding", 0, [11], unit=1)
+    peer.set("holding", 0, [22], unit=2)
+    async with peer:
+        tags: list[dict[str, Any]] = [
+            {"tag": "one", "register": "holding:0"},
+            {"tag": "two", "register": "holding:0", "unit": 2},
+            {"tag": "two.beyond", "register": "holding:600", "unit": 2},
+        ]
+        source = build(make_config(peer.endpoint, tags), tmp_path)
+        assert [read.key for read in source.reads] == ["holding:0", "holding:0", "holding:600"]
+        async with polling(source) as out:
+            await wait_for(lambda: out.values("one") == [11] and out.values("two") == [22], timeout=5)
+            await wait_for(lambda: "unit 2 holding:600" in source.status.degraded, timeout=5)
+        assert peer.count(unit=2) >= 1 and peer.count(unit=1) >= 1  # out-of-range reads never reach the memory
+
+
 # --- writes (the PLC handshake) ---------------------------------------------------------------------------
 
 

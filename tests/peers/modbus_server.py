@@ -68,6 +68,7 @@ class ModbusPeer:
         self.silent: set[int] = set()  # units whose answers are never sent (a device that is away)
         self.garbled: set[int] = set()  # units whose answers go out with a broken checksum / frame
         self.dropped = 0
+        self.delay = 0.0  # seconds each request takes to answer (a slow device)
         self.host = "127.0.0.1"
         self.port = 0
         self._serial_port: str | None = None
@@ -126,7 +127,7 @@ class ModbusPeer:
                     _apply(block, start_address, registers, edit_address, values)
                 if (unit, block) in self.busy:
                     return ExcCodes.DEVICE_BUSY
-                await asyncio.sleep(0)  # let a second request in, if the client would send one
+                await asyncio.sleep(self.delay)  # let a second request in, if the client would send one
                 return None
             finally:
                 self.serving -= 1
