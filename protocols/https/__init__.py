@@ -177,7 +177,9 @@ class HttpsSinkConfig(SinkConfig):
             return []
         host = urlsplit(self.url).hostname or ""
         where = "on loopback" if is_loopback(host) else f"to {host}"
-        return [f"sinks.https.{self.name}: events travel unencrypted over http:// ({where}); use https://"]
+        credentials = self.bearer_token_file is not None or self.bearer_token is not None or self.oauth2 is not None
+        what = "events and the bearer token travel" if credentials else "events travel"
+        return [f"sinks.https.{self.name}: {what} unencrypted over http:// ({where}); use https://"]
 
     def ssl_context(self, context: BuildContext) -> ssl.SSLContext:
         """The verifying TLS context: ``ca_file`` (else the system CAs), the client certificate for mTLS.
