@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the daemon")
     config_option(run)
+    run.add_argument(
+        "--log-format",
+        choices=("auto", "json", "text"),
+        default="auto",
+        help="json lines (journald, containers), key=value text for people; auto: json unless stderr is a terminal",
+    )
     run.set_defaults(handler=_cmd_run)
 
     check = commands.add_parser("check", help="validate the config and print a summary (secrets masked)")
@@ -166,7 +172,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     from agent.logs import setup_logging
 
-    setup_logging(settings.agent.log_level)
+    json_output = {"auto": None, "json": True, "text": False}[args.log_format]
+    setup_logging(settings.agent.log_level, json_output)
     return _run_loop(lambda: _run_agent(settings))
 
 

@@ -50,6 +50,7 @@ _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dic
     "asctime",
     "taskName",  # 3.12+
     "suppressed",  # added by RateLimitFilter, written explicitly below
+    "ratelimit",  # extra={"ratelimit": False}: never held back (an outage's start and end)
 }
 
 _HANDLER_MARK = "_plantgate_handler"
@@ -155,10 +156,10 @@ class KeyValueFormatter(logging.Formatter):
             redact_text(record.getMessage()),
         ]
         fields = record_extras(record)
+        parts.extend(f"{key}={self._value(value)}" for key, value in fields.items())
         suppressed = getattr(record, "suppressed", 0)
         if suppressed:
-            fields["suppressed"] = suppressed
-        parts.extend(f"{key}={self._value(value)}" for key, value in fields.items())
+            parts.append(f"(repeated {suppressed} times since the last line shown)")
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + redact_text(self.formatException(record.exc_info))
@@ -183,7 +184,9 @@ class RateLimitFilter(logging.Filter):
     caller may set ``extra={"ratelimit_key": ...}`` to choose the key instead.
     The first record after a quiet interval carries ``suppressed=N``: how many
     repeats were dropped since the last one shown. Records below ``level`` always
-    pass. Thread-safe: paho-mqtt logs from its own thread.
+    pass, and so do records logged with ``extra={"ratelimit": False}``: the start
+    and end of an outage are never hidden behind an earlier one's repeats.
+    Thread-safe: paho-mqtt logs from its own thread.
     """
 
     KEY_EXTRAS = ("source", "sink")
@@ -218,7 +221,7 @@ class RateLimitFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """True to emit ``record``; False while a repeat is inside its interval."""
-        if record.levelno < self.level or self.interval <= 0:
+        if record.levelno < self.level or self.interval <= 0 or getattr(record, "ratelimit", True) is False:
             return True
         key = self._key(record)
         now = self._clock()

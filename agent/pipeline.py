@@ -38,6 +38,7 @@ from agent.events import (
 )
 from agent.http_server import HttpServer
 from agent.metrics import Component, Metrics
+from agent.outages import SinkOutageLog
 from agent.pacing import RatePacer
 from agent.plc_acks import PlcAckWriter
 from agent.registry import build_sinks, build_sources
@@ -59,6 +60,8 @@ GAP_INTERVAL = 10.0
 
 RETRY_AFTER_CAP = 60.0
 """The longest a peer's retry hint (HTTP Retry-After) holds a delivery loop back."""
+COMMIT_LINES_PER_SECOND = 20
+"""INFO lines "Transaction committed" a second at most; the rest are summed up once a second."""
 
 EventTap = Callable[[Sequence[CloudEvent]], None]
 
@@ -130,6 +133,9 @@ class Agent:
         self.tasks: dict[str, TaskHealth] = {}
         """Every supervised long-running task, for /status."""
         self._oldest: dict[tuple[str, Lane], float] = {}
+        self.outages = SinkOutageLog()
+        self._commit_lines = 0  # "Transaction committed" lines logged in the current second
+        self._commits_unlogged: list[str] = []  # ids committed beyond that, summed up once a second
         self.rates = DeliveryRate()
         """Acknowledged events per second per (sink, lane), for /status and the drain estimate."""
         self._gap_pending: dict[str, Eviction] = {}
@@ -305,6 +311,12 @@ class Agent:
         if not events and not out.dead_letters:
             return None
         future = self.buffer.append(events, out.dead_letters)
+        if events and log.isEnabledFor(logging.INFO):
+            committed = [
+                (e.id, e.type, e.subject, e.correlationid, e.sequence) for e in events if e.lane == "transaction"
+            ]
+            if committed:
+                future.add_done_callback(functools.partial(self._log_committed, source, committed))
         if events:
             by_lane = Counter(event.lane for event in events)
             for lane, count in by_lane.items():
@@ -325,6 +337,31 @@ class Agent:
                 future.set_result(None)
             self.acks.submit(future, out.acks)
         return future
+
+    def _log_committed(self, source: str, committed: list[tuple[str, str, str | None, str | None, str | None]],
+                       future: asyncio.Future[None]) -> None:
+        """One INFO line per transaction committed, up to 20 a second; beyond that a summary per second."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        for event_id, type_, subject, correlationid, sequence in committed:
+            if self._commit_lines < COMMIT_LINES_PER_SECOND:
+                self._commit_lines += 1
+                log.info(
+                    "Transaction committed",
+                    extra={"source": source, "event_id": event_id, "type": type_, "subject": subject,
+                           "correlationid": correlationid, "sequence": sequence},
+                )
+            else:
+                self._commits_unlogged.append(event_id)
+
+    def _log_commit_summary(self) -> None:
+        unlogged, self._commits_unlogged = self._commits_unlogged, []
+        self._commit_lines = 0
+        if unlogged:
+            log.info(
+                "Transactions committed",
+                extra={"count": len(unlogged), "first_event_id": unlogged[0], "last_event_id": unlogged[-1]},
+            )
 
     def _unrouted_lanes(self, events: Sequence[CloudEvent]) -> bool:
         unrouted = False
@@ -398,6 +435,14 @@ class Agent:
             await asyncio.sleep(1.0)
             tick += 1
             await self.buffer.maintain()
+            self._log_commit_summary()
+            for sink in self.sinks:
+                depth = sum(self.buffer.depth(sink.name, lane) for lane in sink.lanes)
+                rate = sum(self.rates.rate((sink.name, lane)) for lane in sink.lanes)
+                status = sink.status
+                self.outages.observe(
+                    sink.name, status.state, status.since, depth, self.delivered[sink.name], rate, status.last_error
+                )
             self._report_quarantines()
             self._report_evictions()
             if self.rules.aggregating:

@@ -233,8 +233,9 @@ class MqttSink:
                 reason = conn.closed.result()
                 self._failures = 1
                 self.status.set_state("reconnecting", reason)
-                log.warning(
-                    "Lost connection to MQTT broker", extra={"sink": self.name, "url": self.url, "error": reason}
+                log.warning(  # one per outage: never held back by the repeat limiter
+                    "Lost connection to MQTT broker",
+                    extra={"sink": self.name, "url": self.url, "error": reason, "ratelimit": False},
                 )
                 if time.monotonic() - connected_at >= _STABLE_AFTER:
                     backoff.reset()
