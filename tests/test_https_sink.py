@@ -309,6 +309,7 @@ async def test_static_token_refused_is_unauthorized_and_retried_then_a_rotated_f
 
         await wait_for(delivered, timeout=5, interval=0.2)
         assert sink.status.state == "connected"
+        assert sink.status.info["token_file_rotations"] == "1"
     assert receiver.ids() == ids(events(3))
     assert "new-token" not in json.dumps(sink.status.info) and "new-token" not in str(sink.status.last_error)
 
@@ -340,6 +341,7 @@ async def test_oauth2_token_fetched_cached_refreshed_once_on_401_and_before_expi
             assert acked(await sink.deliver(events(2, start=6)))
             assert len(issuer.issued) == 3
             assert [s.status for s in receiver.seen()[before:]] == [200]  # no 401 was needed
+            assert sink.status.info["oauth2_tokens_fetched"] == "3"
         assert receiver.ids() == ids(events(8))
     for token in issuer.issued:
         assert token not in caplog.text

@@ -29,6 +29,9 @@ Outcomes per answer (see also ``retry_after``):
   ``disconnected`` with the status as ``last_error``: a misconfiguration must not
   turn the backlog into dead letters.
 
+``status.info``: ``http_version`` (``HTTP/1.1`` or ``HTTP/2``), ``requests`` (POSTs sent),
+``last_status``, and ``oauth2_tokens_fetched`` or ``token_file_rotations``.
+
 State: ``starting`` until the receiver answered once (``run()`` sends an
 ``OPTIONS`` request at start and after connection errors, so monitoring sees a
 reachable receiver without waiting for traffic), ``connected`` after any answer
@@ -289,9 +292,13 @@ class HttpsSink:
 
     async def _bearer(self) -> str | None:
         if self._oauth is not None:
-            return await self._oauth.token()
+            token = await self._oauth.token()
+            self.status.info["oauth2_tokens_fetched"] = str(self._oauth.fetched)
+            return token
         if self._file_token is not None:
-            return self._file_token.token()
+            token = self._file_token.token()
+            self.status.info["token_file_rotations"] = str(self._file_token.rotations)
+            return token
         return self._env_token
 
     def _set_state(self, state: ConnectionState, error: str | None = None) -> None:
