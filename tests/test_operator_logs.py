@@ -29,7 +29,7 @@ def entries(path: Path, message: str) -> list[dict[str, str]]:
     """The key=value fields of every line whose message is ``message``."""
     found = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        head, sep, rest = line.partition(f": {message} ")
+        _, sep, rest = line.partition(f": {message} ")
         if sep or line.endswith(f": {message}"):
             found.append({key: value.strip('"') for key, value in FIELD.findall(rest)})
     return found
