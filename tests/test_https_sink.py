@@ -444,6 +444,9 @@ def test_config_validation_masking_and_warnings(tmp_path: Path) -> None:
     )
     assert "env-client-s3cret" not in "\n".join(oauth.describe(ctx)) and "client_secret=" in oauth.describe(ctx)[0]
 
+    keyed = HttpsSinkConfig(name="x", url="https://fn.example.net/api/events?code=s3cret-function-key")
+    assert "s3cret-function-key" not in "\n".join(keyed.describe(ctx)) and "?********" in keyed.describe(ctx)[0]
+
     with pytest.raises(ValueError, match="bearer_token_file: cannot read"):
         HttpsSinkConfig(name="x", url="https://e.example/", bearer_token_file=Path("missing")).build(ctx)
     with pytest.raises(ValueError, match=r"oauth2\.client_secret_file: cannot read"):

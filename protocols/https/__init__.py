@@ -159,6 +159,12 @@ class HttpsSinkConfig(SinkConfig):
         """True for ``https://``."""
         return urlsplit(self.url).scheme == "https"
 
+    @property
+    def shown_url(self) -> str:
+        """The url for summaries, logs and status: a query string (some APIs take a key there) masked."""
+        parts = urlsplit(self.url)
+        return parts._replace(query="********").geturl() if parts.query else self.url
+
     def describe(self, context: BuildContext) -> list[str]:
         """Url, lanes, batch size and authentication; secrets masked."""
         auth = ""
@@ -169,7 +175,7 @@ class HttpsSinkConfig(SinkConfig):
         elif self.bearer_token_file is not None or self.bearer_token is not None:
             auth = f" bearer_token={mask_secret(self.bearer_token, self.bearer_token_file)}"
         mtls = f" client_cert={self.cert_file}" if self.cert_file else ""
-        return [f"{self.name} {self.url} lanes={','.join(self.lanes)} batch_max={self.batch_max}{auth}{mtls}"]
+        return [f"{self.name} {self.shown_url} lanes={','.join(self.lanes)} batch_max={self.batch_max}{auth}{mtls}"]
 
     def warnings(self) -> list[str]:
         """Plain http: events (and any token) travel unencrypted."""

@@ -101,6 +101,7 @@ class HttpsSink:
         self.config = config
         self.name = config.name
         self.url = config.url
+        self._shown_url = config.shown_url
         self.lanes: frozenset[Lane] = frozenset(config.lanes)
         self.batch_max = config.batch_max
         self.status = ComponentStatus(name=config.name, kind="https")
@@ -178,7 +179,7 @@ class HttpsSink:
         try:
             response = await self._http().request("OPTIONS", self.url)
         except _TRANSPORT_ERRORS as exc:
-            self._set_state("reconnecting", f"{self.url}: {describe_error(exc)}")
+            self._set_state("reconnecting", f"{self._shown_url}: {describe_error(exc)}")
             return False
         self.status.info["http_version"] = response.http_version
         if self.status.state in ("starting", "reconnecting"):
@@ -255,7 +256,7 @@ class HttpsSink:
                 # (the events carry their ids, so a batch the server did take is deduplicated there).
                 response = await client.post(self.url, content=content, headers=headers)
         except _TRANSPORT_ERRORS as exc:
-            self._set_state("reconnecting", f"{self.url}: {describe_error(exc)}")
+            self._set_state("reconnecting", f"{self._shown_url}: {describe_error(exc)}")
             self._unreachable.set()
             return _Answer("retry")
         self.requests += 1
@@ -277,17 +278,19 @@ class HttpsSink:
                 self._oauth.invalidate(token)
                 return await self._post(bodies, lo, hi, attempt)
             how = "OAuth2 token" if self._oauth is not None else "bearer token" if token else "no credentials"
-            self._set_state("unauthorized", f"HTTP {status} from {self.url} ({how} refused)")
+            self._set_state("unauthorized", f"HTTP {status} from {self._shown_url} ({how} refused)")
             return _Answer("retry")
         if status in _THROTTLED:
             after = retry_after(response.headers.get("retry-after"))
             hint = f", Retry-After {after:g} s" if after is not None else ""
-            self._set_state("connected" if status == 429 else "reconnecting", f"HTTP {status} from {self.url}{hint}")
+            state: ConnectionState = "connected" if status == 429 else "reconnecting"
+            self._set_state(state, f"HTTP {status} from {self._shown_url}{hint}")
             return _Answer("retry", retry=RetryLater(after=after))
         if status >= 500:
-            self._set_state("reconnecting", f"HTTP {status} from {self.url}")
+            self._set_state("reconnecting", f"HTTP {status} from {self._shown_url}")
             return _Answer("retry")
-        self._set_state("disconnected", f"HTTP {status} from {self.url}: the receiver takes no events here; check url")
+        where = f"HTTP {status} from {self._shown_url}"
+        self._set_state("disconnected", f"{where}: the receiver takes no events here; check url")
         return _Answer("retry")
 
     async def _bearer(self) -> str | None:
@@ -310,16 +313,16 @@ class HttpsSink:
             return
         if state == "connected":
             if before != "starting":
-                log.info("HTTPS receiver accepts events again", extra={"sink": self.name, "url": self.url})
+                log.info("HTTPS receiver accepts events again", extra={"sink": self.name, "url": self._shown_url})
         elif state == "unauthorized":
             log.error(
                 "HTTPS receiver refuses our credentials; events are kept and retried",
-                extra={"sink": self.name, "url": self.url, "error": error},
+                extra={"sink": self.name, "url": self._shown_url, "error": error},
             )
         else:
             log.warning(
                 "HTTPS receiver not accepting events; retrying",
-                extra={"sink": self.name, "url": self.url, "state": state, "error": error},
+                extra={"sink": self.name, "url": self._shown_url, "state": state, "error": error},
             )
 
 
