@@ -11,6 +11,10 @@
 #
 # Give it 60 s to stop (--stop-timeout, or stop_grace_period in compose): SIGTERM
 # starts the drain. Serial devices: --device /dev/ttyUSB0 (and --group-add dialout).
+# The ingest token guards MES ingest and the buffer endpoints, which -p publishes beyond
+# the container: create it as docs/install.md does (root-only file, a random hex string).
+# Installed the same way as on an IPC (docs/install.md); tests/test_install.py replays the
+# build stage's steps, the entrypoint and the healthcheck.
 
 # --- build: install the project and its dependencies into a venv -------------------------------
 FROM python:3.11-slim AS build
@@ -38,7 +42,7 @@ FROM python:3.11-slim
 RUN groupadd --system --gid 10001 plantgate \
  && useradd --system --uid 10001 --gid plantgate --home-dir /var/lib/plantgate \
       --no-create-home --shell /usr/sbin/nologin plantgate \
- && install -d -o plantgate -g plantgate -m 0750 /var/lib/plantgate \
+ && install -d -o plantgate -g plantgate -m 0700 /var/lib/plantgate \
  && install -d -m 0755 /etc/plantgate
 
 # Same base image and path as the build stage, so the venv's interpreter links stay valid.
