@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
 
+from agent.counters import CounterSpec
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -133,6 +135,15 @@ class TagConfig(ConfigModel):
         None, description="state: value -> name; an unmapped value is reported as \"unknown:<value>\""
     )
     forward: bool = Field(False, description="value: also forward this tag's changes as telemetry samples")
+
+    @property
+    def writable(self) -> bool:
+        """Whether the agent may write this tag (a PLC handshake ``ack``); a protocol says when not."""
+        return True
+
+    def counter_spec(self) -> CounterSpec:
+        """How a ``counter`` tag wraps: unknown width (every drop is a reset) unless the protocol knows it."""
+        return CounterSpec()
 
     @model_validator(mode="after")
     def _kind_options(self) -> TagConfig:

@@ -23,7 +23,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple
 
 WRAP_WINDOW_FRACTION = 8
 """A drop is a wrap-around only when the forward distance is at most ``2**bits / 8``."""
@@ -35,21 +35,6 @@ class CounterSpec(NamedTuple):
     bits: int | None = None
     scale: float = 1.0
     offset: float = 0.0
-
-
-@runtime_checkable
-class DefinesCounter(Protocol):
-    """A tag config that knows its counter's register width (a Modbus integer register)."""
-
-    def counter_spec(self) -> CounterSpec:
-        """The counter's width, scale and offset."""
-
-
-def counter_spec(tag: object) -> CounterSpec:
-    """The counter spec of a tag config: its own, or unknown width and no scaling."""
-    if isinstance(tag, DefinesCounter):
-        return tag.counter_spec()
-    return CounterSpec()
 
 
 Step = Literal["forward", "wrap", "reset"]

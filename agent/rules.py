@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.config_types import TagConfig
-from agent.counters import CounterTracker, counter_spec
+from agent.counters import CounterTracker
 from agent.events import (
     Aggregate,
     CloudEvent,
@@ -102,7 +102,7 @@ class Rules:
             for tag in source.tag_configs():
                 state = _TagState(config=tag, source=source.name)
                 if tag.kind == "counter":
-                    state.counter = CounterTracker(counter_spec(tag))
+                    state.counter = CounterTracker(tag.counter_spec())
                 self._tags[tag.tag] = state
         for rule in settings.transactions:
             self._tags[rule.when].triggers.append(rule)

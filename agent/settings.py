@@ -186,6 +186,11 @@ class Settings(BaseSettings):
                     raise ValueError(f"{where}.fields.{key}: tag {field_tag!r} is not defined by any source")
             if rule.ack is not None and rule.ack not in tags:
                 raise ValueError(f"{where}.ack: tag {rule.ack!r} is not defined by any source")
+            if rule.ack is not None and not self.tag_configs()[rule.ack].writable:
+                raise ValueError(
+                    f"{where}.ack: tag {rule.ack!r} cannot be written (an input or discrete input); "
+                    "use a coil or a holding register"
+                )
             has_quantity = any(key == "quantity" or key.endswith("_quantity") for key in rule.fields)
             if has_quantity and rule.uom is None:
                 raise ValueError(f"{where}.uom: a rule with a quantity field needs a unit (uom)")

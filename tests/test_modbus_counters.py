@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.counters import WRAP_WINDOW_FRACTION, CounterSpec, CounterTracker, classify, counter_spec, raw_increment
+from agent.counters import WRAP_WINDOW_FRACTION, CounterSpec, CounterTracker, classify, raw_increment
 from protocols.modbus import ModbusTagConfig
 
 widths = st.sampled_from([16, 32])
@@ -83,5 +83,4 @@ def test_a_modbus_counter_tag_knows_its_width() -> None:
     tag = ModbusTagConfig.model_validate(
         {"tag": "t", "register": "holding:1", "type": "uint32", "kind": "counter", "scale": 0.5}
     )
-    assert counter_spec(tag) == CounterSpec(bits=32, scale=0.5, offset=0.0)
-    assert counter_spec(object()) == CounterSpec()
+    assert tag.counter_spec() == CounterSpec(bits=32, scale=0.5, offset=0.0)

@@ -128,7 +128,7 @@ def check_dead_letters(where: str, output: RuleOutput, expected: list[dict[str, 
 def load_case(path: Path) -> tuple[dict[str, Any], Settings, str]:
     case = tomllib.loads(path.read_text(encoding="utf-8"))
     settings = parse_settings(case["config"], path=path)
-    source = case.get("source", settings.sources.opcua[0].name)
+    source = case["source"] if "source" in case else settings.sources.opcua[0].name
     return case, settings, source
 
 

@@ -531,3 +531,35 @@ work_order_tag = "press7.work_orderr"
 """
     )
     assert "sources.barcode.0.work_order_tag" in str(error) and "press7.work_orderr" in str(error)
+
+
+def test_a_plc_ack_on_a_read_only_modbus_table_is_a_config_error() -> None:
+    error = config_error(
+        """
+[agent]
+site = "s"
+id = "a"
+
+[[sources.modbus]]
+name = "filler2"
+endpoint = "tcp://127.0.0.1:5020"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.cycle_done"
+  register = "coil:0"
+  kind = "value"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.cycle_ack"
+  register = "discrete:1"
+  kind = "value"
+
+[[transactions]]
+name = "filler2-output"
+when = "filler2.cycle_done"
+type = "production.completed"
+fields = { work_order = "filler2.cycle_done" }
+ack = "filler2.cycle_ack"
+"""
+    )
+    assert "transactions.0.ack" in str(error) and "cannot be written" in str(error)
