@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--profile] [--primed] [SCENARIO ...]``: run the benchmarks, print the table.
 
 Scenarios (all by default, in this order): ``ingest`` (a), ``drain`` (b), ``e2e`` (c),
-``idle`` (d), ``tags`` (e); the letters work as names too. Each writes ``bench/results/<name>.json``
+``idle`` (d), ``tags`` (e), ``modbus`` (f), ``barcode`` (g), ``mes`` (h), ``https`` (i); the
+letters work as names too. Each writes ``bench/results/<name>.json``
 (``<name>.quick.json`` with ``--quick``) with every raw figure and the machine.
 Exit status: 0 when every scenario ran (targets missed or not), 1 when one failed to
 run, 1 with ``--strict`` when a target was missed.
@@ -18,8 +19,18 @@ from typing import Any
 
 from bench.common import Row, ScenarioResult, SystemCpu, loadavg, machine_info
 
-SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags")
-ALIASES = {"a": "ingest", "b": "drain", "c": "e2e", "d": "idle", "e": "tags"}
+SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https")
+ALIASES = {
+    "a": "ingest",
+    "b": "drain",
+    "c": "e2e",
+    "d": "idle",
+    "e": "tags",
+    "f": "modbus",
+    "g": "barcode",
+    "h": "mes",
+    "i": "https",
+}
 
 
 def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]:
@@ -35,6 +46,22 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]
         from bench import tags
 
         return lambda: tags.run(quick=args.quick, profile=args.profile)
+    if name == "modbus":
+        from bench import modbus
+
+        return lambda: modbus.run(quick=args.quick)
+    if name == "barcode":
+        from bench import barcode
+
+        return lambda: barcode.run(quick=args.quick)
+    if name == "mes":
+        from bench import mes
+
+        return lambda: mes.run(quick=args.quick)
+    if name == "https":
+        from bench import https_drain
+
+        return lambda: https_drain.run(quick=args.quick)
     from bench import e2e
 
     if name == "e2e":
