@@ -1,9 +1,11 @@
 """``plantgate demo``: the whole pipeline against built-in simulators, shown live.
 
-A real OPC UA server simulating a press runs on loopback; the agent subscribes
-to it, classifies, buffers in SQLite and delivers to a JSON Lines file and, when
-a broker answers on localhost:1883, to MQTT. Every source and sink the product
-has takes part here.
+Every source and sink the product has takes part, each against a real peer on
+loopback: an OPC UA server simulating a press, a Modbus TCP server simulating a
+filler, a scanner sending GS1 barcodes over TCP, an MES posting to the webhook
+and serving a REST endpoint that the agent polls; the agent buffers in SQLite and
+delivers to a JSON Lines file, to a local HTTP receiver through the HTTPS sink
+and, when a broker answers on localhost:1883, to MQTT.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from agent.events import CloudEvent
 from agent.pipeline import Agent
 from agent.settings import Settings, parse_settings
 from agent.simulator import PressSimulator
+from protocols.barcode.simulator import ScannerSimulator
+from protocols.https.receiver import DemoReceiver
+from protocols.mes.simulator import MesSimulator
+from protocols.modbus.simulator import FillerSimulator
 
 DEMO_CONFIG = """
 [agent]
@@ -35,6 +41,7 @@ path = "buffer.db"
 
 [http]
 listen = "127.0.0.1:0"
+ingest_token_file = "ingest-token"
 
 [[sources.opcua]]
 name = "press7"
@@ -78,6 +85,67 @@ publishing_interval = "100ms"
   node = "ns=2;s=Press7.BatchQty"
   kind = "value"
 
+[[sources.modbus]]
+name = "filler2"
+endpoint = "{filler_endpoint}"
+poll_interval = "200ms"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.good_count"
+  register = "holding:0"
+  type = "uint32"
+  kind = "counter"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.state"
+  register = "holding:2"
+  kind = "state"
+  states = {{ 0 = "stopped", 1 = "running", 2 = "fault" }}
+
+  [[sources.modbus.tags]]
+  tag = "filler2.fill_weight"
+  register = "holding:4"
+  type = "float32"
+  deadband = 0.5
+
+  [[sources.modbus.tags]]
+  tag = "filler2.work_order"
+  register = "holding:10"
+  type = "uint32"
+  kind = "value"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.item"
+  register = "holding:20"
+  type = "string:8"
+  kind = "value"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.cycle_done"
+  register = "coil:0"
+  kind = "value"
+
+  [[sources.modbus.tags]]
+  tag = "filler2.cycle_ack"
+  register = "coil:1"
+  kind = "value"
+
+[[sources.barcode]]
+name = "dock1"
+mode = "tcp-server"
+listen = "127.0.0.1:{scanner_port}"
+station = "receiving-dock-1"
+event = "goods.received"
+work_order_tag = "press7.work_order"
+{mes_sources}
+[[transactions]]
+name = "filler2-output"
+when = "filler2.cycle_done"
+type = "production.completed"
+fields = {{ work_order = "filler2.work_order", item = "filler2.item", quantity = "filler2.good_count" }}
+uom = "pcs"
+ack = "filler2.cycle_ack"
+
 [[transactions]]
 name = "press7-completion"
 when = "press7.cycle_done"
@@ -96,6 +164,12 @@ ack = "press7.cycle_ack"
 [[sinks.jsonl]]
 name = "demo-file"
 path = "events.jsonl"
+
+[[sinks.https]]
+name = "erp-receiver"
+url = "{receiver_url}"
+lanes = ["transaction", "operational"]
+batch_max = 500
 {mqtt}
 """
 
@@ -177,54 +251,122 @@ def _brief(event: CloudEvent) -> str:
     return event.subject or ""
 
 
+class DemoSimulators:
+    """The demo's peers, each real and on loopback: press (OPC UA), filler (Modbus TCP), scanner, MES, receiver."""
+
+    def __init__(self, token: str) -> None:
+        self.press = PressSimulator()
+        self.filler = FillerSimulator()
+        self.scanner_port = _free_port()
+        self.scanner = ScannerSimulator(connect=f"127.0.0.1:{self.scanner_port}")
+        self.mes = MesSimulator(token=token, serve_rest=True)
+        self.receiver = DemoReceiver()
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start every server (the scanner connects once the agent listens)."""
+        await self.press.start()
+        await self.filler.start()
+        await self.mes.start()
+        await self.receiver.start()
+
+    def config(self, data_dir: Path, mqtt: bool) -> str:
+        """The agent's TOML config for these simulators."""
+        mes_sources = self.mes.webhook_config("mes") + self.mes.poll_config("mes-rest")
+        return DEMO_CONFIG.format(
+            data_dir=data_dir,
+            endpoint=self.press.endpoint,
+            filler_endpoint=self.filler.endpoint,
+            scanner_port=self.scanner_port,
+            mes_sources=mes_sources,
+            receiver_url=self.receiver.url,
+            mqtt=MQTT_SINK if mqtt else "",
+        )
+
+    def run(self, tasks: asyncio.TaskGroup, agent_url: str) -> None:
+        """Start the simulated plant: cycles, scans, MES postings, until ``stop``."""
+        self.mes.agent_url = agent_url
+        tasks.create_task(self.press.run_demo(self._stop), name="press-simulator")
+        tasks.create_task(self.filler.run_demo(self._stop), name="filler-simulator")
+        tasks.create_task(self.scanner.run_demo(self._stop), name="scanner-simulator")
+        tasks.create_task(self.mes.run_demo(self._stop), name="mes-simulator")
+
+    def stop_running(self) -> None:
+        """Ask the simulated plant to stop (the servers stay up until ``stop``)."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Stop every server."""
+        self._stop.set()
+        for stop in (self.mes.stop, self.receiver.stop, self.filler.stop, self.press.stop):
+            with contextlib.suppress(Exception):
+                await stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
 async def run_demo(*, seconds: float | None, data_dir: Path | None = None) -> int:
     """Run the demo; returns the exit code."""
+    import secrets
+    import signal
+
     directory = data_dir or Path(tempfile.mkdtemp(prefix="plantgate-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
 
-    press = PressSimulator()
-    await press.start()
-    mqtt = broker_answers()
-    config_text = DEMO_CONFIG.format(data_dir=directory, endpoint=press.endpoint, mqtt=MQTT_SINK if mqtt else "")
-    (directory / "plantgate.toml").write_text(config_text, encoding="utf-8")
-    settings: Settings = parse_settings(config_text)
-    agent = Agent(settings)
-    view = LiveView(agent, tty=sys.stdout.isatty())
-    print(f"plantgate demo: press simulator at {press.endpoint}; data in {directory}")
-    print("MQTT: broker on localhost:1883 found, publishing there too" if mqtt else
-          "MQTT: no broker on localhost:1883 (start mosquitto to see the MQTT sink too); JSON Lines only")
-    started = time.monotonic()
-    press_stop = asyncio.Event()
-    async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(press.run_demo(press_stop), name="press-simulator")
-        agent_task = tasks.create_task(agent.run(stop), name="agent")
-        await agent.wait_started()
-        if agent.http is not None:
-            print(f"status: {agent.http.url}/status   metrics: {agent.http.url}/metrics")
-        while not stop.is_set():
-            elapsed = time.monotonic() - started
-            view.show(elapsed)
-            if seconds is not None and elapsed >= seconds:
-                stop.set()
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-        await agent_task
-        press_stop.set()
-    await press.stop()
+    token = secrets.token_hex(16)
+    token_file = directory / "ingest-token"
+    token_file.write_text(token + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    simulators = DemoSimulators(token)
+    await simulators.start()
+    try:
+        mqtt = broker_answers()
+        config_text = simulators.config(directory, mqtt)
+        (directory / "plantgate.toml").write_text(config_text, encoding="utf-8")
+        settings: Settings = parse_settings(config_text)
+        agent = Agent(settings)
+        view = LiveView(agent, tty=sys.stdout.isatty())
+        print(f"plantgate demo: data in {directory}")
+        print(f"  press (OPC UA) {simulators.press.endpoint}, filler (Modbus) {simulators.filler.endpoint}, "
+              f"scanner -> 127.0.0.1:{simulators.scanner_port}, MES REST {simulators.mes.rest_url}, "
+              f"receiver {simulators.receiver.url}")
+        print("MQTT: broker on localhost:1883 found, publishing there too" if mqtt else
+              "MQTT: no broker on localhost:1883 (start mosquitto to see the MQTT sink too)")
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as tasks:
+            agent_task = tasks.create_task(agent.run(stop), name="agent")
+            await agent.wait_started()
+            if agent.http is not None:
+                print(f"status: {agent.http.url}/status   metrics: {agent.http.url}/metrics")
+                simulators.run(tasks, agent.http.url)
+            while not stop.is_set():
+                elapsed = time.monotonic() - started
+                view.show(elapsed)
+                if seconds is not None and elapsed >= seconds:
+                    stop.set()
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            simulators.stop_running()
+            await agent_task
+    finally:
+        await simulators.stop()
     view.show(time.monotonic() - started)
-    _where_it_went(agent, directory, mqtt, view)
+    _where_it_went(agent, directory, mqtt, view, simulators.receiver)
     return 0
 
 
-def _where_it_went(agent: Agent, directory: Path, mqtt: bool, view: LiveView) -> None:
+def _where_it_went(agent: Agent, directory: Path, mqtt: bool, view: LiveView, receiver: DemoReceiver) -> None:
     total = sum(view.by_lane.values())
     print(f"\n{total} events made; where they went:")
     configs = {config.name: config for config in agent.settings.sink_configs()}
@@ -235,8 +377,13 @@ def _where_it_went(agent: Agent, directory: Path, mqtt: bool, view: LiveView) ->
         url = getattr(configs[sink.name], "url", None)
         where = f"appended to {path}" if path is not None else f"sent to {url}"
         print(f"  {sink.name}: {delivered} events {where}; {left} still buffered for it")
+    print(f"  the local receiver got {receiver.events} events in {receiver.batches} batches")
     config = directory / "plantgate.toml"
+    # The command as it can be run from here: the venv's own plantgate, which may not be on PATH.
+    plantgate = Path(sys.executable).parent / "plantgate"
+    command = str(plantgate) if plantgate.exists() else "plantgate"
     print(f"  buffer: {directory / 'buffer.db'} (dead letters: {agent.buffer.dead_letter_count})")
-    print(f"  inspect: plantgate buffer stats -c {config}; plantgate buffer dead-letters -c {config}")
+    print(f"  inspect: {command} buffer stats -c {config}")
+    print(f"           {command} buffer dead-letters -c {config}")
     if not mqtt:
         print("  (no MQTT broker was running on localhost:1883)")
