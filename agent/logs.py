@@ -28,6 +28,8 @@ NOISY_LOGGERS: dict[str, int] = {
     "aiosqlite": logging.WARNING,  # logs every executed call at DEBUG
     "httpx": logging.WARNING,  # one INFO line per request: a flood at delivery rate
     "httpcore": logging.WARNING,
+    "h2": logging.WARNING,  # the HTTP/2 state machine, per frame
+    "hpack": logging.WARNING,  # logs every header it encodes at DEBUG: the Authorization header too
     "pymodbus": logging.WARNING,
 }
 """Third-party loggers held at this level whatever the agent's level, so they cannot flood the log."""

@@ -77,7 +77,7 @@ class Agent:
         sinks: Sequence[Sink] | None = None,
         serve_http: bool = True,
         drain_timeout: float = 10.0,
-        batch_max: int = 1000,
+        batch_max: int | None = None,
     ):
         self.settings = settings
         self.sources = list(sources) if sources is not None else build_sources(settings)
@@ -385,7 +385,7 @@ class Agent:
         idle = self._idle[sink.name] = asyncio.Event()
         idle.set()
         pacer = self._pacers.get(sink.name)
-        limit = min(self.batch_max, sink.batch_max, pacer.burst if pacer else sink.batch_max)
+        limit = min(self.batch_max or sink.batch_max, sink.batch_max, pacer.burst if pacer else sink.batch_max)
         while not self._stopping.is_set():
             batch = await cursor.next_batch(limit)
             if not batch or self._stopping.is_set():

@@ -91,6 +91,7 @@ def _build(where: str, build: Callable[[BuildContext], _Built], context: BuildCo
     except ValueError as exc:  # a file it needs (a secret, a certificate) cannot be read or is invalid
         message = str(exc)
         field, sep, rest = message.partition(": ")
-        if sep and field.isidentifier():  # "password_file: cannot read ...": name the key itself
+        if sep and all(part.isidentifier() for part in field.split(".")):
+            # "password_file: cannot read ..." or "oauth2.client_secret_file: ...": name the key itself
             raise ConfigError(None, f"{where}.{field}", rest) from exc
         raise ConfigError(None, where, message) from exc

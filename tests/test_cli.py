@@ -303,3 +303,19 @@ def test_version(cli: dict[str, Run]) -> None:
     run = cli["version"]
     assert run.returncode == 0
     assert run.stdout.strip() == f"plantgate {__version__}"
+
+
+def test_an_unreadable_nested_secret_file_names_its_dotted_key(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "credentials" / "oauth-secret"
+    text = GOOD.format(data_dir=tmp_path / "data", url="mqtts://broker.example.com:8883") + (
+        '\n[[sinks.https]]\nname = "erp"\nurl = "https://erp.example.com/v1/events"\n'
+        f'oauth2 = {{ token_url = "https://login.example.com/token", client_id = "gw", '
+        f'client_secret_file = "{missing}" }}\n'
+    )
+    path = _write(tmp_path, "site.toml", text)
+    assert main(["check", "-c", str(path)]) == 2
+    _, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1, err
+    assert "sinks.https.0.oauth2.client_secret_file: cannot read" in err and str(missing) in err

@@ -67,6 +67,8 @@ class Harness:
     """A sink, its peer, and what the contract tests need to see of that peer."""
 
     kind: ClassVar[str]
+    secret_key: ClassVar[str] = "password="
+    """How ``describe`` names the masked secret of ``secret_configs``."""
     ack_visible_within: ClassVar[float]
     """How long after ``ACKED`` the test's view of the peer may lag (a subscriber's delivery)."""
 
@@ -191,10 +193,15 @@ class HttpsHarness(Harness):
     def config(self) -> SinkConfig:
         return HttpsSinkConfig(name="contract", url=self.receiver.url, ca_file=self.certs.ca_file, timeout="2s")
 
+    secret_key = "bearer_token="
+
     def secret_configs(self) -> list[tuple[SinkConfig, str]]:
-        # The shared check looks for "password="; the HTTPS sink's secrets are tokens and client
-        # secrets (bearer_token=, client_secret=), masked and checked in tests/test_https_sink.py.
-        return []
+        url = self.receiver.url
+        (self.data_dir / "erp-token").write_text("from-a-file-token\n", encoding="utf-8")
+        return [
+            (HttpsSinkConfig(name="c", url=url, bearer_token="env-s3cret-token"), "env-s3cret-token"),
+            (HttpsSinkConfig(name="c", url=url, bearer_token_file=Path("erp-token")), "from-a-file-token"),
+        ]
 
     def peer_ids(self) -> list[str]:
         return self.receiver.ids()
@@ -330,7 +337,7 @@ def test_describe_masks_secrets(harness: Harness) -> None:
     for config, secret in harness.secret_configs():
         text = "\n".join(config.describe(ctx))
         assert secret not in text
-        assert "password=" in text  # masked, not left out
+        assert harness.secret_key in text  # masked, not left out
 
 
 # --- sink specifics that the contract does not cover -----------------------------------------------------
