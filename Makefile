@@ -61,11 +61,24 @@ systemd-tools:
 	  fi; \
 	fi
 
+# promtool (Debian package prometheus) checks docs/alerts.yml and runs its unit tests
+# (tests/test_monitoring_docs.py); installed when missing and we may. Only the tool is used.
+.PHONY: promtool
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing promtool (package prometheus) from Debian's packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool is missing: install it (apt-get install prometheus); the alert rule checks will be skipped"; \
+	  fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check agent protocols buffer tests bench
 	$(BIN)/mypy
 
-test: lint mosquitto node-peers systemd-tools
+test: lint mosquitto node-peers systemd-tools promtool
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP) mosquitto
