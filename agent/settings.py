@@ -13,15 +13,17 @@ booleans, arrays), else taken as strings.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.config_types import ConfigModel, TagConfig
@@ -279,7 +281,7 @@ def parse_settings(text: str, *, path: Path | None = None, environ: Mapping[str,
         key = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(error["loc"])
         elif error["type"] == "missing":
             message = "required key is missing"
         if not key and ": " in message and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
@@ -292,6 +294,46 @@ def parse_settings(text: str, *, path: Path | None = None, environ: Mapping[str,
         if from_env is not None:
             raise ConfigError(path, key, f"{message} (set by {from_env})") from exc
         raise ConfigError(path, key, message, line_of(text, key)) from exc
+
+
+def did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """``"; did you mean `deadband`?"`` for a misspelt key at ``loc``, else ``""``.
+
+    The candidates are the keys of the model the unknown key sits in, found by walking
+    ``loc`` through the settings' field types.
+    """
+    keys = _keys_at(Settings, loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), sorted(keys), n=1, cutoff=0.75) if keys else []
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _keys_at(annotation: Any, loc: tuple[int | str, ...]) -> set[str]:
+    """The keys (field names, or their aliases) of the model reached from ``annotation`` along ``loc``."""
+    for model in _models_in(annotation):
+        if not loc:
+            return {field.alias or name for name, field in model.model_fields.items()}
+        part = loc[0]
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        if field is not None:
+            return _keys_inside(field.annotation, loc[1:])
+    return set()
+
+
+def _keys_inside(annotation: Any, loc: tuple[int | str, ...]) -> set[str]:
+    """Step through list indexes and dict keys until a model is reached."""
+    origin = typing.get_origin(annotation)
+    if loc and origin is list and isinstance(loc[0], int):
+        return _keys_inside(typing.get_args(annotation)[0], loc[1:])
+    if loc and origin is dict:
+        return _keys_inside(typing.get_args(annotation)[1], loc[1:])
+    return _keys_at(annotation, loc)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (``X``, ``X | None``, ``str | X``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
 
 
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
