@@ -404,7 +404,7 @@ class Buffer:
                 raise FileNotFoundError(self.path)
             self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(self.path.parent)
             await self._lock()
             try:
                 reason = await self._check_integrity()
@@ -427,7 +427,9 @@ class Buffer:
             self._commit_task = asyncio.create_task(self._commit_loop(), name="buffer-commit")
 
     async def _lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        with contextlib.suppress(PermissionError):  # a lock file of an older version was 0644
+            os.fchmod(fd, 0o600)
         # A second to get it: ``lock_holder`` (plantgate buffer) probes it for an instant.
         for attempt in range(20):
             try:
@@ -451,6 +453,7 @@ class Buffer:
 
     async def _connect(self) -> None:
         """The writer (creates the file and schema), then the read-only reader."""
+        _owner_only(self.path)
         db = self._db = await aiosqlite.connect(self.path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -1471,6 +1474,40 @@ def event_lane(event: Mapping[str, Any]) -> Lane:
     if not isinstance(event.get("id"), str) or not event["id"]:
         raise ValueError("the event has no id")
     return LANE_OF_TYPE[name]
+
+
+def private_directory(path: Path) -> None:
+    """Create ``path`` and its missing parents 0700: the buffer holds plant data, nobody else's to read.
+
+    Directories that exist already (e.g. made by systemd's ``StateDirectory=``) keep their mode.
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        directory.chmod(0o700)  # explicit: mkdir's mode went through the umask
+
+
+def _owner_only(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would make it 0644), or tighten an older one.
+
+    SQLite creates ``-wal`` and ``-shm`` with the mode of the database file, so they follow.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with contextlib.suppress(PermissionError):  # not ours to change (another owner)
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                path.chmod(mode & 0o700)
+        return
+    os.close(fd)
 
 
 def lock_holder(path: Path) -> str | None:
