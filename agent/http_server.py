@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -109,6 +110,21 @@ def parse_listen(listen: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f'{listen!r}: write an IPv6 address in brackets, e.g. "[::1]:9480"')
     return host, int(port_text)
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """Whether ``listen`` (``host:port``) only accepts connections from this host.
+
+    ``localhost`` and loopback addresses do; every interface (``":9480"``, ``0.0.0.0``,
+    ``[::]``), another address or a host name is beyond loopback.
+    """
+    host, _ = parse_listen(listen)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- responses -------------------------------------------------------------------------------------------

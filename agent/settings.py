@@ -164,6 +164,19 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> Settings:
+        from agent.http_server import is_loopback_listen
+
+        # Beyond loopback the port takes MES transactions and buffer replay/purge from the
+        # plant network: without a token anyone there could post or purge.
+        if self.http.ingest_token_file is None and not is_loopback_listen(self.http.listen):
+            raise ValueError(
+                f"http.listen: {self.http.listen} is reachable from other hosts and needs http.ingest_token_file "
+                "(a file holding a random token), or listen on 127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cross_references(self) -> Settings:
         tags: dict[str, str] = {}
         for source in self.source_configs():
