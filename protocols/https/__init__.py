@@ -228,6 +228,7 @@ def tls_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | N
             ctx = ssl.create_default_context(cafile=_readable(ca_file, "ca_file"))
         except ssl.SSLError as exc:
             raise ValueError(f"ca_file: {ca_file} holds no usable CA certificate: {exc.reason or exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None and key_file is not None:
         try:
             ctx.load_cert_chain(_readable(cert_file, "cert_file"), _readable(key_file, "key_file"))

@@ -72,13 +72,12 @@ class MesPollSource:
         password_file = context.resolve(config.password_file) if config.password_file else None
         password = config.password.get_secret_value() if config.password else None
         self._password = read_secret(password_file, password, key="password")
-        self._verify: ssl.SSLContext | bool = True
-        if config.ca_file is not None:
-            ca_file = context.resolve(config.ca_file)
-            try:
-                self._verify = ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"ca_file: cannot load {ca_file}: {exc}") from exc
+        ca_file = context.resolve(config.ca_file) if config.ca_file is not None else None
+        try:
+            self._verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ca_file: cannot load {ca_file}: {exc}") from exc
+        self._verify.minimum_version = ssl.TLSVersion.TLSv1_2
         self._mapping = (
             CompiledMapping(config.mapping, config.mappings[config.mapping], source_name=config.name, site=context.site)
             if config.mapping is not None
