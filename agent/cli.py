@@ -1,4 +1,4 @@
-"""``plantgate`` command line: run, check, demo, buffer, schema.
+"""``plantgate`` command line: run, check, browse, demo, buffer, schema.
 
 Errors are one line on stderr (``plantgate: <file>[:<line>]: <key>: <what>``),
 never a traceback, and exit code 2 for bad input.
@@ -70,7 +70,33 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate the config and print a summary (secrets masked)")
     config_option(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="pre-flight: also reach every OPC UA server, Modbus device, scanner, MES and sink once and check "
+        "each node and register (reads only); exit 1 when a finding is an error",
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="with --connect: how long each source or sink may take (default 15)",
+    )
     check.set_defaults(handler=_cmd_check)
+
+    browse = commands.add_parser("browse", help="list an OPC UA server's variables with node ids, types and access")
+    browse.add_argument("endpoint", help="opc.tcp://host:port of the server")
+    browse.add_argument("--node", default="i=85", help="where to start (default: the Objects folder, i=85)")
+    browse.add_argument("--depth", type=int, default=8, help="how many levels to descend (default 8)")
+    browse.add_argument("--max-nodes", type=int, default=5000, help="stop after this many nodes (default 5000)")
+    browse.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
+    browse.add_argument("--username", default=None, help="user name for a username/password identity")
+    browse.add_argument(
+        "--password-file", type=Path, default=None, help="file holding the password (with --username)"
+    )
+    browse.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (default 10)")
+    browse.set_defaults(handler=_cmd_browse)
 
     demo = commands.add_parser("demo", help="run the whole pipeline against built-in simulators")
     demo.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until Ctrl-C)")
@@ -220,7 +246,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(_summary(settings))
     for warning in _warnings(settings):
         print(f"plantgate: warning: {warning}", file=sys.stderr)
-    return EXIT_OK
+    if not args.connect:
+        return EXIT_OK
+    from agent.logs import setup_logging
+    from agent.preflight import run_preflight, summary
+
+    setup_logging("ERROR", False)  # library chatter (reconnects, retries) would drown the findings
+    print()
+    findings = asyncio.run(run_preflight(settings, per_component=args.timeout))
+    for finding in findings:
+        print(finding.line())
+    print(summary(findings))
+    return EXIT_FAILURE if any(finding.level == "error" for finding in findings) else EXIT_OK
 
 
 def _summary(settings: Any) -> str:
@@ -264,6 +301,7 @@ def _warnings(settings: Any) -> list[str]:
     warnings = []
     for component in [*settings.source_configs(), *settings.sink_configs()]:
         warnings.extend(component.warnings())
+    warnings.extend(_risky_settings(settings))
     sinks = settings.sink_configs()
     if not sinks:
         warnings.append("no sinks configured: nothing is forwarded")
@@ -273,6 +311,93 @@ def _warnings(settings: Any) -> list[str]:
             if lane not in taken:
                 warnings.append(f"no sink takes the {lane} lane: its events are counted (/status unrouted), not stored")
     return warnings
+
+
+# Keys ending in _file that hold public material, not secrets.
+_PUBLIC_FILES = frozenset({"ca_file", "cert_file", "certificate", "server_certificate"})
+# Switches that turn TLS certificate verification off, under the names protocols give them.
+_VERIFY_ON = frozenset({"verify", "tls_verify", "verify_tls", "verify_certificate"})
+_VERIFY_OFF = frozenset({"insecure", "tls_insecure", "insecure_skip_verify"})
+
+
+def _risky_settings(settings: Any) -> list[str]:
+    """Settings that work but expose the agent: secret files others can read, TLS verification off.
+
+    (Credentials over plain mqtt:// or http:// are each protocol's own ``warnings()``; an ingest
+    endpoint beyond loopback without a token is a config error.)
+    """
+    from agent.config_types import ConfigModel, secret_file_warning
+
+    found: list[str] = []
+
+    def walk(model: ConfigModel, where: str) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            key = f"{where}.{name}"
+            if isinstance(value, ConfigModel):
+                walk(value, key)
+            elif isinstance(value, Path) and name not in _PUBLIC_FILES and name.endswith(("_file", "_key")):
+                warning = secret_file_warning(settings.data_path(value), key=key)
+                if warning is not None:
+                    found.append(warning)
+            elif isinstance(value, bool) and (
+                (name in _VERIFY_ON and not value) or (name in _VERIFY_OFF and value)
+            ):
+                found.append(
+                    f"{key}: TLS certificate verification is off: anyone on the path can pose as the peer "
+                    "and read or alter what is sent; trust the peer's CA with ca_file instead"
+                )
+
+    for key, section in (("sources", settings.sources), ("sinks", settings.sinks)):
+        for protocol in type(section).model_fields:
+            for component in getattr(section, protocol):
+                walk(component, f"{key}.{protocol}.{component.name}")
+    token_file = settings.http.ingest_token_file
+    if token_file is not None:
+        warning = secret_file_warning(settings.data_path(token_file), key="http.ingest_token_file")
+        if warning is not None:
+            found.append(warning)
+    return found
+
+
+# --- browse --------------------------------------------------------------------------------------
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from agent.browse import BrowseError, browse, print_tree
+
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            return _fail(f"--password-file: cannot read {args.password_file}: {exc.strerror}")
+    if (args.username is None) != (password is None):
+        return _fail("browse: --username and --password-file go together")
+    from agent.logs import setup_logging
+
+    setup_logging("ERROR", False)
+    try:
+        tree = asyncio.run(
+            browse(
+                args.endpoint,
+                start=args.node,
+                depth=args.depth,
+                max_nodes=args.max_nodes,
+                username=args.username,
+                password=password,
+                request_timeout=args.timeout,
+            )
+        )
+    except BrowseError as exc:
+        return _fail(f"browse: {exc}", EXIT_FAILURE)
+    except ValueError as exc:
+        return _fail(f"browse: {exc}")
+    if args.json:
+        print(msgspec.json.encode(tree).decode())
+    else:
+        print_tree(tree)
+    return EXIT_OK
 
 
 # --- demo ----------------------------------------------------------------------------------------

@@ -113,6 +113,24 @@ def read_secret(path: Path | None, inline: str | None, *, key: str) -> str | Non
     return inline
 
 
+def secret_file_warning(path: Path, *, key: str) -> str | None:
+    """A warning when the secret file at ``path`` can be read (or written) by every user of the machine.
+
+    None when it is private enough, or cannot be inspected (building reports a missing file).
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o006 == 0:
+        return None
+    what = "read and written" if mode & 0o002 else "read"
+    return (
+        f"{key}: {path} can be {what} by every user on this machine (mode {mode & 0o777:04o}); "
+        f"run `chmod 600 {path}` (or 640 with the agent's group)"
+    )
+
+
 TagKind = Literal["telemetry", "counter", "state", "value"]
 
 

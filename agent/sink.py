@@ -10,7 +10,7 @@ after ``deliver`` reported it ``ACKED`` (or rejected it into a dead letter).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgspec
 from pydantic import Field, field_validator
@@ -18,6 +18,9 @@ from pydantic import Field, field_validator
 from agent.config_types import BuildContext, ConfigModel
 from agent.events import LANES, Lane
 from agent.health import ComponentStatus
+
+if TYPE_CHECKING:
+    from agent.preflight import Finding
 
 
 class BufferedEvent(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -124,3 +127,12 @@ class SinkConfig(ConfigModel):
     def build(self, context: BuildContext) -> Sink:
         """The sink this config describes."""
         raise NotImplementedError
+
+    async def preflight(self, context: BuildContext) -> list[Finding]:
+        """``plantgate check --connect``: reach the peer once (connect, authenticate), one finding per check.
+
+        Sends no event. By default: no pre-flight for this protocol.
+        """
+        from agent.preflight import ok
+
+        return [ok("no pre-flight for this protocol (config and files checked)")]

@@ -143,6 +143,19 @@ class SourceConfig(ConfigModel):
         """The source this config describes."""
         raise NotImplementedError
 
+    async def preflight(self, context: BuildContext, *, ack_tags: frozenset[str] = frozenset()) -> list[Finding]:
+        """``plantgate check --connect``: reach the peer once and report, one finding per check.
+
+        ``ack_tags`` are the tags the rules write (PLC handshake), to be checked for
+        writability. Reads only, never writes; the runner bounds it in time and turns an
+        exception into an error finding. By default: no pre-flight for this protocol.
+        """
+        from agent.preflight import ok
+
+        return [ok("no pre-flight for this protocol (config and files checked)")]
+
 
 if TYPE_CHECKING:  # pragma: no cover
+    from agent.preflight import Finding
+
     __all__ = ["BufferUnavailable", "ServesHttp", "Source", "SourceConfig", "SourceError", "SourceOutput"]
