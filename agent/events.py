@@ -314,6 +314,21 @@ def stable_id(*parts: object) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def traceparent_for(event_id: str) -> str:
+    """A W3C ``traceparent`` that starts a trace at this event, derived from its id.
+
+    The same id always gives the same trace, so a retry or a replay continues it and
+    the middleware's traces line up with the agent's logs (which carry the event id).
+    """
+    digest = hashlib.sha256(b"traceparent\0" + event_id.encode()).hexdigest()
+    trace_id, span_id = digest[:32], digest[32:48]
+    if not int(trace_id, 16):  # all zero is invalid (2**-128: cannot happen, but the spec forbids it)
+        trace_id = "1".rjust(32, "0")
+    if not int(span_id, 16):
+        span_id = "1".rjust(16, "0")
+    return f"00-{trace_id}-{span_id}-01"
+
+
 def format_sequence(seq: int) -> str:
     """The CloudEvents ``sequence`` extension: 20 zero-padded digits, orders lexicographically."""
     return f"{seq:020d}"

@@ -25,11 +25,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.backoff import Backoff
 from agent.events import Reading
 from agent.source import Source
+
+if TYPE_CHECKING:
+    from agent.rules import PlcAck
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,18 @@ MAX_PENDING = 1000
 
 
 class _Ack:
-    __slots__ = ("attempts", "committed", "queued", "tag", "trigger", "trigger_reading")
+    __slots__ = ("attempts", "committed", "event_id", "queued", "tag", "trigger", "trigger_reading")
 
-    def __init__(self, tag: str, committed: asyncio.Future[None], trigger: str | None, reading: Reading | None):
+    def __init__(
+        self,
+        tag: str,
+        committed: asyncio.Future[None],
+        trigger: str | None,
+        reading: Reading | None,
+        event_id: str | None,
+    ):
         self.tag = tag
+        self.event_id = event_id
         self.committed = committed
         self.trigger = trigger
         self.trigger_reading = reading
@@ -103,9 +114,9 @@ class PlcAckWriter:
     def source_names(self) -> list[str]:
         return list(self._sources)
 
-    def submit(self, committed: asyncio.Future[None], tags: Sequence[str]) -> None:
-        """Queue ``tags`` to be written ``True`` once ``committed`` is done (called right after the rules)."""
-        for tag in tags:
+    def submit(self, committed: asyncio.Future[None], acks: Sequence[PlcAck]) -> None:
+        """Queue ``acks`` to be written ``True`` once ``committed`` is done (called right after the rules)."""
+        for tag, event_id in acks:
             state = self._owner.get(tag)
             if state is None:
                 log.error("No source owns the PLC ack tag; ack not written", extra={"tag": tag})
@@ -120,7 +131,7 @@ class PlcAckWriter:
                     "Too many PLC acks waiting; the oldest is abandoned",
                     extra={"source": state.source.name, "tag": dropped.tag, "waiting": len(queue)},
                 )
-            queue.append(_Ack(tag, committed, trigger, reading))
+            queue.append(_Ack(tag, committed, trigger, reading, event_id))
             state.idle.clear()
             state.wake.set()
 
@@ -254,16 +265,16 @@ class PlcAckWriter:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             state.written += 1
-            if ack.attempts > 1:
-                log.info(
-                    "PLC ack written after retries",
-                    extra={
-                        "source": source.name,
-                        "tag": ack.tag,
-                        "attempts": ack.attempts,
-                        "waited_s": round(time.monotonic() - ack.queued, 3),
-                    },
-                )
+            log.info(
+                "PLC ack written",
+                extra={
+                    "source": source.name,
+                    "tag": ack.tag,
+                    "event_id": ack.event_id,
+                    "attempts": ack.attempts,
+                    "waited_s": round(time.monotonic() - ack.queued, 3),
+                },
+            )
             if self.on_written is not None:
                 self.on_written(source.name, ack.attempts)
             return

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.config_types import TagConfig
 from agent.counters import CounterTracker
@@ -36,6 +36,7 @@ from agent.events import (
     identifier_string,
     make_event,
     stable_id,
+    traceparent_for,
 )
 from agent.settings import ItemMapping, MappingsSection, Settings, TransactionRule
 from buffer import NO_SINK, DeadLetter
@@ -46,13 +47,20 @@ MAX_SAMPLES_PER_EVENT = 1000
 IDENTIFIER_FIELDS = frozenset({"work_order", "item", "lot", "serial", "station"})
 
 
+class PlcAck(NamedTuple):
+    """A PLC handshake to write once the cycle's event (or its dead letter) is committed."""
+
+    tag: str
+    event_id: str | None = None  # the event the cycle produced, for the log line
+
+
 @dataclass
 class RuleOutput:
     """What one batch produced: events to buffer, dead letters, PLC acks to write after commit."""
 
     events: list[CloudEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    acks: list[str] = field(default_factory=list)  # ack tags to write True once committed
+    acks: list[PlcAck] = field(default_factory=list)  # ack tags to write True once committed
     suppressed: int = 0  # telemetry changes inside the deadband
 
     def extend(self, other: RuleOutput) -> None:
@@ -363,6 +371,7 @@ class Rules:
             site=self.site,
             subject=subject,
             partitionkey=str(data.get("work_order") or subject),
+            traceparent=traceparent_for(event_id),
             data=data,
         )
         if not problems:
@@ -371,7 +380,7 @@ class Rules:
             if not problems:
                 event.data = mapped
         if rule.ack is not None:
-            out.acks.append(rule.ack)
+            out.acks.append(PlcAck(rule.ack, event.id))
         if problems:
             out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
             return
@@ -433,6 +442,9 @@ class Rules:
                     event.originsource = event.source
                 event.source = uri
             event.site = self.site
+            if event.traceparent is None and event.lane == "transaction":
+                # A scan, or an MES event that came without one: the trace starts here.
+                event.traceparent = traceparent_for(event.id)
             if isinstance(event.data, dict):
                 try:
                     event.data = map_event(self.mappings, {"data": event.data})["data"]

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.events import CloudEvent
+from agent.events import CloudEvent, traceparent_for
 from agent.pipeline import Agent
 from agent.settings import Settings, parse_settings
 from agent.simulator import PressSimulator
@@ -179,6 +179,7 @@ async def test_cycles_become_transactions_with_fields_ids_and_acks(
         assert event["data"]["work_order"] == orders[index]
         assert event["data"]["item"] == "40012345000017"  # mapped through [mappings.items]
         assert event["data"]["quantity"] == {"value": str(12.5 + index), "uom": "EA"}
+        assert event["traceparent"] == traceparent_for(event["id"])  # the agent starts the trace
     started = [parse_cloudevent(m) for m in mqtt_collector.on_topic(f"{PREFIX}/operational/agent.started")]
     assert len(started) == 1, "a sink seen for the first time still gets the agent's start event"
     assert started[0]["sequence"] == "00000000000000000001"

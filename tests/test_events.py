@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -214,3 +215,12 @@ def test_every_canonical_type_has_a_payload_and_a_schema() -> None:
     assert set(schema["types"]) == {"io.plantgate." + name for name in LANE_OF_TYPE}
     for name, lane in LANE_OF_TYPE.items():
         assert schema["types"]["io.plantgate." + name]["lane"] == lane
+
+
+def test_traceparent_for_an_event_is_w3c_and_the_same_on_every_retry() -> None:
+    from agent.events import traceparent_for
+
+    first = traceparent_for("6f0c-4711")
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", first)
+    assert traceparent_for("6f0c-4711") == first
+    assert traceparent_for("6f0c-4712").split("-")[1] != first.split("-")[1]

@@ -24,6 +24,7 @@ from agent.events import LANES, Lane
 from agent.health import ComponentStatus
 from agent.pipeline import Agent
 from agent.plc_acks import PlcAckWriter
+from agent.rules import PlcAck
 from agent.settings import Settings, parse_settings
 from agent.simulator import PressSimulator
 from agent.sink import ACKED, BufferedEvent, Outcome
@@ -442,9 +443,9 @@ async def test_ack_writer_survives_failed_and_cancelled_commits_and_a_raising_wr
         cancelled: asyncio.Future[None] = loop.create_future()
         cancelled.cancel()
         committed: asyncio.Future[None] = loop.create_future()
-        writer.submit(failed, ["p.ack"])
-        writer.submit(cancelled, ["p.ack"])
-        writer.submit(committed, ["p.ack"])
+        writer.submit(failed, [PlcAck("p.ack")])
+        writer.submit(cancelled, [PlcAck("p.ack")])
+        writer.submit(committed, [PlcAck("p.ack")])
         await wait_for(lambda: writer.status()["p"]["abandoned"] == 2, timeout=5)
         assert writer.pending("p") == 1, "the committed cycle's ack waits for its commit"
         committed.set_result(None)

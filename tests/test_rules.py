@@ -147,7 +147,9 @@ def test_rule_case(path: Path) -> None:
             output = rules.process(source, readings_of(batch))
         check_events(where, output.events, batch.get("events", []))
         check_dead_letters(where, output, batch.get("dead_letters", []))
-        assert output.acks == batch.get("acks", []), f"{where}: acks"
+        assert [ack.tag for ack in output.acks] == batch.get("acks", []), f"{where}: acks"
+        made = {event.id for event in output.events} | {dead.id for dead in output.dead_letters}
+        assert all(ack.event_id in made for ack in output.acks), f"{where}: an ack names its cycle's event"
         if "suppressed" in batch:
             assert output.suppressed == batch["suppressed"], f"{where}: suppressed"
         for event in output.events:
