@@ -30,6 +30,7 @@ from protocols.modbus.registers import (
 )
 
 if TYPE_CHECKING:
+    from agent.preflight import Finding
     from protocols.modbus.source import ModbusSource
 
 __all__ = ["Endpoint", "ModbusSourceConfig", "ModbusTagConfig", "parse_endpoint"]
@@ -313,3 +314,9 @@ class ModbusSourceConfig(SourceConfig):
             endpoint.line_key, lambda: ModbusLine(endpoint, timeout=self.timeout, retries=self.retries)
         )
         return ModbusSource(self, line=line)
+
+    async def preflight(self, context: BuildContext, *, ack_tags: frozenset[str] = frozenset()) -> list[Finding]:
+        """Connect and read every tag's register(s) once; exception codes named."""
+        from protocols.modbus.preflight import preflight
+
+        return await preflight(self, context, ack_tags)

@@ -27,6 +27,7 @@ from agent.events import LANES, Lane
 from agent.sink import SinkConfig
 
 if TYPE_CHECKING:
+    from agent.preflight import Finding
     from protocols.mqtt.sink import MqttSink
 
 __all__ = ["DEFAULT_PORTS", "MqttSinkConfig"]
@@ -214,3 +215,9 @@ class MqttSinkConfig(SinkConfig):
         return MqttSink(
             self, agent_id=context.agent_id, site=context.site, version=context.version, data_dir=context.data_dir
         )
+
+    async def preflight(self, context: BuildContext) -> list[Finding]:
+        """Connect with the configured TLS and credentials under a separate client id; the CONNACK."""
+        from protocols.mqtt.preflight import preflight
+
+        return await preflight(self, context)

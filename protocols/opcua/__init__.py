@@ -20,6 +20,7 @@ from agent.config_types import BuildContext, Duration, TagConfig, mask_secret
 from agent.source import SourceConfig
 
 if TYPE_CHECKING:
+    from agent.preflight import Finding
     from protocols.opcua.source import OpcUaSource
 
 __all__ = ["OpcUaSourceConfig", "OpcUaTagConfig", "node_key"]
@@ -252,3 +253,9 @@ class OpcUaSourceConfig(SourceConfig):
         from protocols.opcua.source import OpcUaSource
 
         return OpcUaSource(self, data_dir=context.data_dir)
+
+    async def preflight(self, context: BuildContext, *, ack_tags: frozenset[str] = frozenset()) -> list[Finding]:
+        """Open a session as the source would; check each tag's node (exists, type, writable when an ack)."""
+        from protocols.opcua.preflight import preflight
+
+        return await preflight(self, context, ack_tags)
