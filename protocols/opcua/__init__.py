@@ -103,13 +103,20 @@ class OpcUaSourceConfig(SourceConfig):
     certificate: Path | None = Field(
         None,
         description="The agent's application instance certificate (DER or PEM) for a secure policy; "
-        "its URI subject alternative name becomes the client's application URI",
+        "its URI subject alternative name becomes the client's application URI. Without it (and "
+        "private_key) one is generated on first start: pki/own/plantgate.der, URI urn:plantgate:<agent id>",
     )
     private_key: Path | None = Field(None, description="Private key (DER or PEM, unencrypted) of `certificate`")
     server_certificate: Path | None = Field(
         None,
         description="The server's certificate (DER or PEM) to pin; without it the certificate the server "
-        "offers in its endpoint list is used",
+        "offers in its endpoint list is checked against trust_dir",
+    )
+    trust_dir: Path = Field(
+        Path("pki/trusted"),
+        description="Folder of trusted server certificates (DER or PEM), or of the CAs that issued them, read "
+        "at every connect; when it holds any, a server certificate not among them is refused (its thumbprint "
+        "named, the certificate saved to pki/untrusted/); when empty, the server's certificate is accepted unverified",
     )
     username: str | None = Field(None, min_length=1, description="User name for a username/password identity")
     password_file: Path | None = Field(None, description="File holding the password (e.g. a systemd credential)")
@@ -201,8 +208,11 @@ class OpcUaSourceConfig(SourceConfig):
                 f"security_policy {self.security_policy!r} does not go with security_mode {self.security_mode!r}: "
                 "use None for both, or a policy with Sign or SignAndEncrypt"
             )
-        if self.security_policy != "None" and (self.certificate is None or self.private_key is None):
-            raise ValueError(f"security_policy {self.security_policy!r} needs certificate and private_key")
+        if self.security_policy != "None" and (self.certificate is None) != (self.private_key is None):
+            raise ValueError(
+                "certificate and private_key go together; leave both out to use the certificate generated "
+                "under the data dir (pki/own/plantgate.der)"
+            )
         if self.security_policy == "None":
             unused = [
                 key for key in ("certificate", "private_key", "server_certificate") if getattr(self, key) is not None
@@ -226,6 +236,8 @@ class OpcUaSourceConfig(SourceConfig):
         if self.username:
             user = f" user={self.username} password={mask_secret(self.password, self.password_file)}"
         lines = [f"{self.name} {self.endpoint} security={secure}{user} tags={len(self.tags)}"]
+        if self.security_policy != "None":
+            lines.extend(self._describe_pki(context))
         for tag in self.tags:
             extra = []
             if tag.deadband is not None:
@@ -237,6 +249,26 @@ class OpcUaSourceConfig(SourceConfig):
             if tag.forward:
                 extra.append("forward")
             lines.append(f"  tag    {tag.tag} <- {tag.node} kind={tag.kind} {' '.join(extra)}".rstrip())
+        return lines
+
+    def _describe_pki(self, context: BuildContext) -> list[str]:
+        """The agent's certificate and the trust list (counted without loading cryptography)."""
+        if self.certificate is not None:
+            own = str(context.resolve(self.certificate))
+        else:
+            generated = context.resolve(Path("pki/own/plantgate.der"))
+            own = str(generated) if generated.exists() else f"{generated} (generated on first start)"
+        lines = [f"  cert   {own}"]
+        if self.server_certificate is not None:
+            lines.append(f"  trust  pinned: {context.resolve(self.server_certificate)}")
+            return lines
+        trust = context.resolve(self.trust_dir)
+        try:
+            count = sum(1 for p in trust.iterdir() if p.suffix.lower() in (".der", ".pem", ".crt", ".cer"))
+        except OSError:
+            count = 0
+        state = f"{count} certificate{'s' if count != 1 else ''}" if count else "empty: any server certificate accepted"
+        lines.append(f"  trust  {trust} ({state})")
         return lines
 
     def warnings(self) -> list[str]:
@@ -252,7 +284,7 @@ class OpcUaSourceConfig(SourceConfig):
         """
         from protocols.opcua.source import OpcUaSource
 
-        return OpcUaSource(self, data_dir=context.data_dir)
+        return OpcUaSource(self, data_dir=context.data_dir, agent_id=context.agent_id)
 
     async def preflight(self, context: BuildContext, *, ack_tags: frozenset[str] = frozenset()) -> list[Finding]:
         """Open a session as the source would; check each tag's node (exists, type, writable when an ack)."""

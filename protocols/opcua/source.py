@@ -74,7 +74,7 @@ from agent.config_types import read_secret
 from agent.events import Quality, Reading
 from agent.health import ComponentStatus
 from agent.source import BufferUnavailable, SourceError, SourceOutput
-from protocols.opcua import OpcUaSourceConfig
+from protocols.opcua import OpcUaSourceConfig, pki
 from protocols.opcua import publish as fast_publish
 from protocols.opcua.publish import FastDataChange, Item
 
@@ -167,6 +167,10 @@ def _protocol(client: Client) -> UASocketProtocol:
     return protocol
 
 
+class UntrustedServer(Exception):
+    """The server's certificate is not in the trust list: refused before any secure channel or password."""
+
+
 class _ConnectionLost(Exception):
     """The session stopped working (socket closed, watchdog probe failed, subscription dead)."""
 
@@ -218,7 +222,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     text = str(exc)
-    if isinstance(exc, ua.UaStatusCodeError | _ConnectionLost):
+    if isinstance(exc, ua.UaStatusCodeError | _ConnectionLost | UntrustedServer):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -298,7 +302,7 @@ class OpcUaSource:
 
     kind = "opcua"
 
-    def __init__(self, config: OpcUaSourceConfig, *, data_dir: Path):
+    def __init__(self, config: OpcUaSourceConfig, *, data_dir: Path, agent_id: str | None = None):
         self.config = config
         self.name = config.name
         self.status = ComponentStatus(name=config.name, kind=self.kind)
@@ -326,6 +330,10 @@ class OpcUaSource:
         self._application_uri = _application_uri(
             self._certificate.certificate if self._certificate else None, config.name
         )
+        self._data_dir = data_dir
+        self._agent_id = agent_id or socket.gethostname()
+        self._trust = pki.TrustList(resolve(config.trust_dir), data_dir / pki.UNTRUSTED_DIR, source=config.name)
+        self._accepted_unverified: set[str] = set()  # thumbprints already logged as accepted unverified
 
         # State of the current session; replaced on every reconnect.
         self._client: Client | None = None
@@ -401,7 +409,9 @@ class OpcUaSource:
                     await self._session(output, on_connected=connected)
                 except Exception as exc:  # a PLC that is away, or any protocol failure: retry, never fatal
                     error = _describe(exc)
-                    expected = isinstance(exc, OSError | TimeoutError | ua.UaError | _ConnectionLost)
+                    expected = isinstance(
+                        exc, OSError | TimeoutError | ua.UaError | _ConnectionLost | UntrustedServer
+                    )
                     if self.status.state == "connected":
                         failures = 0
                         down_since = time.monotonic()
@@ -490,15 +500,89 @@ class OpcUaSource:
         return client
 
     async def _secure(self, client: Client) -> None:
-        if self.config.security_policy == "None" or self._certificate is None or self._private_key is None:
+        """Set up a secure policy: the agent's certificate (generated when none is configured) and the
+        server's, pinned or checked against the trust list before any secure channel or password."""
+        if self.config.security_policy == "None":
             return
+        if self._certificate is None or self._private_key is None:
+            self._own_certificate()
+            client.application_uri = self._application_uri
+        assert self._certificate is not None and self._private_key is not None
+        policy = _POLICIES[self.config.security_policy]
+        mode = _MODES[self.config.security_mode]
+        if self._server_certificate is not None:
+            server = self._server_certificate.properties()
+        else:
+            server = CertProperties(await self._trusted_server_certificate(client, policy, mode), "der")
         await client.set_security(
-            _POLICIES[self.config.security_policy],
+            policy,
             certificate=self._certificate.properties(),
             private_key=self._private_key.properties(),
-            server_certificate=self._server_certificate.properties() if self._server_certificate else None,
-            mode=_MODES[self.config.security_mode],
+            server_certificate=server,
+            mode=mode,
         )
+
+    def _own_certificate(self) -> None:
+        """Load the generated application certificate, generating it on first start."""
+        certificate, key, generated = pki.ensure_application_certificate(self._data_dir, self._agent_id)
+        self._certificate = _PemOrDer(certificate, key="certificate")
+        self._private_key = _PemOrDer(key, key="private_key", private=True)
+        self._application_uri = _application_uri(self._certificate.certificate, self.name)
+        sha1, _ = pki.thumbprints(self._certificate.data)
+        self.status.info["certificate"] = f"{certificate} (SHA-1 {sha1})"
+        if generated:
+            logger.warning(
+                "OPC UA application certificate generated; the server must trust it (copy it into its trusted clients)",
+                extra={
+                    "source": self.name,
+                    "certificate": str(certificate),
+                    "sha1": sha1,
+                    "application_uri": self._application_uri,
+                },
+            )
+
+    async def _trusted_server_certificate(
+        self, client: Client, policy: type[security_policies.SecurityPolicy], mode: ua.MessageSecurityMode
+    ) -> bytes:
+        """The certificate of the server's endpoint for ``policy``/``mode``, once the trust list accepts it.
+
+        asyncua then checks that the session is opened with this very certificate.
+        """
+        endpoints = await client.connect_and_get_server_endpoints()
+        endpoint = Client.find_endpoint(endpoints, mode, policy.URI)
+        der = pki.first_certificate(endpoint.ServerCertificate or b"")
+        verdict = self._trust.check(der)
+        saved = f" (saved as {verdict.saved_to})" if verdict.saved_to else ""
+        if not verdict.trusted:
+            self.status.info["server_certificate"] = f"refused: SHA-1 {verdict.sha1}"
+            move = (
+                f"; if it is the server's, move {verdict.saved_to} into {self._trust.directory}"
+                if verdict.saved_to
+                else f"; if it is the server's, copy it into {self._trust.directory}"
+            )
+            raise UntrustedServer(
+                f"server certificate {verdict.subject} (SHA-1 {verdict.sha1}, SHA-256 {verdict.sha256}) "
+                f"is not in the trust list {self._trust.directory}{move}"
+            )
+        if verdict.reason == "trust list empty":
+            self.status.info["server_certificate"] = f"unverified (trust list empty): SHA-1 {verdict.sha1}"
+            if verdict.sha1 not in self._accepted_unverified:
+                self._accepted_unverified.add(verdict.sha1)
+                logger.warning(
+                    "OPC UA server certificate accepted unverified: the trust list is empty; "
+                    "move the saved certificate into it to refuse any other",
+                    extra={
+                        "source": self.name,
+                        "subject": verdict.subject,
+                        "sha1": verdict.sha1,
+                        "sha256": verdict.sha256,
+                        "saved_to": str(verdict.saved_to) if verdict.saved_to else None,
+                        "trust_dir": str(self._trust.directory),
+                    },
+                )
+        else:
+            self.status.info["server_certificate"] = f"trusted ({verdict.reason}): SHA-1 {verdict.sha1}{saved}"
+        return der
 
     def _subscription_parameters(self) -> ua.CreateSubscriptionParameters:
         interval = self.config.publishing_interval
