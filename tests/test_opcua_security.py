@@ -88,10 +88,8 @@ class SecureServer:
         server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
         server.set_certificate_validator(self._validate)
         index = await server.register_namespace("urn:plantgate:test:press")
-        press = await server.nodes.objects.add_object(ua.NodeId("Press7", index), ua.QualifiedName("Press7", index))
-        await press.add_variable(
-            ua.NodeId("Press7.Temperature", index), ua.QualifiedName("Temperature", index), 20.0
-        )
+        press = await server.nodes.objects.add_object(f"ns={index};s=Press7", ua.QualifiedName("Press7", index))
+        await press.add_variable(f"ns={index};s=Press7.Temperature", ua.QualifiedName("Temperature", index), 20.0)
         await server.start()
         self._server = server
 
