@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -235,6 +236,134 @@ async def test_check_connect_names_an_unreachable_server_and_the_summary_still_p
     _one(lines, "sources.modbus.filler2:", "cannot connect")
     _one(lines, "sinks.mqtt.cloud:", "connection refused")
     assert "Traceback" not in out + err
+
+
+EDGE = """\
+[agent]
+site = "plant-01"
+id = "edge-gw"
+data_dir = "{data_dir}"
+
+[[sources.mes]]
+name = "mes-right"
+mode = "poll"
+url = "{mes_url}"
+bearer_token_file = "mes-token"
+cursor_field = "$.id"
+
+[[sources.mes]]
+name = "mes-wrong"
+mode = "poll"
+url = "{mes_url}"
+bearer_token_file = "wrong-token"
+cursor_field = "$.id"
+
+[[sources.barcode]]
+name = "scanner-away"
+mode = "tcp-client"
+connect = "127.0.0.1:1"
+station = "dock-1"
+
+[[sources.barcode]]
+name = "dock-free"
+mode = "tcp-server"
+listen = "127.0.0.1:{free_port}"
+station = "dock-2"
+
+[[sources.barcode]]
+name = "dock-taken"
+mode = "tcp-server"
+listen = "127.0.0.1:{taken_port}"
+station = "dock-3"
+
+[[sources.barcode]]
+name = "usb-scanner"
+mode = "serial"
+device = "{tmp}/no-such-tty"
+station = "dock-4"
+
+[[sinks.https]]
+name = "erp"
+url = "{https_url}"
+ca_file = "{ca_file}"
+lanes = ["transaction"]
+oauth2 = {{ token_url = "{token_url}", client_id = "gw", client_secret_file = "client-secret" }}
+
+[[sinks.https]]
+name = "erp-bad-secret"
+url = "{https_url}"
+ca_file = "{ca_file}"
+lanes = ["transaction"]
+oauth2 = {{ token_url = "{token_url}", client_id = "gw", client_secret_file = "wrong-secret" }}
+
+[[sinks.https]]
+name = "erp-other-ca"
+url = "{https_url}"
+ca_file = "{other_ca}"
+lanes = ["operational"]
+
+[[sinks.jsonl]]
+name = "file"
+path = "events.jsonl"
+lanes = ["telemetry"]
+"""
+
+
+async def test_check_connect_reaches_https_receivers_mes_and_scanners(tmp_path: Path) -> None:
+    from tests.peers.https_server import Certificates, HttpsReceiver, TokenIssuer
+    from tests.peers.mes_server import MesRestServer
+
+    secrets = {"mes-token": "mes-t0ken", "wrong-token": "nope", "client-secret": "right-secret",
+               "wrong-secret": "not-it"}
+    for name, value in secrets.items():
+        (tmp_path / name).write_text(value + "\n", encoding="utf-8")
+        (tmp_path / name).chmod(0o600)
+    certs = Certificates(tmp_path / "certs")
+    other = trustme.CA()
+    other_ca = tmp_path / "other-ca.pem"
+    other.cert_pem.write_to_path(str(other_ca))
+    issuer = TokenIssuer("gw", "right-secret")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    free_port = free.getsockname()[1]
+    free.close()
+    with taken, HttpsReceiver(certs, token_issuer=issuer) as receiver:
+        async with MesRestServer(records=3, token="mes-t0ken") as mes:
+            path = tmp_path / "edge.toml"
+            path.write_text(
+                EDGE.format(
+                    data_dir=tmp_path, tmp=tmp_path, mes_url=mes.url, free_port=free_port,
+                    taken_port=taken.getsockname()[1], https_url=receiver.url, token_url=receiver.token_url,
+                    ca_file=certs.ca_file, other_ca=other_ca,
+                ),
+                encoding="utf-8",
+            )
+            code, out, err = await _plantgate("check", "-c", str(path), "--connect", "--timeout", "20")
+    assert code == 1, out + err
+    lines = _findings(out)
+    assert all(LINE.match(line) for line in lines), lines
+    assert _one(lines, "sources.mes.mes-right:").startswith("ok ")
+    assert "HTTP 200, JSON" in _one(lines, "sources.mes.mes-right:")
+    wrong = _one(lines, "sources.mes.mes-wrong:")
+    assert wrong.startswith("error ") and "HTTP 401" in wrong and "refuses the credentials" in wrong
+    assert _one(lines, "sources.barcode.scanner-away:").startswith("error ")
+    assert "connection refused" in _one(lines, "sources.barcode.scanner-away:")
+    assert _one(lines, "sources.barcode.dock-free:", "can be bound").startswith("ok ")
+    assert _one(lines, "sources.barcode.dock-taken:", "in use").startswith("warning ")
+    assert _one(lines, "sources.barcode.usb-scanner:", "cannot open").startswith("error ")
+    assert _one(lines, "sinks.https.erp:", "OAuth2 token obtained").startswith("ok ")
+    receiver_line = _one(lines, "sinks.https.erp:", "OPTIONS")
+    assert receiver_line.startswith("ok ") and "TLS verified" in receiver_line and "with 204" in receiver_line
+    no_token = _one(lines, "sinks.https.erp-bad-secret:", "no OAuth2 token")
+    assert no_token.startswith("error ") and "401" in no_token
+    other_line = _one(lines, "sinks.https.erp-other-ca:")
+    assert other_line.startswith("error ") and "certificate" in other_line.lower()
+    assert _one(lines, "sinks.jsonl.file:").startswith("ok ")
+    for value in secrets.values():
+        assert value not in out + err
 
 
 async def test_browse_shows_node_ids_data_types_and_access(press_server: PressSimulator) -> None:

@@ -18,6 +18,7 @@ from agent.events import TRANSACTION_TYPES
 from agent.source import SourceConfig
 
 if TYPE_CHECKING:
+    from agent.preflight import Finding
     from protocols.barcode.source import BarcodeSource
 
 __all__ = ["SCAN_EVENTS", "BarcodeSourceConfig", "parse_address", "terminator_bytes"]
@@ -211,3 +212,9 @@ class BarcodeSourceConfig(SourceConfig):
         config = self if self.device is None else self.model_copy(update={"device": context.resolve(self.device)})
         uri = f"plantgate/{context.site}/{context.agent_id}/{self.name}"
         return BarcodeSource(config, source_uri=uri, site=context.site)
+
+    async def preflight(self, context: BuildContext, *, ack_tags: frozenset[str] = frozenset()) -> list[Finding]:
+        """tcp-client: the scanner accepts a connection; tcp-server: the port can be bound; serial: it opens."""
+        from protocols.barcode.preflight import preflight
+
+        return await preflight(self, context)

@@ -29,6 +29,7 @@ from agent.sink import SinkConfig
 if TYPE_CHECKING:
     import ssl
 
+    from agent.preflight import Finding
     from protocols.https.sink import HttpsSink
 
 __all__ = ["HttpsSinkConfig", "OAuth2Config", "is_loopback"]
@@ -214,6 +215,12 @@ class HttpsSinkConfig(SinkConfig):
         from protocols.https.sink import HttpsSink
 
         return HttpsSink(self, context)
+
+    async def preflight(self, context: BuildContext) -> list[Finding]:
+        """TLS handshake and OPTIONS to the receiver with the credentials; an OAuth2 token fetched."""
+        from protocols.https.preflight import preflight
+
+        return await preflight(self, context)
 
 
 def tls_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:

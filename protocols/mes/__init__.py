@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,6 +19,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from agent.config_types import BuildContext, ConfigModel, Duration, mask_secret
 from agent.events import LANE_OF_TYPE, TYPE_PREFIX
 from agent.source import Source, SourceConfig
+
+if TYPE_CHECKING:
+    from agent.preflight import Finding
 
 __all__ = ["FieldPath", "MesMapping", "MesSourceConfig", "canonical_name", "parse_path"]
 
@@ -315,3 +318,9 @@ class MesSourceConfig(SourceConfig):
         from protocols.mes.poll import MesPollSource
 
         return MesPollSource(self, context)
+
+    async def preflight(self, context: BuildContext, *, ack_tags: frozenset[str] = frozenset()) -> list[Finding]:
+        """poll: one GET of the url with the credentials; webhook: nothing to reach."""
+        from protocols.mes.preflight import preflight
+
+        return await preflight(self, context)
