@@ -366,6 +366,30 @@ async def test_check_connect_reaches_https_receivers_mes_and_scanners(tmp_path: 
         assert value not in out + err
 
 
+async def test_check_connect_names_a_refused_opcua_identity(tmp_path: Path) -> None:
+    secret = tmp_path / "opcua-password"
+    secret.write_text("wrong-password\n", encoding="utf-8")
+    secret.chmod(0o600)
+    text = CONFIG.format(
+        data_dir=tmp_path, opcua="{opcua}", modbus="tcp://127.0.0.1:1", mqtt="mqtt://127.0.0.1:1",
+        opcua_extra="", modbus_extra="", rules_extra="", password_file=secret,
+    )
+    # Only the OPC UA source: with a user whose password the server does not take.
+    text = text[: text.index("[[sources.modbus]]")]
+    text = text.replace('timeout = "2s"', f'timeout = "2s"\nusername = "plantgate"\npassword_file = "{secret}"')
+    async with PressSimulator(port=0, users={"plantgate": "right-password"}) as press:
+        path = tmp_path / "site.toml"
+        path.write_text(text.replace("{opcua}", press.endpoint), encoding="utf-8")
+        code, out, err = await _plantgate("check", "-c", str(path), "--connect", "--timeout", "15")
+    assert code == 1, out + err
+    lines = _findings(out)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error   sources.opcua.press7: cannot open a session on"), lines
+    assert "Bad" in lines[0]  # the server's status code, by name
+    assert "wrong-password" not in out + err
+    assert "password sent with security_mode None" in err  # the check's own warning still shows
+
+
 async def test_browse_shows_node_ids_data_types_and_access(press_server: PressSimulator) -> None:
     await press_server.add_variable("Recipe", 7, ua.VariantType.UInt16)
     (code, out, err), (json_code, json_out, json_err) = await asyncio.gather(

@@ -117,12 +117,14 @@ def _check_tag(
         return error(f"{shown}: the agent's session may not read it", subject)
     builtin = type_id.Identifier if type_id is not None and type_id.NamespaceIndex == 0 else None
     if is_ack:
-        if builtin != _BOOLEAN:
+        if builtin != _BOOLEAN and builtin not in _INTEGERS:
             return error(f"{shown}: an ack tag is written true, so it must be Boolean, not {type_name}", subject)
         if not level & _WRITE:
             return error(f"{shown}: an ack tag must be writable; the server marks it read-only", subject)
         if not user_level & _WRITE:
             return error(f"{shown}: an ack tag must be writable; this session's user may not write it", subject)
+        if builtin != _BOOLEAN:
+            return warning(f"{shown}: an ack tag is written true, which this {type_name} node stores as 1", subject)
     if tag.kind == "counter" and builtin not in _INTEGERS:
         return error(f"{shown}: a counter needs an integer data type, not {type_name}", subject)
     numeric_only = tag.kind == "telemetry" and (tag.deadband is not None or tag.aggregate is not None)
