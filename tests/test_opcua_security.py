@@ -28,7 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.pipeline import Agent
-from agent.settings import parse_settings
+from agent.registry import build_context
+from agent.settings import ConfigError, parse_settings
 from tests.peers.opcua_server import free_port, make_certificate
 from tests.peers.waiting import wait_for
 
@@ -230,3 +231,26 @@ async def test_an_empty_trust_list_accepts_the_server_unverified_and_says_so(
             stop.set()
             await asyncio.wait_for(task, 30)
     assert loose_modes(data_dir) == []
+
+
+def test_check_shows_the_certificate_and_warns_while_the_trust_list_is_empty(tmp_path: Path) -> None:
+    text = CONFIG.format(agent_id=AGENT_ID, data_dir=tmp_path, endpoint="opc.tcp://127.0.0.1:4840")
+    config = (settings := parse_settings(text)).sources.opcua[0]
+    context = build_context(settings)
+    lines = config.describe(context)
+    assert f"  cert   {tmp_path}/pki/own/plantgate.der (generated on first start)" in lines
+    assert f"  trust  {tmp_path}/pki/trusted (empty: any server certificate accepted)" in lines
+    [warning] = config.trust_warnings(context)
+    assert warning.startswith(f"sources.opcua.press: the trust list {tmp_path}/pki/trusted is empty")
+
+    (tmp_path / "pki" / "trusted").mkdir(parents=True)
+    make_certificate(tmp_path / "pki" / "trusted", "plc", "urn:plc", server=True)
+    assert config.trust_warnings(context) == []
+    assert f"  trust  {tmp_path}/pki/trusted (1 certificate)" in config.describe(context)
+
+
+def test_a_certificate_without_its_key_is_a_config_error() -> None:
+    text = CONFIG.format(agent_id=AGENT_ID, data_dir="/var/lib/plantgate", endpoint="opc.tcp://127.0.0.1:4840")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text.replace('name = "press"\n', 'name = "press"\ncertificate = "a.der"\n'))
+    assert "certificate and private_key go together" in str(caught.value)

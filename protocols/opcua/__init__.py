@@ -68,6 +68,14 @@ def node_key(text: str) -> tuple[str, str, str]:
     return namespace, kind, identifier
 
 
+def _certificate_files(directory: Path) -> int:
+    """Certificate files in a trust-list folder (counted by name: no cryptography loaded for check)."""
+    try:
+        return sum(1 for p in directory.iterdir() if p.suffix.lower() in (".der", ".pem", ".crt", ".cer"))
+    except OSError:
+        return 0
+
+
 class OpcUaTagConfig(TagConfig):
     """One OPC UA variable read by subscription: the common tag settings plus its ``node``."""
 
@@ -263,13 +271,23 @@ class OpcUaSourceConfig(SourceConfig):
             lines.append(f"  trust  pinned: {context.resolve(self.server_certificate)}")
             return lines
         trust = context.resolve(self.trust_dir)
-        try:
-            count = sum(1 for p in trust.iterdir() if p.suffix.lower() in (".der", ".pem", ".crt", ".cer"))
-        except OSError:
-            count = 0
+        count = _certificate_files(trust)
         state = f"{count} certificate{'s' if count != 1 else ''}" if count else "empty: any server certificate accepted"
         lines.append(f"  trust  {trust} ({state})")
         return lines
+
+    def trust_warnings(self, context: BuildContext) -> list[str]:
+        """A secure policy whose trust list is empty: the server's certificate is accepted unverified."""
+        if self.security_policy == "None" or self.server_certificate is not None:
+            return []
+        trust = context.resolve(self.trust_dir)
+        if _certificate_files(trust):
+            return []
+        return [
+            f"sources.opcua.{self.name}: the trust list {trust} is empty: any server certificate is accepted "
+            f"unverified; after the first connect move the one saved in "
+            f"{context.resolve(Path('pki/untrusted'))} into it"
+        ]
 
     def warnings(self) -> list[str]:
         """A password over an unsigned session."""
