@@ -69,12 +69,14 @@ async def browse(
     username: str | None = None,
     password: str | None = None,
     request_timeout: float = 10.0,
+    client: Client | None = None,
 ) -> BrowseTree:
-    """Connect to ``endpoint`` (security None), walk from ``start`` and return the tree.
+    """Connect to ``endpoint`` (security None, or ``client`` made for it), walk from ``start``, return the tree.
 
-    Raises ``ValueError`` for an endpoint or start node that is not well formed and
-    ``BrowseError`` when the server cannot be reached, refuses the session or does not
-    know ``start``.
+    ``client``: an unconnected client set up by the caller (a configured source's
+    security and identity). Raises ``ValueError`` for an endpoint or start node that is
+    not well formed and ``BrowseError`` when the server cannot be reached, refuses the
+    session or does not know ``start``.
     """
     from asyncua import Client, ua
 
@@ -84,13 +86,14 @@ async def browse(
     parts = urlsplit(endpoint)
     if parts.scheme != "opc.tcp" or not parts.hostname:
         raise ValueError(f"{endpoint!r} is not an OPC UA endpoint; write it as opc.tcp://host:port")
-    client = Client(endpoint, timeout=request_timeout)
-    client.name = "plantgate browse"
-    client.application_uri = "urn:plantgate:browse"
-    if username is not None:
-        client.set_user(username)
-        if password is not None:
-            client.set_password(password)
+    if client is None:
+        client = Client(endpoint, timeout=request_timeout)
+        client.name = "plantgate browse"
+        client.application_uri = "urn:plantgate:browse"
+        if username is not None:
+            client.set_user(username)
+            if password is not None:
+                client.set_password(password)
     try:
         async with asyncio.timeout(request_timeout + 5):
             await client.connect()

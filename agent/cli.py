@@ -86,7 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check)
 
     browse = commands.add_parser("browse", help="list an OPC UA server's variables with node ids, types and access")
-    browse.add_argument("endpoint", help="opc.tcp://host:port of the server")
+    browse.add_argument("endpoint", nargs="?", default=None, help="opc.tcp://host:port of the server")
+    browse.add_argument(
+        "--source",
+        default=None,
+        metavar="NAME",
+        help="browse the server of this [[sources.opcua]] entry of the config (-c), with its security, "
+        "certificates and user (for servers that only offer secure endpoints)",
+    )
+    config_option(browse)
     browse.add_argument("--node", default="i=85", help="where to start (default: the Objects folder, i=85)")
     browse.add_argument("--depth", type=int, default=8, help="how many levels to descend (default 8)")
     browse.add_argument("--max-nodes", type=int, default=5000, help="stop after this many nodes (default 5000)")
@@ -364,8 +372,12 @@ def _risky_settings(settings: Any) -> list[str]:
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
-    from agent.browse import BrowseError, browse, print_tree
+    from agent.browse import BrowseError, browse
 
+    if args.source is not None:
+        return _browse_source(args)
+    if args.endpoint is None:
+        return _fail("browse: name the server (opc.tcp://host:port) or a configured source (--source NAME)")
     password = None
     if args.password_file is not None:
         try:
@@ -393,11 +405,50 @@ def _cmd_browse(args: argparse.Namespace) -> int:
         return _fail(f"browse: {exc}", EXIT_FAILURE)
     except ValueError as exc:
         return _fail(f"browse: {exc}")
+    return _print_browse(args, tree)
+
+
+def _print_browse(args: argparse.Namespace, tree: Any) -> int:
+    from agent.browse import print_tree
+
     if args.json:
         print(msgspec.json.encode(tree).decode())
     else:
         print_tree(tree)
     return EXIT_OK
+
+
+def _browse_source(args: argparse.Namespace) -> int:
+    """``browse --source NAME``: the configured server, with the source's security and identity."""
+    from agent.browse import BrowseError, browse
+
+    settings = _load(args)
+    if settings is None or not _buildable(args, settings):
+        return EXIT_BAD_INPUT
+    config = next((c for c in settings.sources.opcua if c.name == args.source), None)
+    if config is None:
+        names = ", ".join(c.name for c in settings.sources.opcua) or "none"
+        return _fail(f"browse: no [[sources.opcua]] named {args.source!r} (configured: {names})")
+    from agent.logs import setup_logging
+    from agent.registry import build_context
+    from protocols.opcua.preflight import configured_client
+
+    setup_logging("ERROR", False)
+
+    async def run() -> Any:
+        client = await configured_client(config, build_context(settings))
+        return await browse(
+            config.endpoint, start=args.node, depth=args.depth, max_nodes=args.max_nodes,
+            request_timeout=args.timeout, client=client,
+        )
+
+    try:
+        tree = asyncio.run(run())
+    except BrowseError as exc:
+        return _fail(f"browse: {exc}", EXIT_FAILURE)
+    except ValueError as exc:
+        return _fail(f"browse: {exc}")
+    return _print_browse(args, tree)
 
 
 # --- demo ----------------------------------------------------------------------------------------

@@ -414,6 +414,56 @@ async def test_browse_shows_node_ids_data_types_and_access(press_server: PressSi
     assert variables["ns=2;s=Press7.Temperature"]["node_class"] == "Variable"
 
 
+async def test_browse_of_a_configured_source_uses_its_security_and_identity(tmp_path: Path) -> None:
+    from agent.simulator import APPLICATION_URI
+
+    server_cert, server_key = make_certificate(tmp_path, "server", APPLICATION_URI, server=True)
+    client_cert, client_key = make_certificate(tmp_path, "agent", "urn:plantgate:line3-gw", server=False)
+    secret = tmp_path / "opcua-password"
+    secret.write_text("right-password\n", encoding="utf-8")
+    secret.chmod(0o600)
+    press = PressSimulator(
+        port=0, certificate=server_cert, private_key=server_key,
+        security_policies=["Basic256Sha256_SignAndEncrypt"], users={"plantgate": "right-password"},
+    )
+    async with press:
+        path = tmp_path / "site.toml"
+        path.write_text(
+            f"""[agent]
+site = "plant-01"
+id = "line3-gw"
+data_dir = "{tmp_path}"
+
+[[sources.opcua]]
+name = "press7"
+endpoint = "{press.endpoint}"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+certificate = "{client_cert}"
+private_key = "{client_key}"
+server_certificate = "{server_cert}"
+username = "plantgate"
+password_file = "{secret}"
+
+  [[sources.opcua.tags]]
+  tag = "press7.temperature"
+  node = "ns=2;s=Press7.Temperature"
+""",
+            encoding="utf-8",
+        )
+        (code, out, err), (plain_code, _, plain_err) = await asyncio.gather(
+            _plantgate("browse", "--source", "press7", "-c", str(path), "--node", "ns=2;s=Press7"),
+            _plantgate("browse", press.endpoint, "--timeout", "5"),
+        )
+    assert code == 0, out + err
+    assert _one(out.splitlines(), "ns=2;s=Press7.CycleAck").split()[-2:] == ["Boolean", "read/write"]
+    assert not [line for line in out.splitlines() if "i=85" in line], "started at --node"
+    # Without the source's security the same server cannot be browsed: one line saying why.
+    assert plain_code == 1
+    assert plain_err.startswith(f"plantgate: browse: cannot connect to {press.endpoint}: ")
+    assert len(plain_err.strip().splitlines()) == 1
+
+
 async def test_browse_of_an_unreachable_server_is_one_line_exit_1() -> None:
     code, out, err = await _plantgate("browse", "opc.tcp://127.0.0.1:1", "--timeout", "3")
     assert code == 1

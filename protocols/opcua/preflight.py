@@ -17,7 +17,7 @@ from agent.config_types import BuildContext
 from agent.preflight import Finding, describe_error, error, ok, warning
 
 if TYPE_CHECKING:
-    from asyncua import ua
+    from asyncua import Client, ua
 
     from protocols.opcua import OpcUaSourceConfig, OpcUaTagConfig
 
@@ -36,14 +36,10 @@ async def preflight(config: OpcUaSourceConfig, context: BuildContext, ack_tags: 
     """Connect with the configured security and identity; one finding for the session, one per tag."""
     from asyncua import ua
 
-    from protocols.opcua.source import parse_node_id
+    from protocols.opcua.source import parse_node_id  # loads asyncua
 
-    source = config.build(context)  # reads the password and certificate files
-    # The same client settings as the running source (identity, application URI, security).
-    client = source._new_client()
-    client.connection_lost_callback = None
     try:
-        await source._secure(client)
+        client = await configured_client(config, context)
         async with asyncio.timeout(config.timeout + 2):
             await client.connect()
     except Exception as exc:
@@ -86,6 +82,18 @@ async def preflight(config: OpcUaSourceConfig, context: BuildContext, ack_tags: 
         except Exception:  # the checks are done; a failed goodbye changes nothing
             pass
     return findings
+
+
+async def configured_client(config: OpcUaSourceConfig, context: BuildContext) -> Client:
+    """An unconnected asyncua client with the source's settings: identity, application URI, security.
+
+    Reads the password and certificate files (``ValueError`` naming the key when one cannot be read).
+    """
+    source = config.build(context)
+    client = source._new_client()
+    client.connection_lost_callback = None  # a check reports a lost connection itself
+    await source._secure(client)
+    return client
 
 
 def _check_tag(
