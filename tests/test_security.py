@@ -235,6 +235,13 @@ async def test_planted_secrets_appear_in_no_output(tmp_path: Path) -> None:
             code, outputs[f"check with {name}"] = await plantgate("check", "-c", str(broken[0]), env=broken[1])
             assert code == 2, (name, outputs[f"check with {name}"])
             assert outputs[f"check with {name}"].startswith("plantgate: "), outputs[f"check with {name}"]
+        # run refuses the same way, before anything listens.
+        path, broken_env = config_errors(config, env, secret_dir, planted)["no token beyond loopback"]
+        code, outputs["run beyond loopback"] = await plantgate("run", "-c", str(path), env=broken_env)
+        assert code == 2
+        assert "http.listen: 0.0.0.0:9480 is reachable from other hosts and needs http.ingest_token_file" in (
+            outputs["run beyond loopback"]
+        )
 
         # The pre-flight reads every secret and offers it to every peer, which refuses it.
         preflight = ("check", "--connect", "--timeout", "5", "-c", str(config))
