@@ -3,9 +3,12 @@
 Per source batch: telemetry beyond its deadband (or its aggregation window) goes
 into one ``telemetry.samples`` event, state changes become
 ``machine.state.changed``, and ``[[transactions]]`` rules fire on their trigger
-tag's rising edge with fields filled from the current values of other tags; a
-field naming a ``counter`` tag takes what the counter counted since that rule last
-fired (wrap-around and resets handled by ``agent.counters``).
+tag's edge (``on``: rising, falling, change, or a counter's increment), while
+their ``condition`` holds, with fields filled from the values of other tags at the
+trigger's source time, from literals and from templates; a field naming a
+``counter`` tag takes what the counter counted since that rule last fired
+(wrap-around and resets handled by ``agent.counters``); quantities are converted
+from ``uom`` to ``uom_to`` exactly (``agent.units``).
 Mapping problems become dead letters (sink ``-``), never drops.
 
 Pure and synchronous: no I/O, no awaits, so it is cheap per batch and easy to
@@ -15,9 +18,10 @@ test with data-driven cases.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from agent.config_types import TagConfig
@@ -38,7 +42,18 @@ from agent.events import (
     stable_id,
     traceparent_for,
 )
-from agent.settings import ItemMapping, MappingsSection, Settings, TransactionRule
+from agent.settings import (
+    TEMPLATE_PLACEHOLDER,
+    FieldLiteral,
+    FieldValue,
+    ItemMapping,
+    MappingsSection,
+    RuleCondition,
+    Settings,
+    TransactionRule,
+    rule_conversion,
+)
+from agent.units import Conversion
 from buffer import NO_SINK, DeadLetter
 
 MAX_SAMPLES_PER_EVENT = 1000
@@ -62,12 +77,14 @@ class RuleOutput:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     acks: list[PlcAck] = field(default_factory=list)  # ack tags to write True once committed
     suppressed: int = 0  # telemetry changes inside the deadband
+    unmet: int = 0  # trigger edges of rules whose condition did not hold (no event, by the site's config)
 
     def extend(self, other: RuleOutput) -> None:
         self.events.extend(other.events)
         self.dead_letters.extend(other.dead_letters)
         self.acks.extend(other.acks)
         self.suppressed += other.suppressed
+        self.unmet += other.unmet
 
 
 @dataclass
@@ -94,6 +111,7 @@ class _TagState:
     triggers: list[TransactionRule] = field(default_factory=list)
     trigger_value: Any = None
     trigger_known: bool = False
+    trigger_total: int | None = None  # a counter trigger's running total at its last reading (``increment``)
     fired_time: datetime | None = None
     counter: CounterTracker | None = None  # kind "counter": running total for transaction fields
 
@@ -116,7 +134,14 @@ class Rules:
             self._tags[rule.when].triggers.append(rule)
         self.current: dict[str, Reading] = {}
         """The latest good reading of every tag: rules fill their fields from it."""
-        self._field_tags = frozenset(tag for rule in settings.transactions for tag in rule.fields.values())
+        # Tags whose readings are kept per batch: each trigger reads them as they were at its own source time.
+        self._field_tags = frozenset(
+            {tag for rule in settings.transactions for tag in rule.read_tags()}
+            | {rule.when for rule in settings.transactions if rule.on == "increment"}
+        )
+        self._conversions: dict[str, Conversion | None] = {
+            rule.name: rule_conversion(rule, settings.mappings) for rule in settings.transactions
+        }
         self._batch_fields: dict[str, list[Reading]] = {}
         self._before_batch: dict[str, Reading | None] = {}
         # Counter fields: the running total at each reading of the batch, and the count at each rule's last firing.
@@ -323,21 +348,46 @@ class Rules:
         value = reading.value
         known, previous = state.trigger_known, state.trigger_value
         state.trigger_value, state.trigger_known = value, True
-        if isinstance(value, bool):
-            fire = value and (not known or previous is not True)
+        if state.counter is not None and reading.tag in self._field_tags:
+            # A counter grew when its running total (wrap- and reset-aware) did, not when its register did.
+            total = self._total_at(reading.tag, reading.time)
+            grew = state.trigger_total is not None and total > state.trigger_total
+            state.trigger_total = total
         else:
-            fire = known and value != previous
-        if not fire or state.fired_time == reading.time:
+            grew = known and _is_number(value) and _is_number(previous) and value > previous
+        if state.fired_time == reading.time:
             # Same source timestamp as the cycle we already fired: a reconnect replaying the value.
             return
+        edge = False
         for rule in state.triggers:
+            if not _edge(rule.on, value, previous, known, grew):
+                continue
+            edge = True
             if not known and rule.ack is not None:
                 ack = self.current.get(rule.ack)
                 if ack is not None and ack.value is True:
                     # Start-up with the cycle already acknowledged: the PLC has not reset it yet.
                     continue
+            if rule.condition is not None and not self._holds(rule.condition, reading.time):
+                out.unmet += 1
+                if rule.ack is not None:
+                    # The cycle was seen and decided (no transaction by the site's own rule): the line goes on.
+                    out.acks.append(PlcAck(rule.ack))
+                continue
             self._fire(rule, state, reading, out)
-        state.fired_time = reading.time
+        if edge:
+            state.fired_time = reading.time
+
+    def _holds(self, condition: RuleCondition, at: datetime) -> bool:
+        """Whether ``condition`` holds at source time ``at`` (a tag without a good value yet: it does not)."""
+        reading = self._value_at(condition.tag, at)
+        if reading is None:
+            return False
+        names = self._tags[condition.tag].config.states
+        name = names.get(identifier_string(reading.value)) if names else None
+        return any(
+            (name is not None and wanted == name) or _same_value(wanted, reading.value) for wanted in condition.accepted
+        )
 
     def _fire(self, rule: TransactionRule, trigger: _TagState, reading: Reading, out: RuleOutput) -> None:
         uri = self._source_uri[trigger.source]
@@ -347,22 +397,29 @@ class Rules:
         event_id = stable_id(*parts)
         data: dict[str, Any] = {}
         problems: list[str] = []
-        for key, tag in rule.fields.items():
-            current = self._value_at(tag, reading.time)
-            if current is None:
-                problems.append(f"field {key}: tag {tag} has no good value yet")
-                data[key] = None
-                continue
-            counter = self._tags[tag].counter
-            if counter is not None:
+        conversion = self._conversions.get(rule.name)
+        for key, source in rule.fields.items():
+            if isinstance(source, str) and self._tags[source].counter is not None:
+                if self._value_at(source, reading.time) is None:
+                    problems.append(f"field {key}: tag {source} has no good value yet")
+                    data[key] = None
+                    continue
                 # A counter field is what was counted since this rule last fired (wrap/reset-aware).
-                total = self._total_at(tag, reading.time)
+                counter = self._tags[source].counter
+                assert counter is not None
+                total = self._total_at(source, reading.time)
                 since = total - self._fired_totals.get((rule.name, key), 0)
                 self._fired_totals[(rule.name, key)] = total
-                data[key] = _field_value(key, counter.value_of(since), rule, problems)
+                data[key] = _field_value(key, counter.value_of(since), rule, conversion, problems)
                 continue
-            data[key] = _field_value(key, current.value, rule, problems)
+            value = self._resolve(source, reading.time, f"field {key}", problems)
+            data[key] = None if value is None else _field_value(key, value, rule, conversion, problems)
         subject = _subject(data, rule.when)
+        partitionkey = str(data.get("work_order") or subject)
+        if rule.partitionkey is not None:
+            key_value = self._resolve(rule.partitionkey, reading.time, "partitionkey", problems)
+            if key_value is not None:
+                partitionkey = identifier_string(key_value) or partitionkey
         event = make_event(
             rule.type,
             id=event_id,
@@ -370,7 +427,7 @@ class Rules:
             time=reading.time,
             site=self.site,
             subject=subject,
-            partitionkey=str(data.get("work_order") or subject),
+            partitionkey=partitionkey,
             traceparent=traceparent_for(event_id),
             data=data,
         )
@@ -385,6 +442,30 @@ class Rules:
             out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
             return
         out.events.append(event)
+
+    def _resolve(self, source: FieldValue, at: datetime, where: str, problems: list[str]) -> Any:
+        """A field value's raw value at source time ``at``; None (and a problem) when a tag has none yet."""
+        if isinstance(source, FieldLiteral):
+            return source.literal
+        if isinstance(source, str):
+            current = self._value_at(source, at)
+            if current is None:
+                problems.append(f"{where}: tag {source} has no good value yet")
+                return None
+            return current.value
+        parts: list[str] = []
+        missing = False
+        for text, tag in _template_parts(source.template):
+            parts.append(text)
+            if tag is None:
+                continue
+            current = self._value_at(tag, at)
+            if current is None:
+                problems.append(f"{where}: tag {tag} has no good value yet")
+                missing = True
+                continue
+            parts.append(identifier_string(current.value))
+        return None if missing else "".join(parts)
 
     def _value_at(self, tag: str, at: datetime) -> Reading | None:
         """The reading of ``tag`` current at source time ``at``.
@@ -472,16 +553,70 @@ class Rules:
         return problems
 
 
-def _field_value(key: str, value: Any, rule: TransactionRule, problems: list[str]) -> Any:
+def _field_value(
+    key: str, value: Any, rule: TransactionRule, conversion: Conversion | None, problems: list[str]
+) -> Any:
     if key == "quantity" or key.endswith("_quantity"):
         try:
-            return Quantity(value=decimal_string(value), uom=rule.uom or "")
+            text = decimal_string(value)
+            if conversion is None:
+                return Quantity(value=text, uom=rule.uom or "")
+            return Quantity(value=decimal_string(conversion.apply(Decimal(text))), uom=conversion.target)
         except (ValueError, ArithmeticError) as exc:
             problems.append(f"field {key}: {exc}")
             return identifier_string(value)
     if key in IDENTIFIER_FIELDS or key.endswith("_item"):
         return identifier_string(value)
     return _sample_value(value)
+
+
+def _edge(on: str | None, value: Any, previous: Any, known: bool, grew: bool) -> bool:
+    """Whether a trigger's new ``value`` (after ``previous``, if ``known``) is the edge ``on`` waits for."""
+    if on is None:
+        on = "rising" if isinstance(value, bool) else "change"
+    if on == "rising":
+        # Also the first reading after start: a cycle that completed while the agent was down.
+        return _level(value) is True and (not known or _level(previous) is not True)
+    if on == "falling":
+        return known and _level(value) is False and _level(previous) is True
+    if on == "change":
+        return known and value != previous
+    return grew
+
+
+def _level(value: Any) -> bool | None:
+    """A bool as itself, a number as non-zero; anything else has no level."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _same_value(wanted: object, value: Any) -> bool:
+    """A condition's written value against a reading's: bools only as bools, numbers as numbers, else as text."""
+    if isinstance(wanted, bool) or isinstance(value, bool):
+        return isinstance(wanted, bool) and isinstance(value, bool) and wanted == value
+    if _is_number(wanted) and _is_number(value):
+        return bool(wanted == value)
+    return identifier_string(wanted) == identifier_string(value)
+
+
+def _template_parts(template: str) -> Iterator[tuple[str, str | None]]:
+    """``(text, tag)`` pairs of a template (validated at config load): the text before each placeholder, its tag."""
+    position = 0
+    for match in TEMPLATE_PLACEHOLDER.finditer(template):
+        text = template[position : match.start()]
+        position = match.end()
+        if match.group(0) in ("{{", "}}"):
+            yield text + match.group(0)[0], None
+        else:
+            yield text, (match.group(1) or "").strip()
+    yield template[position:], None
 
 
 def _subject(data: dict[str, Any], tag: str) -> str:

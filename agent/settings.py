@@ -21,9 +21,18 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.config_types import ConfigModel, TagConfig
@@ -31,6 +40,7 @@ from agent.events import TRANSACTION_TYPES, TYPE_PREFIX
 from agent.registry import SINKS, SOURCES
 from agent.sink import SinkConfig
 from agent.source import SourceConfig
+from agent.units import Conversion, conversion
 
 ENV_PREFIX = "PLANTGATE__"
 DEFAULT_CONFIG = Path("/etc/plantgate/plantgate.toml")
@@ -98,18 +108,132 @@ SourcesSection = _section("SourcesSection", "``[sources]``: one list per protoco
 SinksSection = _section("SinksSection", "``[sinks]``: one list per protocol.", SINKS)
 
 
+TEMPLATE_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def template_tags(template: str) -> list[str]:
+    """The tag names a template's ``{tag}`` placeholders name, in order; ``ValueError`` if it is malformed.
+
+    ``{{`` and ``}}`` stand for literal braces; a lone brace or an empty ``{}`` is an error.
+    """
+    tags: list[str] = []
+    for match in TEMPLATE_PLACEHOLDER.finditer(template):
+        text = match.group(0)
+        if text in ("{{", "}}"):
+            continue
+        name = match.group(1)
+        if name is None:
+            raise ValueError(f"template {template!r}: a lone {text!r}; write {text * 2!r} for a literal brace")
+        if not name.strip():
+            raise ValueError(f"template {template!r}: an empty placeholder {{}}; name a tag, e.g. {{press7.line}}")
+        tags.append(name.strip())
+    return tags
+
+
+class FieldLiteral(ConfigModel):
+    """A field value written in the rule itself: ``{ literal = "EA-LINE-3" }``."""
+
+    literal: str | int | float | bool = Field(description="The value, as written")
+
+    def __str__(self) -> str:
+        return f"{{literal={self.literal!r}}}"
+
+
+class FieldTemplate(ConfigModel):
+    """A string built from tag values: ``{ template = "{press7.line}-{press7.work_order}" }``."""
+
+    template: str = Field(
+        min_length=1, description="Text with {tag} placeholders (tag names only); {{ and }} for literal braces"
+    )
+
+    def __str__(self) -> str:
+        return f"{{template={self.template!r}}}"
+
+
+def _field_form(value: Any) -> str | None:
+    """Which form a field value is written in, so an error names that form alone (not all three)."""
+    if isinstance(value, str):
+        return "tag"
+    if isinstance(value, FieldLiteral) or (isinstance(value, dict) and "literal" in value):
+        return "literal"
+    if isinstance(value, FieldTemplate) or (isinstance(value, dict) and "template" in value):
+        return "template"
+    return None
+
+
+FieldValue = Annotated[
+    Annotated[str, Tag("tag")] | Annotated[FieldLiteral, Tag("literal")] | Annotated[FieldTemplate, Tag("template")],
+    Discriminator(
+        _field_form,
+        custom_error_type="field_form",
+        custom_error_message='write a tag name, { literal = ... } or { template = "{tag}..." }',
+    ),
+]
+"""A rule's field: a tag name (its value at the trigger's time), a literal, or a template."""
+
+
+def field_value_tags(value: FieldValue) -> list[str]:
+    """The tags a field value reads."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, FieldTemplate):
+        return template_tags(value.template)
+    return []
+
+
+class RuleCondition(ConfigModel):
+    """``condition``: the rule fires only while a tag holds one of some values at the trigger's time.
+
+    For a ``state`` tag the value may be written as its state name (``"running"``) or
+    as the raw value; for other tags as the raw value.
+    """
+
+    tag: str = Field(min_length=1, description="Tag whose value at the trigger's source time is tested")
+    equals: str | int | float | bool | None = Field(None, description="The value (or state name) it must have")
+    in_: list[str | int | float | bool] | None = Field(
+        None, alias="in", min_length=1, description="Values (or state names) of which it must have one"
+    )
+
+    @model_validator(mode="after")
+    def _one_test(self) -> RuleCondition:
+        if (self.equals is None) == (self.in_ is None):
+            raise ValueError("a condition needs exactly one of `equals` and `in`")
+        return self
+
+    @property
+    def accepted(self) -> list[str | int | float | bool]:
+        """The values (or state names) for which the condition holds."""
+        return [self.equals] if self.equals is not None else list(self.in_ or [])
+
+
+TriggerEdge = Literal["rising", "falling", "change", "increment"]
+
+
 class TransactionRule(ConfigModel):
     """``[[transactions]]``: a business transaction fired by a trigger tag."""
 
     name: str = Field(min_length=1, description="Rule name (part of each event's stable id)")
-    when: str = Field(
-        min_length=1, description="Trigger tag: fires on its rising edge (false -> true); non-bool tags on change"
+    when: str = Field(min_length=1, description="Trigger tag")
+    on: TriggerEdge | None = Field(
+        None,
+        description=(
+            "rising (false -> true) | falling (true -> false) | change (any new value) | increment (a counter grew); "
+            "default: rising for a bool value, change otherwise"
+        ),
     )
+    condition: RuleCondition | None = Field(None, description="Fire only while this holds at the trigger's time")
     type: str = Field(description="Canonical transaction type, e.g. production.completed")
-    fields: dict[str, str] = Field(
-        default_factory=dict, description="data key -> tag whose current value fills it"
+    fields: dict[str, FieldValue] = Field(
+        default_factory=dict,
+        description="data key -> tag name (its current value), { literal = ... } or { template = \"{tag}-{tag}\" }",
     )
     uom: str | None = Field(None, description="Unit of `quantity` fields (UN/ECE Rec 20, or mapped via [mappings.uom])")
+    uom_to: str | None = Field(
+        None, description="Convert `quantity` fields from `uom` into this UN/ECE Rec 20 code (same dimension)"
+    )
+    partitionkey: FieldValue | None = Field(
+        None, description="Ordering key: a tag name, a literal or a template (default: the work order, else subject)"
+    )
     ack: str | None = Field(None, description="Tag written true once the event is durably buffered (PLC handshake)")
 
     @field_validator("type")
@@ -119,6 +243,19 @@ class TransactionRule(ConfigModel):
         if name not in TRANSACTION_TYPES:
             raise ValueError(f"{value!r} is not a transaction type; one of: {', '.join(TRANSACTION_TYPES)}")
         return name
+
+    def read_tags(self) -> dict[str, str]:
+        """Every tag the rule reads besides its trigger, each with the key path that names it."""
+        found: dict[str, str] = {}
+        for key, value in self.fields.items():
+            for tag in field_value_tags(value):
+                found.setdefault(tag, f"fields.{key}")
+        if self.partitionkey is not None:
+            for tag in field_value_tags(self.partitionkey):
+                found.setdefault(tag, "partitionkey")
+        if self.condition is not None:
+            found.setdefault(self.condition.tag, "condition.tag")
+        return found
 
 
 class ItemMapping(ConfigModel):
@@ -194,11 +331,18 @@ class Settings(BaseSettings):
         _unique("transactions", [rule.name for rule in self.transactions])
         for index, rule in enumerate(self.transactions):
             where = f"transactions.{index}"
+            forms = [(f"fields.{key}", value) for key, value in rule.fields.items()]
+            for key, value in [*forms, ("partitionkey", rule.partitionkey)]:
+                if isinstance(value, FieldTemplate):
+                    try:
+                        template_tags(value.template)
+                    except ValueError as exc:
+                        raise ValueError(f"{where}.{key}: {exc}") from None
             if rule.when not in tags:
                 raise ValueError(f"{where}.when: tag {rule.when!r} is not defined by any source")
-            for key, field_tag in rule.fields.items():
+            for field_tag, key in rule.read_tags().items():
                 if field_tag not in tags:
-                    raise ValueError(f"{where}.fields.{key}: tag {field_tag!r} is not defined by any source")
+                    raise ValueError(f"{where}.{key}: tag {field_tag!r} is not defined by any source")
             if rule.ack is not None and rule.ack not in tags:
                 raise ValueError(f"{where}.ack: tag {rule.ack!r} is not defined by any source")
             if rule.ack is not None and not self.tag_configs()[rule.ack].writable:
@@ -209,6 +353,13 @@ class Settings(BaseSettings):
             has_quantity = any(key == "quantity" or key.endswith("_quantity") for key in rule.fields)
             if has_quantity and rule.uom is None:
                 raise ValueError(f"{where}.uom: a rule with a quantity field needs a unit (uom)")
+            if rule.uom_to is not None:
+                if rule.uom is None:
+                    raise ValueError(f"{where}.uom_to: converting needs the source unit in `uom`")
+                try:
+                    rule_conversion(rule, self.mappings)
+                except ValueError as exc:
+                    raise ValueError(f"{where}.uom_to: {exc}") from None
         return self
 
     def data_path(self, path: Path) -> Path:
@@ -230,6 +381,13 @@ class Settings(BaseSettings):
     def tag_owner(self) -> dict[str, str]:
         """Tag name -> name of the source that defines it."""
         return {tag.tag: source.name for source in self.source_configs() for tag in source.tag_configs()}
+
+
+def rule_conversion(rule: TransactionRule, mappings: MappingsSection) -> Conversion | None:
+    """How a rule's quantities go from ``uom`` (mapped through ``[mappings.uom]``) to ``uom_to``, or None."""
+    if rule.uom_to is None or rule.uom is None:
+        return None
+    return conversion(mappings.uom.get(rule.uom, rule.uom), mappings.uom.get(rule.uom_to, rule.uom_to))
 
 
 def _unique(section: str, names: list[str]) -> None:
