@@ -1,7 +1,10 @@
 """``plantgate`` command line: run, check, browse, demo, buffer, schema.
 
 Errors are one line on stderr (``plantgate: <file>[:<line>]: <key>: <what>``),
-never a traceback, and exit code 2 for bad input.
+never a traceback, and exit code 2 for bad input. ``check --connect`` exits 1 when
+the config is valid but a pre-flight finding is an error (a peer unreachable, a
+node missing, credentials refused); ``browse`` exits 1 when the server cannot be
+browsed.
 """
 
 from __future__ import annotations
