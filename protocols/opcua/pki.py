@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from asyncua.crypto import cert_gen
@@ -48,6 +48,8 @@ UNTRUSTED_DIR = Path("pki/untrusted")
 
 CERTIFICATE_DAYS = 5 * 365
 """Validity of the generated certificate: long, because renewing means importing it into every PLC again."""
+RENEW_BEFORE = timedelta(days=30)
+"""A generated certificate this close to its end is reported at start."""
 _MAX_UNTRUSTED = 100  # a server presenting a new certificate at every connect must not fill the disk
 _SUFFIXES = (".der", ".pem", ".crt", ".cer")
 

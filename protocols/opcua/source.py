@@ -530,6 +530,15 @@ class OpcUaSource:
         self._application_uri = _application_uri(self._certificate.certificate, self.name)
         sha1, _ = pki.thumbprints(self._certificate.data)
         self.status.info["certificate"] = f"{certificate} (SHA-1 {sha1})"
+        assert self._certificate.certificate is not None
+        expires = self._certificate.certificate.not_valid_after_utc
+        if expires - datetime.now(UTC) < pki.RENEW_BEFORE:
+            # Renewing means importing the new certificate into every server: say so well before.
+            logger.warning(
+                "OPC UA application certificate expires soon; delete it and its key to have a new one generated, "
+                "then make the server trust the new one",
+                extra={"source": self.name, "certificate": str(certificate), "expires": expires.isoformat()},
+            )
         if generated:
             logger.warning(
                 "OPC UA application certificate generated; the server must trust it (copy it into its trusted clients)",
