@@ -309,9 +309,13 @@ def _summary(settings: Any) -> str:
 
 
 def _warnings(settings: Any) -> list[str]:
+    from agent.registry import build_context
+
     warnings = []
+    context = build_context(settings)
     for component in [*settings.source_configs(), *settings.sink_configs()]:
         warnings.extend(component.warnings())
+        warnings.extend(component.warnings_at(context))
     warnings.extend(_risky_settings(settings))
     sinks = settings.sink_configs()
     if not sinks:

@@ -124,6 +124,10 @@ class SinkConfig(ConfigModel):
         """What ``plantgate check`` should warn about (valid, but probably not meant)."""
         return []
 
+    def warnings_at(self, context: BuildContext) -> list[str]:
+        """Warnings that need the files this sink reads, resolved against ``data_dir`` (an empty trust list)."""
+        return []
+
     def build(self, context: BuildContext) -> Sink:
         """The sink this config describes."""
         raise NotImplementedError

@@ -139,6 +139,10 @@ class SourceConfig(ConfigModel):
         """What ``plantgate check`` should warn about (valid, but probably not meant)."""
         return []
 
+    def warnings_at(self, context: BuildContext) -> list[str]:
+        """Warnings that need the files this source reads, resolved against ``data_dir`` (an empty trust list)."""
+        return []
+
     def build(self, context: BuildContext) -> Source:
         """The source this config describes."""
         raise NotImplementedError

@@ -74,8 +74,10 @@ class JsonlSink:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self.path.open("ab", buffering=1024 * 1024)
+            # Plant data, nobody else's to read: a new directory 0700, a new file 0600.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            handle = os.fdopen(fd, "ab", buffering=1024 * 1024)
         except OSError as exc:
             self.status.set_state("disconnected", f"cannot open {self.path}: {exc.strerror}")
             log.warning(

@@ -240,12 +240,12 @@ def test_check_shows_the_certificate_and_warns_while_the_trust_list_is_empty(tmp
     lines = config.describe(context)
     assert f"  cert   {tmp_path}/pki/own/plantgate.der (generated on first start)" in lines
     assert f"  trust  {tmp_path}/pki/trusted (empty: any server certificate accepted)" in lines
-    [warning] = config.trust_warnings(context)
+    [warning] = config.warnings_at(context)
     assert warning.startswith(f"sources.opcua.press: the trust list {tmp_path}/pki/trusted is empty")
 
     (tmp_path / "pki" / "trusted").mkdir(parents=True)
     make_certificate(tmp_path / "pki" / "trusted", "plc", "urn:plc", server=True)
-    assert config.trust_warnings(context) == []
+    assert config.warnings_at(context) == []
     assert f"  trust  {tmp_path}/pki/trusted (1 certificate)" in config.describe(context)
 
 

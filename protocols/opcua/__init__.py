@@ -276,7 +276,7 @@ class OpcUaSourceConfig(SourceConfig):
         lines.append(f"  trust  {trust} ({state})")
         return lines
 
-    def trust_warnings(self, context: BuildContext) -> list[str]:
+    def warnings_at(self, context: BuildContext) -> list[str]:
         """A secure policy whose trust list is empty: the server's certificate is accepted unverified."""
         if self.security_policy == "None" or self.server_certificate is not None:
             return []

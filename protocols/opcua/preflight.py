@@ -89,11 +89,7 @@ async def configured_client(config: OpcUaSourceConfig, context: BuildContext) ->
 
     Reads the password and certificate files (``ValueError`` naming the key when one cannot be read).
     """
-    source = config.build(context)
-    client = source._new_client()
-    client.connection_lost_callback = None  # a check reports a lost connection itself
-    await source._secure(client)
-    return client
+    return await config.build(context).configured_client()
 
 
 def _check_tag(

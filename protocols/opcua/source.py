@@ -447,9 +447,11 @@ class OpcUaSource:
             self._taken = await self._load_state(output)
             self._state_loaded = True
         client = self._new_client()
+        connected = False
         try:
             await self._secure(client)
             await client.connect()
+            connected = True
             publish = self._publisher(client)
             self._heard = asyncio.Event()
             self._replacing = None
@@ -475,7 +477,18 @@ class OpcUaSource:
                 await self._state_saved()
         finally:
             self._client = None
-            await self._close(client, polite=not self._lost.is_set())
+            await self._close(client, polite=connected and not self._lost.is_set())
+
+    async def configured_client(self) -> Client:
+        """An unconnected asyncua client set up exactly as this source connects: identity, user, security.
+
+        For ``plantgate check --connect`` and ``plantgate browse --source``; they report a lost
+        connection themselves, so no loss callback is set.
+        """
+        client = self._new_client()
+        client.connection_lost_callback = None
+        await self._secure(client)
+        return client
 
     def _new_client(self) -> Client:
         config = self.config
@@ -612,16 +625,19 @@ class OpcUaSource:
 
         ``polite``: tell the server (CloseSession, keeping the subscription, so the next
         start takes it over with the values produced meanwhile). Otherwise the connection
-        is dead or hung: a CloseSession request would only wait out the timeout, so the
-        socket is dropped first and disconnect() skips the requests.
+        is dead, hung or was never made: a request would only fail or wait out the timeout,
+        so the socket is dropped and only asyncua's own tasks are stopped.
         """
-        if not polite:
-            client.disconnect_socket()
         try:
             async with asyncio.timeout(self.config.timeout):
                 if polite:
                     await client.uaclient.close_session(delete_subscriptions=False)
-                await client.disconnect()
+                    await client.disconnect()
+                else:
+                    # disconnect() would send CloseSession and CloseSecureChannel on a dead connection
+                    # and log each failure as an ERROR with a traceback: a normal disconnect is no error.
+                    client.disconnect_socket()
+                    await client.close_session()  # stops asyncua's tasks; its request fails at once
         except Exception as exc:
             logger.debug("Closing the OPC UA client failed", extra={"source": self.name, "error": _describe(exc)})
 
