@@ -10,8 +10,10 @@ repeat limiter.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -82,3 +84,49 @@ async def test_every_outage_and_commit_is_in_the_log_with_ids_lengths_and_the_dr
     subjects = {e["subject"] for e in committed}
     assert {"WO-L1", "WO-O10", "WO-O12", "WO-O22"} <= subjects
     assert all(len(e["event_id"]) >= 16 and e["sequence"].isdigit() for e in committed)
+
+
+async def test_a_plc_that_is_off_is_one_warning_not_a_library_traceback(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the PLC is off
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "plantgate.toml"
+    config.write_text(
+        f"""
+[agent]
+site = "plant-logs"
+id = "gw-off"
+data_dir = "{tmp_path / 'data'}"
+
+[[sources.opcua]]
+name = "press7"
+endpoint = "opc.tcp://127.0.0.1:{port}"
+reconnect_max_backoff = "300ms"
+
+  [[sources.opcua.tags]]
+  tag = "press7.temperature"
+  node = "ns=2;s=Press7.Temperature"
+
+[[sinks.jsonl]]
+name = "file"
+path = "events.jsonl"
+""",
+        encoding="utf-8",
+    )
+    log_path = tmp_path / "agent.log"
+    with log_path.open("ab") as log:
+        agent = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(config), "--log-format", "json",
+            stdout=log, stderr=log,
+        )
+    try:
+        await wait_for(lambda: "Cannot connect to OPC UA server" in log_path.read_text(encoding="utf-8"), timeout=20)
+        # Several refused attempts later (the backoff is capped at 300 ms): still no library noise.
+        await wait_for(lambda: len(log_path.read_text(encoding="utf-8").splitlines()) >= 3, timeout=10)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(agent.wait(), 30)
+    lines = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()]
+    noise = [line for line in lines if line["logger"].startswith("asyncua") or "exc" in line]
+    assert not noise, noise
+    assert sum(line["message"] == "Cannot connect to OPC UA server, retrying" for line in lines) == 1
