@@ -321,6 +321,25 @@ class Broker:
 # --- the agent as a subprocess ----------------------------------------------------------------------------
 
 
+def agent_header(
+    data_dir: Path, http_port: int, *, site: str = "bench", agent_id: str = "bench-agent", token_file: str | None = None
+) -> list[str]:
+    """The ``[agent]`` and ``[http]`` lines every bench agent's config starts with."""
+    lines = [
+        "[agent]",
+        f'site = "{site}"',
+        f'id = "{agent_id}"',
+        f'data_dir = "{data_dir}"',
+        'log_level = "WARNING"',
+        "",
+        "[http]",
+        f'listen = "{HOST}:{http_port}"',
+    ]
+    if token_file is not None:
+        lines.append(f'ingest_token_file = "{token_file}"')
+    return [*lines, ""]
+
+
 def agent_config(
     *,
     data_dir: Path,
@@ -337,17 +356,7 @@ def agent_config(
     agent_id: str = "bench-agent",
 ) -> str:
     """The TOML config of a bench agent: optional OPC UA source (``tags`` Double telemetry tags), one MQTT sink."""
-    lines = [
-        "[agent]",
-        f'site = "{site}"',
-        f'id = "{agent_id}"',
-        f'data_dir = "{data_dir}"',
-        'log_level = "WARNING"',
-        "",
-        "[http]",
-        f'listen = "{HOST}:{http_port}"',
-        "",
-    ]
+    lines = agent_header(data_dir, http_port, site=site, agent_id=agent_id)
     if opcua_endpoint is not None:
         lines += [
             "[[sources.opcua]]",

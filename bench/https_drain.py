@@ -40,6 +40,7 @@ from bench.common import (
     Row,
     ScenarioResult,
     SystemCpu,
+    agent_header,
     check_config,
     free_port,
     machine_info,
@@ -186,15 +187,7 @@ def https_config(*, data_dir: Path, http_port: int, url: str, ca_file: Path, bat
     """The bench agent's TOML: no sources, one HTTPS sink taking the transaction lane."""
     return "\n".join(
         [
-            "[agent]",
-            'site = "bench"',
-            'id = "bench-agent"',
-            f'data_dir = "{data_dir}"',
-            'log_level = "WARNING"',
-            "",
-            "[http]",
-            f'listen = "{HOST}:{http_port}"',
-            "",
+            *agent_header(data_dir, http_port),
             "[[sinks.https]]",
             f'name = "{SINK}"',
             f'url = "{url}"',

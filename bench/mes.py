@@ -35,6 +35,7 @@ from bench.common import (
     CpuWindow,
     Row,
     ScenarioResult,
+    agent_header,
     check_config,
     free_port,
     memory_mb,
@@ -56,16 +57,7 @@ def config_text(data_dir: Path, http_port: int, broker_port: int) -> str:
     """The agent: the MES webhook, one MQTT sink that never connects (events stay committed in the buffer)."""
     return "\n".join(
         [
-            "[agent]",
-            'site = "bench"',
-            'id = "bench-agent"',
-            f'data_dir = "{data_dir}"',
-            'log_level = "WARNING"',
-            "",
-            "[http]",
-            f'listen = "{HOST}:{http_port}"',
-            'ingest_token_file = "ingest-token"',
-            "",
+            *agent_header(data_dir, http_port, token_file="ingest-token"),
             "[[sources.mes]]",
             'name = "mes"',
             'mode = "webhook"',

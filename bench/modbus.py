@@ -35,6 +35,7 @@ from bench.common import (
     MemorySampler,
     Row,
     ScenarioResult,
+    agent_header,
     check_config,
     free_port,
     stop_process,
@@ -126,17 +127,7 @@ def serve_main(argv: list[str]) -> None:
 
 
 def _config(data_dir: Path, http_port: int, broker_port: int, ports: list[int], registers: int, interval: str) -> str:
-    lines = [
-        "[agent]",
-        'site = "bench"',
-        'id = "bench-agent"',
-        f'data_dir = "{data_dir}"',
-        'log_level = "WARNING"',
-        "",
-        "[http]",
-        f'listen = "{HOST}:{http_port}"',
-        "",
-    ]
+    lines = agent_header(data_dir, http_port)
     for device, port in enumerate(ports):
         lines += [
             "[[sources.modbus]]",
