@@ -314,6 +314,10 @@ def stable_id(*parts: object) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
 def traceparent_for(event_id: str) -> str:
     """A W3C ``traceparent`` that starts a trace at this event, derived from its id.
 
@@ -322,10 +326,8 @@ def traceparent_for(event_id: str) -> str:
     """
     digest = hashlib.sha256(b"traceparent\0" + event_id.encode()).hexdigest()
     trace_id, span_id = digest[:32], digest[32:48]
-    if not int(trace_id, 16):  # all zero is invalid (2**-128: cannot happen, but the spec forbids it)
-        trace_id = "1".rjust(32, "0")
-    if not int(span_id, 16):
-        span_id = "1".rjust(16, "0")
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # forbidden by the spec; 2**-64 at worst
+        trace_id, span_id = trace_id[:-1] + "1", span_id[:-1] + "1"
     return f"00-{trace_id}-{span_id}-01"
 
 

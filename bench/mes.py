@@ -172,12 +172,23 @@ async def _post_singles(url: str, bodies: list[bytes], rate: float, warmup: int)
 
     async def one(index: int, body: bytes, due: float) -> None:
         sent = time.perf_counter()
+        reused = bool(idle)
         if idle:
             connection = idle.pop()
         else:
             connection = await _Connection.open(host, int(port))
             opened.append(connection)
-        status = await connection.post("/v1/events", headers, body)
+        try:
+            status = await connection.post("/v1/events", headers, body)
+        except (ConnectionError, h11.RemoteProtocolError):
+            if not reused:
+                raise
+            # The server closed an idle keep-alive connection (its keep-alive timeout), as HTTP allows:
+            # open a new one and send again, as every HTTP client does.
+            connection.close()
+            connection = await _Connection.open(host, int(port))
+            opened.append(connection)
+            status = await connection.post("/v1/events", headers, body)
         answered = time.perf_counter()
         idle.append(connection)
         if index >= warmup:
