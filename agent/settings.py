@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.config_types import ConfigModel, TagConfig
+from agent.config_types import ConfigModel, Duration, TagConfig
 from agent.events import TRANSACTION_TYPES, TYPE_PREFIX
 from agent.registry import SINKS, SOURCES
 from agent.sink import SinkConfig
@@ -75,6 +75,15 @@ class BufferSection(ConfigModel):
     synchronous: Literal["full", "normal"] = Field(
         "full",
         description="full: every commit survives power loss; normal: survives a crash of the agent, not of the OS",
+    )
+    dedupe_window: Duration = Field(
+        86_400.0,
+        gt=0,
+        description="A transaction or operational event id seen within this window is not stored again "
+        "(remembered in the buffer file, across restarts)",
+    )
+    dedupe_max_ids: int = Field(
+        200_000, ge=1, description="Ids remembered at most for dedupe_window; beyond it the oldest are forgotten first"
     )
 
 

@@ -24,6 +24,12 @@ committed, so a retry after a failure (disk full) writes only the rest. Reads
 (delivery, ages, stats) use a second, read-only connection: WAL hands it only
 committed data, so a sink never sees a row whose transaction may still roll back.
 
+The id of every transaction and operational event accepted is remembered for the
+dedupe window (``RecentIds``: in memory for the append path, and in the ``dedupe``
+table, one row per group commit written in that same transaction), so the same id
+arriving again is not stored twice, also after its original was delivered and
+deleted, and after a restart.
+
 The file is locked (``fcntl.flock`` on ``<path>.lock``) while a buffer has it open
 for writing: ``plantgate buffer`` uses that to tell a stopped agent's file (opened
 directly) from a running agent's (asked over HTTP). Nothing else in the project
@@ -82,6 +88,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     subject TEXT, lane TEXT NOT NULL, time REAL NOT NULL, body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedupe (n INTEGER PRIMARY KEY, time REAL NOT NULL, ids BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS dedupe_time ON dedupe(time);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
@@ -92,6 +100,14 @@ _SEGMENT_MAX_EVENTS = 1024
 _segment_encoder = msgspec.msgpack.Encoder()
 _segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
 _ZLIB_HEADER = 0x78  # a zlib stream's first byte; a MessagePack array never starts with it
+_ids_encoder = msgspec.msgpack.Encoder()
+_ids_decoder = msgspec.msgpack.Decoder(list[str])
+
+DEDUPE_WINDOW = 86_400.0
+"""Seconds an accepted transaction or operational id is remembered by default (``[buffer] dedupe_window``)."""
+DEDUPE_MAX_IDS = 200_000
+"""Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
+_DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
 
 
 def pack_segment(events: Sequence[BufferedEvent]) -> bytes:
@@ -199,6 +215,8 @@ class _Pending:
     cursor_delete: list[tuple[str, Lane]] = field(default_factory=list)  # purged backlogs
     lane_clear: dict[Lane, int] = field(default_factory=dict)  # lanes left without a cursor: rows up to seq
     state: dict[str, str | None] = field(default_factory=dict)  # None deletes the key
+    dedupe: list[str] = field(default_factory=list)  # ids newly remembered: one row of the dedupe table
+    dedupe_time: float = 0.0  # when the newest of them was accepted
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
 
@@ -212,6 +230,8 @@ class _Pending:
         self.cursor_delete.extend(newer.cursor_delete)
         self.lane_clear.update(newer.lane_clear)
         self.state.update(newer.state)
+        self.dedupe.extend(newer.dedupe)
+        self.dedupe_time = max(self.dedupe_time, newer.dedupe_time)
         self.waiters.extend(newer.waiters)
         self.count += newer.count
 
@@ -331,7 +351,8 @@ class Buffer:
         synchronous: str = "FULL",
         max_rows_per_commit: int = 5000,
         max_pending_rows: int = 20_000,
-        recent_ids: int = 20_000,
+        dedupe_window: float | None = None,
+        dedupe_max_ids: int | None = None,
         sinks: Mapping[str, Iterable[Lane]] | None = None,
         commit_retry_interval: float = 1.0,
     ):
@@ -377,7 +398,15 @@ class Buffer:
         self.on_eviction: asyncio.Event = asyncio.Event()
         self.duplicates_suppressed = 0
         self.dead_letter_count = 0
-        self._recent_ids = RecentIds(recent_ids)
+        # None: what the file says (the agent's settings, stored at its last start), else the defaults;
+        # so ``plantgate buffer`` opening the file never trims what the agent means to remember.
+        self._dedupe_settings = (dedupe_window, dedupe_max_ids)
+        self._recent_ids = RecentIds(
+            DEDUPE_MAX_IDS if dedupe_max_ids is None else dedupe_max_ids,
+            DEDUPE_WINDOW if dedupe_window is None else dedupe_window,
+        )
+        self._dedupe_trimmed_at = 0.0
+        self._dedupe_settings_saved = False  # written into ``meta`` with the first commit
         self.quarantined: dict[str, Any] | None = None
         """The last corrupt file moved aside (at open or while running): path, moved_to, reason, size_bytes."""
         self.quarantines: list[dict[str, Any]] = []
@@ -503,19 +532,7 @@ class Buffer:
                 if row and row[0] is not None:
                     seq = max(seq, int(row[0]))
         self._seq = seq
-        # The newest ids only: enough to recognise a fact replayed after a reconnect or restart.
-        recent: list[tuple[int, str]] = []
-        for lane in ("transaction", "operational"):
-            async with db.execute(f"SELECT events FROM {_TABLE[lane]} ORDER BY first_seq DESC") as cur:
-                taken = 0
-                async for (blob,) in cur:
-                    events = unpack_segment(blob)
-                    recent.extend((event.seq, event.id) for event in events)
-                    taken += len(events)
-                    if taken >= self._recent_ids.capacity:
-                        break
-        recent.sort()
-        self._recent_ids.extend(event_id for _, event_id in recent[-self._recent_ids.capacity :])
+        await self._load_dedupe(db)
         async with db.execute("SELECT coalesce(sum(count), 0) FROM lane_telemetry") as cur:
             row = await cur.fetchone()
             self._telemetry_rows = int(row[0]) if row else 0
@@ -543,6 +560,56 @@ class Buffer:
             async with db.execute("SELECT key, value FROM state") as cur:
                 self._state = {str(key): str(value) for key, value in await cur.fetchall()}
         await self._refresh_size()
+
+    async def _load_dedupe(self, db: aiosqlite.Connection) -> None:
+        """The ids accepted within the dedupe window, newest first up to the bound, from the dedupe table."""
+        window, max_ids = self._dedupe_settings
+        stored: dict[str, float] = {}
+        async with db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('dedupe_window', 'dedupe_max_ids')"
+        ) as cur:
+            stored = {str(key): float(value) for key, value in await cur.fetchall()}
+        if window is None:
+            window = stored.get("dedupe_window", DEDUPE_WINDOW)
+        if max_ids is None:
+            max_ids = int(stored.get("dedupe_max_ids", DEDUPE_MAX_IDS))
+        recent = self._recent_ids = RecentIds(max_ids, window)
+        async with db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='dedupe'") as cur:
+            has_table = await cur.fetchone() is not None
+        groups: list[tuple[float, list[str]]] = []
+        if has_table:
+            taken = 0
+            async with db.execute(
+                "SELECT time, ids FROM dedupe WHERE time >= ? ORDER BY n DESC", (time.time() - window,)
+            ) as cur:
+                async for row_time, blob in cur:
+                    ids = _ids_decoder.decode(blob)
+                    groups.append((float(row_time), ids))
+                    taken += len(ids)
+                    if taken >= max_ids:
+                        break
+        if groups or not has_table or not self._seq:
+            for row_time, ids in reversed(groups):
+                recent.remember(ids, row_time)
+            recent.trim(time.time())
+            return
+        # A file from before the dedupe table: the ids still buffered, remembered from now on.
+        found: list[tuple[int, str, float]] = []
+        for lane in ("transaction", "operational"):
+            async with db.execute(f"SELECT events FROM {_TABLE[lane]} ORDER BY first_seq DESC") as cur:
+                taken = 0
+                async for (blob,) in cur:
+                    events = unpack_segment(blob)
+                    found.extend((event.seq, event.id, event.enqueued) for event in events)
+                    taken += len(events)
+                    if taken >= max_ids:
+                        break
+        found.sort()
+        for _, event_id, enqueued in found[-max_ids:]:
+            recent.remember([event_id], enqueued)
+        if found and self._commit_task is None and self._reader is not None and self._db is not None:
+            self._pending.dedupe.extend(recent.order)
+            self._pending.dedupe_time = time.time()
 
     async def close(self) -> None:
         """Commit what is pending, persist cursors, close the file."""
@@ -627,6 +694,11 @@ class Buffer:
                 state.depth = 0
                 self._dirty_cursors.add(key)
             self._pending.state.update({key: value for key, value in self._state.items()})
+            # The fresh file remembers what the damaged one did: a duplicate stays one after a restart.
+            queued = set(self._pending.dedupe)
+            self._pending.dedupe[:0] = [i for i in self._recent_ids.order if i not in queued]
+            self._pending.dedupe_time = time.time()
+            self._dedupe_settings_saved = False
             self._pending.count += 1
             self._size_bytes = 0
             if info is not None:
@@ -737,21 +809,27 @@ class Buffer:
         rows = pending.rows
         recent = self._recent_ids
         seen, fresh = recent.ids, recent.order
+        remembered = pending.dedupe
+        before = len(remembered)
         encode = encode_event
         for event in events:
             lane = event.lane
             event_id = event.id
             if lane != "telemetry":
                 if event_id in seen:
-                    # The same fact again (a source replayed it after a reconnect): same id, stored once.
+                    # The same fact again (a reconnect's replay, an MES retry, a re-read): stored once.
                     self.duplicates_suppressed += 1
                     continue
                 seen.add(event_id)
                 fresh.append(event_id)
+                remembered.append(event_id)
             seq += 1
             event.sequence = f"{seq:020d}"  # format_sequence, inlined on the hot path
             rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, encode(event), now))
-        recent.trim()
+        if len(remembered) > before:
+            recent.groups.append([now, len(remembered) - before])
+            pending.dedupe_time = now
+        recent.trim(now)
         self._seq = seq
         pending.dead.extend(dead_letters)
         pending.count += len(events) + len(dead_letters)
@@ -764,6 +842,17 @@ class Buffer:
             self._writable.clear()
         self._wake.set()
         return future
+
+    def dedupe_status(self) -> dict[str, float | int | None]:
+        """The dedupe window for ``/status``: ids remembered, the oldest one's age, the window and the bound."""
+        recent = self._recent_ids
+        now = time.time()
+        return {
+            "ids": len(recent),
+            "oldest_age_seconds": round(now - recent.oldest(now), 3) if len(recent) else None,
+            "window_seconds": recent.window,
+            "max_ids": recent.capacity,
+        }
 
     # --- state: small durable key/value pairs for other components --------------------------------
 
@@ -885,6 +974,7 @@ class Buffer:
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
             txn = _Txn()
+            trimmed = False
             await db.execute("BEGIN IMMEDIATE")
             written: set[tuple[str, Lane]] = set()
             try:
@@ -893,6 +983,7 @@ class Buffer:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
                     await self._admin_changes(db, pending, txn)
+                    trimmed = await self._write_dedupe(db, pending)
                     written = await self._write_cursors(db)
                     await self._delete_delivered(db, txn)
                     await self._evict_telemetry(db, txn)
@@ -909,6 +1000,10 @@ class Buffer:
                 raise
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)
+            if last:
+                self._dedupe_settings_saved = True
+                if trimmed:
+                    self._dedupe_trimmed_at = time.time()
             self._applied(txn)
         self.dead_letter_count += len(pending.dead) - len(set(pending.dead_delete))
         if self._refusing is not None and self._refusing.startswith("commit failed"):
@@ -984,6 +1079,24 @@ class Buffer:
                 "INSERT INTO state(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 [(k, v) for k, v in pending.state.items() if v is not None],
             )
+
+    async def _write_dedupe(self, db: aiosqlite.Connection, pending: _Pending) -> bool:
+        """The group's new ids as one row; the rows whose every id left the window, deleted."""
+        if not self._dedupe_settings_saved:
+            recent = self._recent_ids
+            await db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [("dedupe_window", recent.window), ("dedupe_max_ids", recent.capacity)],
+            )
+        if pending.dedupe:
+            row = (pending.dedupe_time, _ids_encoder.encode(pending.dedupe))
+            await db.execute("INSERT INTO dedupe(time, ids) VALUES (?, ?)", row)
+        now = time.time()
+        if now - self._dedupe_trimmed_at >= _DEDUPE_TRIM_INTERVAL:
+            # A row's time is its newest id's: older than every id still remembered means none of it is.
+            await db.execute("DELETE FROM dedupe WHERE time < ?", (self._recent_ids.oldest(now),))
+            return True
+        return False
 
     async def _write_cursors(self, db: aiosqlite.Connection) -> set[tuple[str, Lane]]:
         if not self._dirty_cursors:
@@ -1421,7 +1534,9 @@ class Buffer:
             body = msgspec.json.encode(event)
             pending.rows[lane].append(BufferedEvent(self._seq, lane, event["type"], event["id"], body, now))
             if lane != "telemetry" and event["id"] not in recent:
-                recent.extend([event["id"]])
+                recent.remember([event["id"]], now)
+                pending.dedupe.append(event["id"])
+                pending.dedupe_time = now
             pending.dead_delete.append(n)
         pending.dead_reason.extend((reason, now, n) for n, reason in failed)
         pending.count += len(replayed) + len(failed)
@@ -1549,33 +1664,63 @@ async def inspect_dead_letters(path: Path, sink: str | None = None) -> list[Dead
 
 
 class RecentIds:
-    """The ids of the last ``capacity`` transaction and operational events, for dedupe at append.
+    """The ids of the transaction and operational events accepted within the dedupe window.
 
-    A unique index on random ids would cost SQLite two thirds of its insert rate;
-    a bounded in-memory set, refilled from the buffered rows at start, keeps the
-    same fact from being stored twice while it is buffered or recent.
+    ``window`` seconds back from now, at most ``capacity`` of them (the oldest are
+    forgotten first): an id in here is a fact already stored, and the same id again is
+    not stored twice. Held as the ids themselves, not hashes of them: a hash collision
+    would silently drop a genuine transaction, and a set of strings costs the append
+    path nothing (a string caches its hash). ``groups`` are ``[accepted time, count]``
+    runs of ``order``, so forgetting by time costs one comparison per group. The buffer
+    persists each group commit's new ids as one row of its ``dedupe`` table.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, window: float = DEDUPE_WINDOW):
         self.capacity = capacity
+        self.window = window
         self.ids: set[str] = set()
         self.order: collections.deque[str] = collections.deque()
-        """Insertion order; ``append`` adds to both and calls ``trim`` once per group."""
+        """Acceptance order; ``Buffer.append`` adds to ``ids``, ``order`` and ``groups``, then calls ``trim``."""
+        self.groups: collections.deque[list[float]] = collections.deque()
 
     def __contains__(self, event_id: object) -> bool:
         return event_id in self.ids
 
-    def extend(self, ids: Iterable[str]) -> None:
-        for event_id in ids:
-            self.ids.add(event_id)
-            self.order.append(event_id)
-        self.trim()
+    def __len__(self) -> int:
+        return len(self.order)
 
-    def trim(self) -> None:
-        """Forget the oldest ids beyond ``capacity``."""
-        order, ids = self.order, self.ids
-        for _ in range(len(order) - self.capacity):
-            ids.discard(order.popleft())
+    def remember(self, ids: Iterable[str], accepted: float) -> None:
+        """Remember ``ids`` as accepted at ``accepted`` (Unix time); one already remembered is skipped."""
+        added = 0
+        for event_id in ids:
+            if event_id not in self.ids:
+                self.ids.add(event_id)
+                self.order.append(event_id)
+                added += 1
+        if added:
+            self.groups.append([accepted, added])
+
+    def trim(self, now: float) -> None:
+        """Forget the ids accepted before the window, and the oldest beyond ``capacity``."""
+        order, ids, groups = self.order, self.ids, self.groups
+        limit = now - self.window
+        while groups and groups[0][0] < limit:
+            for _ in range(int(groups.popleft()[1])):
+                ids.discard(order.popleft())
+        excess = len(order) - self.capacity
+        while excess > 0 and groups:
+            first = groups[0]
+            take = min(excess, int(first[1]))
+            for _ in range(take):
+                ids.discard(order.popleft())
+            excess -= take
+            first[1] -= take
+            if not first[1]:
+                groups.popleft()
+
+    def oldest(self, now: float) -> float:
+        """When the oldest id still remembered was accepted (``now`` when none is)."""
+        return self.groups[0][0] if self.groups else now
 
 
 def _evictions_of(events: Sequence[BufferedEvent]) -> list[Eviction]:
