@@ -89,6 +89,18 @@ class CounterTracker:
         except (ValueError, OverflowError):  # NaN, infinity
             return None
 
+    @property
+    def previous(self) -> int | None:
+        """The raw value of the last reading (None before the first)."""
+        return self._previous
+
+    def restore(self, previous: int | None, total: int) -> None:
+        """Carry on from a saved ``previous`` raw value and ``total`` (an agent restart): the
+        first reading after it counts from ``previous``, so what the PLC counted meanwhile is
+        neither lost nor counted twice."""
+        self._previous = previous
+        self.total = total
+
     def update(self, value: object) -> int:
         """Feed the next reading's value; returns the increment it adds to ``total`` (0 for non-numbers)."""
         raw = self.raw(value)

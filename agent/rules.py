@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+import msgspec
+
 from agent.config_types import TagConfig
 from agent.counters import CounterTracker
 from agent.events import (
@@ -61,6 +63,19 @@ MAX_SAMPLES_PER_EVENT = 1000
 
 IDENTIFIER_FIELDS = frozenset({"work_order", "item", "lot", "serial", "station"})
 
+COUNTER_STATE_PREFIX = "rules/counter/"
+"""Buffer state keys of counter tags: ``rules/counter/<tag>``."""
+
+
+class _CounterState(msgspec.Struct):
+    raw: int | None  # the last raw reading
+    total: int  # counts since the counter was first read (across restarts)
+    fired: list[tuple[str, str, int]] = []  # (rule, field, total at that rule's last firing)
+
+
+_counter_state_encoder = msgspec.json.Encoder()
+_counter_state_decoder = msgspec.json.Decoder(_CounterState)
+
 
 class PlcAck(NamedTuple):
     """A PLC handshake to write once the cycle's event (or its dead letter) is committed."""
@@ -78,6 +93,8 @@ class RuleOutput:
     acks: list[PlcAck] = field(default_factory=list)  # ack tags to write True once committed
     suppressed: int = 0  # telemetry changes inside the deadband
     unmet: int = 0  # trigger edges of rules whose condition did not hold (no event, by the site's config)
+    state: dict[str, str] = field(default_factory=dict)
+    """Counter state to save durably in the same commit as ``events`` (``Rules.restore`` takes it back)."""
 
     def extend(self, other: RuleOutput) -> None:
         self.events.extend(other.events)
@@ -85,6 +102,7 @@ class RuleOutput:
         self.acks.extend(other.acks)
         self.suppressed += other.suppressed
         self.unmet += other.unmet
+        self.state.update(other.state)
 
 
 @dataclass
@@ -139,6 +157,12 @@ class Rules:
             {tag for rule in settings.transactions for tag in rule.read_tags()}
             | {rule.when for rule in settings.transactions if rule.on == "increment"}
         )
+        self._counter_fields: dict[str, list[tuple[str, str]]] = {}
+        """Counter tag -> the (rule, field) pairs that take what it counted."""
+        for rule in settings.transactions:
+            for key, value in rule.fields.items():
+                if isinstance(value, str) and self._tags[value].counter is not None:
+                    self._counter_fields.setdefault(value, []).append((rule.name, key))
         self._conversions: dict[str, Conversion | None] = {
             rule.name: rule_conversion(rule, settings.mappings) for rule in settings.transactions
         }
@@ -148,6 +172,7 @@ class Rules:
         self._batch_totals: dict[str, list[int]] = {}
         self._before_totals: dict[str, int] = {}
         self._fired_totals: dict[tuple[str, str], int] = {}
+        self._touched: set[str] = set()  # counter tags whose state changed in this batch
         self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
 
     def source_uri(self, source: str) -> str:
@@ -205,6 +230,9 @@ class Rules:
         # and then the cycle bit, and one publish may carry them in any order.
         for state, reading in triggered:
             self._trigger(state, reading, out)
+        if self._touched:
+            out.state = {COUNTER_STATE_PREFIX + tag: self._counter_state(tag) for tag in self._touched}
+            self._touched.clear()
         if samples:
             out.events.extend(self._samples_events(source, samples))
         if aggregates:
@@ -410,6 +438,7 @@ class Rules:
                 total = self._total_at(source, reading.time)
                 since = total - self._fired_totals.get((rule.name, key), 0)
                 self._fired_totals[(rule.name, key)] = total
+                self._touched.add(source)
                 data[key] = _field_value(key, counter.value_of(since), rule, conversion, problems)
                 continue
             value = self._resolve(source, reading.time, f"field {key}", problems)
@@ -489,8 +518,50 @@ class Rules:
         totals = self._batch_totals.setdefault(reading.tag, [])
         if not totals:
             self._before_totals[reading.tag] = counter.total
+        previous = counter.previous
         counter.update(reading.value)
         totals.append(counter.total)
+        if counter.previous != previous:
+            self._touched.add(reading.tag)
+
+    # --- counter state across restarts ----------------------------------------------------------
+
+    def state_keys(self) -> list[str]:
+        """The keys under which ``RuleOutput.state`` saves counter state (for ``restore`` at start)."""
+        return [COUNTER_STATE_PREFIX + tag for tag in sorted(self._field_tags) if self._tags[tag].counter is not None]
+
+    def restore(self, key: str, value: str) -> bool:
+        """Take back counter state saved under ``key``; False (and nothing changed) when it does not apply.
+
+        The counter's last raw value and running total, and each rule's total at its
+        last firing: the first reading after a restart counts from where the agent
+        stopped, so what the PLC counted meanwhile is reported once, and what was
+        already reported is not reported again.
+        """
+        tag = key.removeprefix(COUNTER_STATE_PREFIX)
+        state = self._tags.get(tag)
+        if not key.startswith(COUNTER_STATE_PREFIX) or state is None or state.counter is None:
+            return False
+        try:
+            saved = _counter_state_decoder.decode(value)
+        except msgspec.DecodeError:
+            return False
+        state.counter.restore(saved.raw, saved.total)
+        state.trigger_total = saved.total if saved.raw is not None else None
+        for rule, field_key, total in saved.fired:
+            self._fired_totals[(rule, field_key)] = total
+        return True
+
+    def _counter_state(self, tag: str) -> str:
+        counter = self._tags[tag].counter
+        assert counter is not None
+        fired = [
+            (rule, key, self._fired_totals[(rule, key)])
+            for rule, key in self._counter_fields.get(tag, ())
+            if (rule, key) in self._fired_totals
+        ]
+        saved = _CounterState(raw=counter.previous, total=counter.total, fired=fired)
+        return _counter_state_encoder.encode(saved).decode()
 
     def _total_at(self, tag: str, at: datetime) -> int:
         """A counter's running total at source time ``at`` (the reading ``_value_at`` chooses)."""
