@@ -9,8 +9,9 @@ Each case file holds:
 - ``[[batches]]``, processed in order by one ``Rules`` instance. A batch has either
   ``readings`` (inline tables ``{tag, value, time, quality}``, ``time`` RFC 3339)
   for ``Rules.process``, or ``flush`` (an RFC 3339 time, optional ``grace``) for
-  ``Rules.flush_due``. What the batch must produce, exactly (a missing key means
-  "nothing"):
+  ``Rules.flush_due``, or ``restart = true``: the agent restarts, a fresh ``Rules``
+  takes back the state the earlier batches handed out to be saved (``RuleOutput.state``).
+  What the batch must produce, exactly (a missing key means "nothing"):
   - ``[[batches.events]]``: ``type`` (without ``io.plantgate.``), and any of
     ``subject``, ``partitionkey``, ``time``, ``data`` (compared in full);
   - ``[[batches.dead_letters]]``: ``type``, ``reason`` (a substring), optional
@@ -140,12 +141,20 @@ def test_rule_case(path: Path) -> None:
     rules = Rules(settings)
     uri = f"plantgate/{settings.agent.site}/{settings.agent.id}/{source}"
     seen_ids: dict[str, str] = {}
+    saved: dict[str, str] = {}
     for number, batch in enumerate(case["batches"], start=1):
         where = f"{path.name} batch {number}"
+        if batch.get("restart"):
+            rules = Rules(settings)
+            for key in rules.state_keys():
+                if key in saved:
+                    assert rules.restore(key, saved[key]), f"{where}: state {key} refused"
+            continue
         if "flush" in batch:
             output = rules.flush_due(_time(batch["flush"]), grace=batch.get("grace", 1.0))
         else:
             output = rules.process(source, readings_of(batch))
+        saved.update(output.state)
         check_events(where, output.events, batch.get("events", []))
         check_dead_letters(where, output, batch.get("dead_letters", []))
         assert [ack.tag for ack in output.acks] == batch.get("acks", []), f"{where}: acks"
