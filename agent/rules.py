@@ -489,8 +489,10 @@ class Rules:
             if tag is None:
                 continue
             current = self._value_at(tag, at)
-            if current is None:
-                problems.append(f"{where}: tag {tag} has no good value yet")
+            if current is None or current.value is None:
+                # A null would print as "None" inside an identifier: better held than posted wrong.
+                what = "has no good value yet" if current is None else "is null"
+                problems.append(f"{where}: tag {tag} {what}")
                 missing = True
                 continue
             parts.append(identifier_string(current.value))

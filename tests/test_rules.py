@@ -295,3 +295,24 @@ def test_an_absurd_quantity_is_a_dead_letter_not_a_crash() -> None:
         ],
     )
     assert len(output.events) + len(output.dead_letters) == 1
+
+
+def test_a_null_in_a_template_is_a_dead_letter_not_the_text_none() -> None:
+    settings = parse_settings(
+        RULE_CONFIG.replace(
+            'fields = { work_order = "press7.work_order", quantity = "press7.batch_qty" }',
+            'fields = { batch = { template = "B-{press7.work_order}" }, quantity = "press7.batch_qty" }',
+        )
+    )
+    rules = Rules(settings)
+    output = rules.process(
+        "press7",
+        [
+            Reading("press7.work_order", None, _at(0)),
+            Reading("press7.batch_qty", 1, _at(0)),
+            Reading("press7.cycle_done", True, _at(1)),
+        ],
+    )
+    assert output.events == []
+    [letter] = output.dead_letters
+    assert letter.reason == "field batch: tag press7.work_order is null"
