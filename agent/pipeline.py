@@ -88,6 +88,8 @@ class Agent:
             telemetry_max_rows=settings.buffer.telemetry_max_rows,
             max_size_mb=settings.buffer.max_size_mb,
             synchronous=settings.buffer.synchronous,
+            dedupe_window=settings.buffer.dedupe_window,
+            dedupe_max_ids=settings.buffer.dedupe_max_ids,
             sinks={sink.name: sink.lanes for sink in self.sinks},
         )
         self.metrics = Metrics(
@@ -157,6 +159,10 @@ class Agent:
                 log.warning("No sink takes this lane; its events are counted and not stored", extra={"lane": lane})
         await self.buffer.open()
         try:
+            for key in self.rules.state_keys():  # counters pick up where the last run left them
+                value = await self.buffer.load_state(key)
+                if value is not None:
+                    self.rules.restore(key, value)
             if self.http is not None:
                 await self.http.start()
                 log.info("HTTP server listening", extra={"url": self.http.url})
@@ -308,15 +314,23 @@ class Agent:
         events = out.events
         if self._unrouted_lanes(events):
             events = [e for e in events if e.lane in self._lanes_taken]
-        if not events and not out.dead_letters:
+        if not events and not out.dead_letters and not out.state:
             return None
-        future = self.buffer.append(events, out.dead_letters)
+        buffer = self.buffer
+        before = buffer.duplicates_suppressed
+        future = appended = buffer.append(events, out.dead_letters)
+        for key, value in out.state.items():
+            # The rules' counter state, in the same group commit as the events it counted.
+            future = buffer.save_state(key, value)
+        duplicates = buffer.duplicates_suppressed - before
+        if duplicates:
+            self.metrics.duplicates_suppressed(source, duplicates)
         if events and log.isEnabledFor(logging.INFO):
             committed = [
                 (e.id, e.type, e.subject, e.correlationid, e.sequence) for e in events if e.lane == "transaction"
             ]
             if committed:
-                future.add_done_callback(functools.partial(self._log_committed, source, committed))
+                appended.add_done_callback(functools.partial(self._log_committed, source, committed))
         if events:
             by_lane = Counter(event.lane for event in events)
             for lane, count in by_lane.items():
@@ -629,6 +643,7 @@ class Agent:
                 "dead_letters": self.buffer.dead_letter_count,
                 "dead_letters_by_sink": {name: self._dead_letters_of(name) for name in self._dead_summary},
                 "duplicates_suppressed": self.buffer.duplicates_suppressed,
+                "dedupe": self.buffer.dedupe_status(),
             },
             "unrouted": dict(self._unrouted),
             "tasks": {name: health.as_dict() for name, health in self.tasks.items()},

@@ -1,8 +1,8 @@
 """``python -m bench [--quick] [--profile] [--primed] [SCENARIO ...]``: run the benchmarks, print the table.
 
 Scenarios (all by default, in this order): ``ingest`` (a), ``drain`` (b), ``e2e`` (c),
-``idle`` (d), ``tags`` (e), ``modbus`` (f), ``barcode`` (g), ``mes`` (h), ``https`` (i); the
-letters work as names too. Each writes ``bench/results/<name>.json``
+``idle`` (d), ``tags`` (e), ``modbus`` (f), ``barcode`` (g), ``mes`` (h), ``https`` (i),
+``rules`` (j); the letters work as names too. Each writes ``bench/results/<name>.json``
 (``<name>.quick.json`` with ``--quick``) with every raw figure and the machine.
 Exit status: 0 when every scenario ran (targets missed or not), 1 when one failed to
 run, 1 with ``--strict`` when a target was missed.
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import Row, ScenarioResult, SystemCpu, loadavg, machine_info
 
-SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https")
+SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https", "rules")
 ALIASES = {
     "a": "ingest",
     "b": "drain",
@@ -30,6 +30,7 @@ ALIASES = {
     "g": "barcode",
     "h": "mes",
     "i": "https",
+    "j": "rules",
 }
 
 
@@ -62,6 +63,10 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]
         from bench import https_drain
 
         return lambda: https_drain.run(quick=args.quick)
+    if name == "rules":
+        from bench import rules
+
+        return lambda: rules.run(quick=args.quick)
     from bench import e2e
 
     if name == "e2e":

@@ -119,6 +119,11 @@ async def test_events_from_a_source_are_committed_mapped_and_delivered_under_the
         await inlet.events([mes_event("FILL-500", "mes-1"), mes_event("FILL-500", "mes-1")])
         # Returned only after the commit: the buffer holds it now, once (same id twice is one fact).
         assert agent.buffer.duplicates_suppressed == 1
+        # Counted for the source that sent it twice, and the window shown in /status.
+        metrics = agent.metrics.render()[0].decode()
+        assert 'plantgate_duplicates_suppressed_total{source="mes"} 1.0' in metrics
+        dedupe = agent.status()["buffer"]["dedupe"]
+        assert dedupe["ids"] >= 1 and dedupe["window_seconds"] == 86400
         out = tmp_path / "events.jsonl"
         await wait_for(lambda: any(e["id"] == "mes-1" for e in lines(out)), message="MES event delivered")
     delivered = [e for e in lines(tmp_path / "events.jsonl") if e["id"] == "mes-1"]

@@ -168,3 +168,24 @@ async def test_filler_cycles_reach_the_broker_with_counted_quantities_and_acks(
         assert counts[0] == 65530 and 0 in counts  # a counter's sample is its absolute value
     finally:
         await filler.stop()
+
+
+async def test_bottles_counted_while_the_agent_was_down_are_reported_once_by_the_next_cycle(
+    tmp_path: Path, mosquitto: MosquittoBroker, mqtt_collector: MqttCollector
+) -> None:
+    filler = FillerSimulator()
+    await filler.start()
+    try:
+        filler.add_good(1000)  # before the first start: not part of any cycle
+        async with running_agent(tmp_path, filler, mosquitto):
+            assert await filler.complete_cycle(81001, 24, wait_ack=10)
+            await wait_for(lambda: len(completions(mqtt_collector)) >= 1, timeout=15)
+        filler.add_good(40)  # the line runs on while the agent is stopped
+        async with running_agent(tmp_path, filler, mosquitto):  # same data dir: the counter state is back
+            assert await filler.complete_cycle(81002, 12, wait_ack=10)
+            await wait_for(lambda: len(completions(mqtt_collector)) >= 2, timeout=15)
+        events = completions(mqtt_collector)
+        # The second cycle reports its 12 bottles plus the 40 counted meanwhile: nothing lost, nothing twice.
+        assert [e["data"]["quantity"]["value"] for e in events] == ["24", "52"]
+    finally:
+        await filler.stop()
