@@ -289,10 +289,24 @@ def _summary(settings: Any) -> str:
             lines.append(f"source   {key} {first}")
             lines.extend(rest)
     for rule in settings.transactions:
-        fields = ", ".join(f"{k}={v}" for k, v in rule.fields.items())
-        ack = f" ack={rule.ack}" if rule.ack else ""
-        uom = f" uom={rule.uom}" if rule.uom else ""
-        lines.append(f"rule     {rule.name}: on {rule.when} -> io.plantgate.{rule.type} {{{fields}}}{uom}{ack}")
+        fields = ", ".join(f"{k}={_field_shown(v)}" for k, v in rule.fields.items())
+        edge = f"{rule.on} " if rule.on else ""
+        extras = "".join(
+            f" {label}={value}"
+            for label, value in (
+                ("uom", rule.uom),
+                ("uom_to", rule.uom_to),
+                ("partitionkey", _field_shown(rule.partitionkey) if rule.partitionkey is not None else None),
+                ("ack", rule.ack),
+            )
+            if value
+        )
+        condition, test = "", rule.condition
+        if test is not None:
+            condition = f" if {test.tag} in {test.in_}" if test.in_ is not None else f" if {test.tag} == {test.equals!r}"
+        lines.append(
+            f"rule     {rule.name}: on {edge}{rule.when}{condition} -> io.plantgate.{rule.type} {{{fields}}}{extras}"
+        )
     mappings = settings.mappings
     if mappings.items or mappings.uom:
         lines.append(
@@ -306,6 +320,16 @@ def _summary(settings: Any) -> str:
     if not settings.sink_configs():
         lines.append("sink     (none: events are counted, not stored)")
     return "\n".join(lines)
+
+
+def _field_shown(value: Any) -> str:
+    """A rule field as written: a tag name, ``literal:<value>`` or ``template:<text>``."""
+    if isinstance(value, str):
+        return value
+    for form in ("literal", "template"):
+        if hasattr(value, form):
+            return f"{form}:{getattr(value, form)!r}"
+    return str(value)
 
 
 def _warnings(settings: Any) -> list[str]:
