@@ -303,7 +303,8 @@ def _summary(settings: Any) -> str:
         )
         condition, test = "", rule.condition
         if test is not None:
-            condition = f" if {test.tag} in {test.in_}" if test.in_ is not None else f" if {test.tag} == {test.equals!r}"
+            wanted = f"in {test.in_}" if test.in_ is not None else f"== {test.equals!r}"
+            condition = f" if {test.tag} {wanted}"
         lines.append(
             f"rule     {rule.name}: on {edge}{rule.when}{condition} -> io.plantgate.{rule.type} {{{fields}}}{extras}"
         )
