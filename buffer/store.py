@@ -57,6 +57,7 @@ import aiosqlite
 import msgspec
 
 from agent.events import LANE_OF_TYPE, LANES, TYPE_PREFIX, CloudEvent, Lane, decode_event, encode_event
+from agent.files import private_directory
 from agent.sink import ACKED, BufferedEvent, Outcome, Rejected
 
 log = logging.getLogger(__name__)
@@ -1589,24 +1590,6 @@ def event_lane(event: Mapping[str, Any]) -> Lane:
     if not isinstance(event.get("id"), str) or not event["id"]:
         raise ValueError("the event has no id")
     return LANE_OF_TYPE[name]
-
-
-def private_directory(path: Path) -> None:
-    """Create ``path`` and its missing parents 0700: the buffer holds plant data, nobody else's to read.
-
-    Directories that exist already (e.g. made by systemd's ``StateDirectory=``) keep their mode.
-    """
-    missing: list[Path] = []
-    current = path
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        directory.chmod(0o700)  # explicit: mkdir's mode went through the umask
 
 
 def _owner_only(path: Path) -> None:

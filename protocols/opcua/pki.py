@@ -37,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from agent.files import private_directory
+
 logger = logging.getLogger(__name__)
 
 OWN_CERTIFICATE = Path("pki/own/plantgate.der")
@@ -77,21 +79,6 @@ def first_certificate(blob: bytes) -> bytes:
     return blob[: 2 + count + int.from_bytes(blob[2 : 2 + count], "big")]
 
 
-def _private_directory(path: Path) -> None:
-    """Create ``path`` and its missing parents 0700 (existing directories keep their mode)."""
-    missing: list[Path] = []
-    current = path
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        directory.chmod(0o700)  # explicit: mkdir's mode went through the umask
-
-
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``path`` 0600 through a temporary file renamed into place: never a half-written key."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -114,8 +101,8 @@ def ensure_application_certificate(data_dir: Path, agent_id: str) -> tuple[Path,
     """
     certificate, key = data_dir / OWN_CERTIFICATE, data_dir / OWN_KEY
     try:
-        _private_directory(certificate.parent)
-        _private_directory(data_dir / "pki" / "trusted")
+        private_directory(certificate.parent)
+        private_directory(data_dir / "pki" / "trusted")
         if certificate.exists() and key.exists():
             return certificate, key, False
         private_key = cert_gen.generate_private_key()
@@ -226,7 +213,7 @@ class TrustList:
         if path.exists():
             return path
         with contextlib.suppress(OSError):  # saving is a convenience; the verdict stands without it
-            _private_directory(self.untrusted)
+            private_directory(self.untrusted)
             if sum(1 for _ in self.untrusted.iterdir()) >= _MAX_UNTRUSTED:
                 return None
             _write_private(path, der)
