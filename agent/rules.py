@@ -590,6 +590,8 @@ class Rules:
         """
         out = RuleOutput()
         uri = self._source_uri.get(source) or self.source_uri(source)
+        mappings = self.mappings
+        canonical = canonical_items(mappings) if mappings.items else frozenset()
         for event in events:
             if event.source != uri:
                 if event.originsource is None:
@@ -601,7 +603,7 @@ class Rules:
                 event.traceparent = traceparent_for(event.id)
             if isinstance(event.data, dict):
                 try:
-                    event.data = map_event(self.mappings, {"data": event.data})["data"]
+                    event.data = map_data(mappings, canonical, event.data)
                 except ValueError as exc:
                     out.dead_letters.append(_dead_letter(event, str(exc)))
                     continue
@@ -746,21 +748,37 @@ def map_event(mappings: MappingsSection, event: dict[str, Any]) -> dict[str, Any
     data = event.get("data")
     if not isinstance(data, dict):
         return event
-    canonical = {code for code in mappings.items.values() if isinstance(code, str)}
-    mapped = dict(data)
+    return {**event, "data": map_data(mappings, canonical_items(mappings), data)}
+
+
+def canonical_items(mappings: MappingsSection) -> frozenset[str]:
+    """The canonical item codes of ``[mappings.items]`` (they pass the mapping unchanged)."""
+    return frozenset(code for code in mappings.items.values() if isinstance(code, str))
+
+
+def map_data(mappings: MappingsSection, canonical: frozenset[str], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with item codes and units mapped (a copy when something changed); ``ValueError`` as ``map_event``."""
+    mapped = data
     problems: list[str] = []
+    items, uom = mappings.items, mappings.uom
     for key, value in data.items():
         if (key == "item" or key.endswith("_item")) and isinstance(value, str):
-            target = mappings.items.get(value)
+            target = items.get(value)
             if isinstance(target, ItemMapping):
                 if target.obsolete:
                     problems.append(f"{key}: item code {value!r} is obsolete")
             elif target is not None:
+                if mapped is data:
+                    mapped = dict(data)
                 mapped[key] = target
             elif value not in canonical and mappings.unknown_items == "dead-letter":
                 problems.append(f"{key}: item code {value!r} is not in [mappings.items]")
-        elif isinstance(value, dict) and set(value) == {"value", "uom"} and isinstance(value["uom"], str):
-            mapped[key] = {**value, "uom": mappings.uom.get(value["uom"], value["uom"])}
+        elif isinstance(value, dict) and isinstance(value.get("uom"), str) and set(value) == {"value", "uom"}:
+            unit = uom.get(value["uom"])
+            if unit is not None:
+                if mapped is data:
+                    mapped = dict(data)
+                mapped[key] = {**value, "uom": unit}
     if problems:
         raise ValueError("; ".join(problems))
-    return {**event, "data": mapped}
+    return mapped
