@@ -146,6 +146,20 @@ class TagConfig(ConfigModel):
     deadband: float | None = Field(
         None, ge=0, description="telemetry: absolute; smaller changes from the last forwarded value are dropped"
     )
+    deadband_percent: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "telemetry: percent of the last forwarded value; smaller changes are dropped "
+            "(with deadband too, a change must exceed both)"
+        ),
+    )
+    min_interval: Duration | None = Field(
+        None,
+        description=(
+            "telemetry: at most one sample per tag per interval; the latest value of the interval is sent at its end"
+        ),
+    )
     aggregate: Duration | None = Field(
         None, description="telemetry: forward min/max/mean/last/count per window instead of every change"
     )
@@ -165,10 +179,18 @@ class TagConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _kind_options(self) -> TagConfig:
-        if self.kind != "telemetry" and (self.deadband is not None or self.aggregate is not None):
-            raise ValueError("deadband and aggregate apply only to kind = \"telemetry\"")
+        if self.kind != "telemetry":
+            for key in ("deadband", "deadband_percent", "min_interval", "aggregate"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies only to kind = \"telemetry\"")
         if self.states is not None and self.kind != "state":
             raise ValueError("states applies only to kind = \"state\"")
         if self.aggregate is not None and self.aggregate <= 0:
             raise ValueError("aggregate must be a positive duration")
+        if self.min_interval is not None:
+            if self.min_interval <= 0:
+                raise ValueError("min_interval must be a positive duration")
+            if self.aggregate is not None:
+                # An aggregate already sends one value per window: a second throttle would only hide it.
+                raise ValueError("min_interval does not apply with aggregate (one value per window already)")
         return self

@@ -1,7 +1,9 @@
 """Classification and transactions: readings in, canonical events out.
 
-Per source batch: telemetry beyond its deadband (or its aggregation window) goes
-into one ``telemetry.samples`` event, state changes become
+Per source batch: telemetry beyond its deadband (absolute and/or percent of the
+last forwarded value; with ``min_interval``, at most one sample per interval, the
+latest held back to the interval's end) or its aggregation window goes into one
+``telemetry.samples`` event, state changes become
 ``machine.state.changed``, and ``[[transactions]]`` rules fire on their trigger
 tag's edge (``on``: rising, falling, change, or a counter's increment), while
 their ``condition`` holds, with fields filled from the values of other tags at the
@@ -126,6 +128,8 @@ class _TagState:
     state_name: str | None = None
     state_since: datetime | None = None
     window: _Window | None = None
+    pending: Reading | None = None  # min_interval: the latest change held back to the interval's end
+    next_at: datetime | None = None  # min_interval: when the current interval ends (source time)
     triggers: list[TransactionRule] = field(default_factory=list)
     trigger_value: Any = None
     trigger_known: bool = False
@@ -216,7 +220,9 @@ class Rules:
                     if done is not None:
                         aggregates.append(done)
                     continue
-                if self._beyond_deadband(state, reading):
+                if state.config.min_interval is not None:
+                    self._throttle(state, reading, samples, out)
+                elif self._beyond_deadband(state, reading):
                     samples.append(Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality))
                 else:
                     out.suppressed += 1
@@ -240,23 +246,35 @@ class Rules:
         return out
 
     def flush_due(self, now: datetime, grace: float = 1.0) -> RuleOutput:
-        """Close aggregation windows whose end passed ``grace`` seconds ago (values stopped changing)."""
+        """Close aggregation windows whose end passed ``grace`` seconds ago (values stopped changing).
+
+        Also sends the samples ``min_interval`` held back whose interval ended by
+        ``now`` (no grace: the value is known, only its turn was awaited).
+        """
         out = RuleOutput()
         by_source: dict[str, list[Aggregate]] = {}
+        held: dict[str, list[Sample]] = {}
         limit = now - timedelta(seconds=grace)
         for tag, state in self._tags.items():
             window = state.window
             if window is not None and window.end <= limit:
                 by_source.setdefault(state.source, []).append(_aggregate_of(tag, window))
                 state.window = None
+            if state.pending is not None and state.next_at is not None and state.next_at <= now:
+                held.setdefault(state.source, []).append(self._send_pending(state))
         for source, aggregates in by_source.items():
             out.events.append(self._aggregates_event(source, aggregates))
+        for source, samples in held.items():
+            out.events.extend(self._samples_events(source, samples))
         return out
 
     @property
     def aggregating(self) -> bool:
-        """True when some tag aggregates (the agent then calls ``flush_due`` periodically)."""
-        return any(state.config.aggregate is not None for state in self._tags.values())
+        """True when some tag aggregates or holds samples back (the agent then calls ``flush_due`` periodically)."""
+        return any(
+            state.config.aggregate is not None or state.config.min_interval is not None
+            for state in self._tags.values()
+        )
 
     # --- telemetry ------------------------------------------------------------------------------
 
@@ -269,22 +287,41 @@ class Rules:
 
     @staticmethod
     def _beyond_deadband(state: _TagState, reading: Reading) -> bool:
-        band = state.config.deadband
-        value = reading.value
-        if (
-            band
-            and state.has_forwarded
-            and reading.quality == state.forwarded_quality
-            and isinstance(value, int | float)
-            and isinstance(state.forwarded, int | float)
-            and not isinstance(value, bool)
-            and abs(value - state.forwarded) < band
-        ):
+        if _inside_band(state, reading):
             return False
-        if state.has_forwarded and value == state.forwarded and reading.quality == state.forwarded_quality:
-            return False
-        state.forwarded, state.forwarded_quality, state.has_forwarded = value, reading.quality, True
+        state.forwarded, state.forwarded_quality, state.has_forwarded = reading.value, reading.quality, True
         return True
+
+    def _throttle(self, state: _TagState, reading: Reading, samples: list[Sample], out: RuleOutput) -> None:
+        """``min_interval``: forward a change when its tag's interval is over, else hold it as the interval's latest."""
+        if state.pending is not None and state.next_at is not None and reading.time >= state.next_at:
+            # The interval ended before this reading (no flush came between): its held value goes first.
+            samples.append(self._send_pending(state))
+        if _inside_band(state, reading):
+            if state.pending is not None:
+                # Back inside the band of what was last sent: the held change is no longer news.
+                state.pending = None
+                out.suppressed += 1
+            out.suppressed += 1
+            return
+        if state.next_at is None or reading.time >= state.next_at:
+            state.forwarded, state.forwarded_quality, state.has_forwarded = reading.value, reading.quality, True
+            state.next_at = reading.time + timedelta(seconds=state.config.min_interval or 0.0)
+            samples.append(Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality))
+            return
+        if state.pending is not None:
+            out.suppressed += 1  # replaced by a later value of the same interval
+        state.pending = reading
+
+    @staticmethod
+    def _send_pending(state: _TagState) -> Sample:
+        """The held sample of an ended interval; the next interval starts where that one ended."""
+        reading = state.pending
+        assert reading is not None and state.next_at is not None
+        state.pending = None
+        state.forwarded, state.forwarded_quality, state.has_forwarded = reading.value, reading.quality, True
+        state.next_at += timedelta(seconds=state.config.min_interval or 0.0)
+        return Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality)
 
     @staticmethod
     def _aggregate(state: _TagState, reading: Reading) -> Aggregate | None:
@@ -626,6 +663,29 @@ class Rules:
             elif isinstance(value, Quantity):
                 data[key] = Quantity(value=value.value, uom=self.mappings.uom.get(value.uom, value.uom))
         return problems
+
+
+def _inside_band(state: _TagState, reading: Reading) -> bool:
+    """Whether ``reading`` is no news against the last forwarded value: the same, or inside a deadband.
+
+    With both ``deadband`` and ``deadband_percent`` a change must exceed both (either
+    band suppresses it); the percent band is of the last forwarded value's magnitude,
+    so around zero every change passes it. A change of quality is always news.
+    """
+    if not state.has_forwarded or reading.quality != state.forwarded_quality:
+        return False
+    value, forwarded = reading.value, state.forwarded
+    if value == forwarded:
+        return True
+    config = state.config
+    band, percent = config.deadband, config.deadband_percent
+    if (band or percent) and _is_number(value) and _is_number(forwarded):
+        change = abs(value - forwarded)
+        if band and change < band:
+            return True
+        if percent and change < abs(forwarded) * percent / 100:
+            return True
+    return False
 
 
 def _field_value(
