@@ -12,10 +12,10 @@ on any other address they refuse with 403 rather than let anyone purge the backl
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from agent.events import Lane
 from agent.http_server import check_bearer, json_response, parse_listen, read_token_file
 from agent.rules import map_event
-from agent.settings import Settings
+from agent.settings import MappingsSection, Settings
 from buffer import Buffer
 from buffer.admin import BufferAdmin
 
@@ -33,9 +33,23 @@ log = logging.getLogger(__name__)
 PATHS = ("/v1/buffer/stats", "/v1/buffer/dead-letters", "/v1/buffer/replay", "/v1/buffer/purge")
 
 
-def buffer_routes(settings: Settings, buffer: Buffer, sinks: Mapping[str, Iterable[Lane]]) -> list[Route]:
-    """The four admin routes on ``buffer`` for the configured ``sinks`` (name -> lanes)."""
-    admin = BufferAdmin(buffer, sinks=sinks, remap=functools.partial(map_event, settings.mappings))
+def buffer_routes(
+    settings: Settings,
+    buffer: Buffer,
+    sinks: Mapping[str, Iterable[Lane]],
+    mappings: Callable[[], MappingsSection] | None = None,
+) -> list[Route]:
+    """The four admin routes on ``buffer`` for the configured ``sinks`` (name -> lanes).
+
+    A replay maps through ``mappings()`` at the time of the request (the agent's
+    current ``[mappings]``, reloaded on SIGHUP), else through the settings' own.
+    """
+    current = mappings or (lambda: settings.mappings)
+
+    def remap(event: dict[str, Any]) -> dict[str, Any]:
+        return map_event(current(), event)
+
+    admin = BufferAdmin(buffer, sinks=sinks, remap=remap)
     token_file = settings.http.ingest_token_file
     token = read_token_file(settings.data_path(token_file)) if token_file is not None else None
     loopback = _is_loopback(settings.http.listen)

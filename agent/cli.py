@@ -211,10 +211,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     json_output = {"auto": None, "json": True, "text": False}[args.log_format]
     setup_logging(settings.agent.log_level, json_output)
-    return _run_loop(lambda: _run_agent(settings))
+    from agent.settings import default_config_path
+
+    config_path = args.config or default_config_path()
+    return _run_loop(lambda: _run_agent(settings, config_path))
 
 
-async def _run_agent(settings: Any) -> int:
+async def _run_agent(settings: Any, config_path: Path | None = None) -> int:
     import prometheus_client
 
     from agent.http_server import HttpListenError
@@ -226,6 +229,9 @@ async def _run_agent(settings: Any) -> int:
     _on_signals(stop)
     try:
         agent = Agent(settings)
+        reloads: set[asyncio.Task[None]] = set()
+        if config_path is not None:
+            _on_reload(agent, settings, config_path, reloads)
         await agent.run(stop)
     except HttpListenError as exc:
         return _fail(str(exc))
@@ -241,6 +247,37 @@ def _on_signals(stop: asyncio.Event) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
+
+
+def _on_reload(agent: Any, settings: Any, config_path: Path, tasks: set[asyncio.Task[None]]) -> None:
+    """SIGHUP: reload ``[mappings]`` from the config file (only them; the rest needs a restart)."""
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        task = loop.create_task(_reload_mappings(agent, settings, config_path))
+        tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(tasks.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+async def _reload_mappings(agent: Any, settings: Any, config_path: Path) -> None:
+    from agent.settings import ConfigError, load_mappings
+
+    log = logging.getLogger("agent.cli")
+    try:
+        mappings = load_mappings(config_path, settings)
+    except ConfigError as exc:
+        log.error(
+            "Mappings not reloaded: the config file is invalid; the running mappings stay",
+            extra={"error": str(exc), "config": str(config_path), "line": exc.line, "ratelimit": False},
+        )
+        return
+    try:
+        await agent.reload_mappings(mappings, origin=str(config_path))
+    except ValueError as exc:
+        log.error("Mappings not reloaded; the running mappings stay", extra={"error": str(exc), "ratelimit": False})
 
 
 # --- check ---------------------------------------------------------------------------------------

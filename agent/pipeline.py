@@ -15,6 +15,7 @@ import functools
 import gc
 import logging
 import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -42,13 +43,13 @@ from agent.outages import SinkOutageLog
 from agent.pacing import RatePacer
 from agent.plc_acks import PlcAckWriter
 from agent.registry import build_sinks, build_sources
-from agent.rules import RuleOutput, Rules
-from agent.settings import Settings
+from agent.rules import RuleOutput, Rules, replayable
+from agent.settings import MappingsSection, Settings
 from agent.sink import PublishesStatus, RetryLater, Sink
 from agent.source import BufferUnavailable, ServesHttp, Source
 from agent.supervision import TaskHealth, supervise
 from agent.throughput import DeliveryRate
-from buffer import Buffer, BufferError, DeadLetterGroup, DeliveryCursor, Eviction
+from buffer import NO_SINK, Buffer, BufferError, DeadLetter, DeadLetterGroup, DeliveryCursor, Eviction
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ class Agent:
             version=__version__,
         )
         self._inlets = {source.name: _SourceInlet(self, source) for source in self.sources}
-        routes = buffer_routes(settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks})
+        routes = buffer_routes(
+            settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks}, lambda: self.rules.mappings
+        )
         for source in self.sources:
             if isinstance(source, ServesHttp):
                 routes.extend(source.routes(self._inlets[source.name]))
@@ -149,6 +152,8 @@ class Agent:
         self._pacers = {c.name: RatePacer(c.max_rate) for c in settings.sink_configs() if c.max_rate > 0}
         """``max_rate`` per sink name, applied to every sink alike (sinks built by hand included)."""
         self._idle: dict[str, asyncio.Event] = {}
+        self._mappings_reloaded_at: float | None = None
+        self._replayable: int | None = None  # pre-sink dead letters the reloaded mappings now accept
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -440,6 +445,57 @@ class Agent:
             else:
                 backoff.reset()
 
+    # --- mappings reload ------------------------------------------------------------------------
+
+    async def reload_mappings(self, mappings: MappingsSection, *, origin: str | None = None) -> int | None:
+        """Map with new ``[mappings]`` from the next batch on (SIGHUP), and say which dead letters they fix.
+
+        Counts the pre-sink dead letters a mapping caused that the new mappings now
+        accept (as ``plantgate buffer replay`` would map them), for ``/status`` and
+        one log line; it replays nothing: that is the operator's decision. Returns
+        the count, None when the buffer cannot be read. ``ValueError`` (a rule's unit
+        conversion no longer works) leaves the running mappings.
+        """
+        self.rules.use_mappings(mappings)
+        reloaded_at = time.time()
+        log.warning(
+            "Mappings reloaded; the rest of the config is not reloaded (restart for that)",
+            extra={
+                "config": origin,
+                "items": len(mappings.items),
+                "uom": len(mappings.uom),
+                "unknown_items": mappings.unknown_items,
+                "ratelimit": False,  # one line per operator action
+            },
+        )
+        found = await self._count_replayable()
+        self._mappings_reloaded_at = reloaded_at  # /status shows the reload with its count
+        if found:
+            reason = _replay_reason(found)
+            log.warning(
+                f"{len(found)} dead letters now replayable; run plantgate buffer replay --reason {shlex.quote(reason)}",
+                extra={"replayable": len(found), "reason": reason, "ratelimit": False},
+            )
+        return None if found is None else len(found)
+
+    async def _count_replayable(self) -> list[DeadLetter] | None:
+        if not self.buffer.is_open:
+            return None
+        try:
+            letters = await self.buffer.dead_letters(NO_SINK)
+        except BufferError as exc:
+            log.warning("Cannot read the dead letters to count the replayable ones", extra={"error": str(exc)})
+            return None
+        found = replayable(self.rules.mappings, letters)
+        self._replayable = len(found)
+        return found
+
+    def _replayable_status(self) -> dict[str, Any] | None:
+        if self._mappings_reloaded_at is None:
+            return None
+        reloaded = datetime.fromtimestamp(self._mappings_reloaded_at, UTC).isoformat().replace("+00:00", "Z")
+        return {"count": self._replayable, "mappings_reloaded_at": reloaded}
+
     # --- upkeep ---------------------------------------------------------------------------------
 
     async def _maintenance(self) -> None:
@@ -533,6 +589,8 @@ class Agent:
         except BufferError:
             return
         self._dead_summary_at = (self.buffer.dead_letter_count, now)
+        if self._mappings_reloaded_at is not None:
+            await self._count_replayable()  # a replay (or new dead letters) changes what is replayable
         wall = time.time()
         self.metrics.set_dead_letters_held(
             {sink: (group.count, max(0.0, wall - group.oldest)) for sink, group in self._dead_summary.items()}
@@ -643,6 +701,7 @@ class Agent:
                 "dead_letters": self.buffer.dead_letter_count,
                 "dead_letters_by_sink": {name: self._dead_letters_of(name) for name in self._dead_summary},
                 "duplicates_suppressed": self.buffer.duplicates_suppressed,
+                "replayable_dead_letters": self._replayable_status(),
                 "dedupe": self.buffer.dedupe_status(),
             },
             "unrouted": dict(self._unrouted),
@@ -754,6 +813,14 @@ class _SourceInlet:
             # The source keeps the batch (an OPC UA server its notifications) and offers it again.
             self._agent.metrics.source_batch_retried(self._name)
             raise BufferUnavailable(str(exc)) from exc
+
+
+def _replay_reason(letters: Sequence[DeadLetter]) -> str:
+    """The ``--reason`` text that selects ``letters`` for a replay (they are all item mapping problems)."""
+    for text in ("obsolete", "not in [mappings.items]"):
+        if all(text in letter.reason for letter in letters):
+            return text
+    return "item code"
 
 
 def _status_of(status: Any) -> dict[str, Any]:

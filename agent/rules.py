@@ -167,6 +167,7 @@ class Rules:
             for key, value in rule.fields.items():
                 if isinstance(value, str) and self._tags[value].counter is not None:
                     self._counter_fields.setdefault(value, []).append((rule.name, key))
+        self._rules = {rule.name: rule for rule in settings.transactions}
         self._conversions: dict[str, Conversion | None] = {
             rule.name: rule_conversion(rule, settings.mappings) for rule in settings.transactions
         }
@@ -178,6 +179,15 @@ class Rules:
         self._fired_totals: dict[tuple[str, str], int] = {}
         self._touched: set[str] = set()  # counter tags whose state changed in this batch
         self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
+
+    def use_mappings(self, mappings: MappingsSection) -> None:
+        """Take new ``[mappings]`` (a reload): the next batch maps with them; ``ValueError`` leaves the old ones.
+
+        Rules' unit conversions follow the new ``[mappings.uom]``.
+        """
+        conversions = {name: rule_conversion(rule, mappings) for name, rule in self._rules.items()}
+        self.mappings = mappings
+        self._conversions = conversions
 
     def source_uri(self, source: str) -> str:
         """The CloudEvents ``source`` of events from ``source``."""
@@ -795,6 +805,40 @@ def _dead_letter(event: CloudEvent, reason: str) -> DeadLetter:
         time=datetime.now(UTC).timestamp(),
         body=encode_event(event),
     )
+
+
+MAPPING_REASONS = ("is obsolete", "is not in [mappings.items]")
+"""How the reasons of dead letters made by ``[mappings.items]`` end (per problem, joined by "; ")."""
+
+
+def mapping_caused(reason: str) -> bool:
+    """Whether a pre-sink dead letter's ``reason`` is only item mapping problems (a new mapping may fix it)."""
+    return all(" item code " in part and part.endswith(MAPPING_REASONS) for part in reason.split("; "))
+
+
+def replayable(mappings: MappingsSection, letters: Iterable[DeadLetter]) -> list[DeadLetter]:
+    """The pre-sink dead letters a mapping caused that ``mappings`` now accepts (``plantgate buffer replay`` would).
+
+    Each body goes through ``map_event`` as the replay runs it; nothing is changed.
+    """
+    found = []
+    canonical = canonical_items(mappings)
+    for letter in letters:
+        if letter.sink != NO_SINK or not mapping_caused(letter.reason):
+            continue
+        try:
+            event = msgspec.json.decode(letter.body)
+        except msgspec.DecodeError:
+            continue
+        data = event.get("data") if isinstance(event, dict) else None
+        if not isinstance(data, dict):
+            continue
+        try:
+            map_data(mappings, canonical, data)
+        except ValueError:
+            continue
+        found.append(letter)
+    return found
 
 
 def map_event(mappings: MappingsSection, event: dict[str, Any]) -> dict[str, Any]:

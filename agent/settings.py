@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -457,23 +458,75 @@ def parse_settings(text: str, *, path: Path | None = None, environ: Mapping[str,
     try:
         return Settings(**data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key" + did_you_mean(error["loc"])
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        if not key and ": " in message and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
-            # Cross-reference errors carry their own key path as a prefix.
-            key, message = message.split(": ", 1)
-        more = len(exc.errors()) - 1
-        if more:
-            message += f" (and {more} more error{'s' if more > 1 else ''})"
-        from_env = next((env for dotted, env in origins.items() if key == dotted or key.startswith(dotted + ".")), None)
-        if from_env is not None:
-            raise ConfigError(path, key, f"{message} (set by {from_env})") from exc
-        raise ConfigError(path, key, message, line_of(text, key)) from exc
+        raise _config_error(exc, text, path, origins) from exc
+
+
+def _config_error(exc: ValidationError, text: str, path: Path | None, origins: Mapping[str, str]) -> ConfigError:
+    """A validation error as the one line ``plantgate check`` prints: file, line, key, message."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key" + did_you_mean(error["loc"])
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    if not key and ": " in message and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+        # Cross-reference errors carry their own key path as a prefix.
+        key, message = message.split(": ", 1)
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    from_env = next((env for dotted, env in origins.items() if key == dotted or key.startswith(dotted + ".")), None)
+    if from_env is not None:
+        return ConfigError(path, key, f"{message} (set by {from_env})")
+    return ConfigError(path, key, message, line_of(text, key))
+
+
+class _MappingsFile(BaseModel):
+    """A config file read for its ``[mappings]`` alone (a reload): the other sections are not looked at."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    mappings: MappingsSection = MappingsSection()
+
+
+def load_mappings(path: Path, running: Settings, environ: Mapping[str, str] | None = None) -> MappingsSection:
+    """Read just ``[mappings]`` from the config file, for a reload (SIGHUP) of a running agent.
+
+    Errors are reported as at start (``ConfigError`` with file, line and key);
+    environment overrides of ``mappings.*`` apply as at start. The new units must
+    still convert for the running ``[[transactions]]`` (their ``uom_to``).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read the config file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _TOML_LINE.search(message)
+        line = int(match.group(1)) if match else None
+        raise ConfigError(path, "", f"TOML syntax error: {_TOML_LINE.sub('', message).strip()}", line) from exc
+    section = {"mappings": data["mappings"]} if "mappings" in data else {}
+    prefix = ENV_PREFIX + "MAPPINGS__"
+    environ = os.environ if environ is None else environ
+    overrides = {name: raw for name, raw in environ.items() if name.startswith(prefix)}
+    try:
+        origins = apply_env_overrides(section, overrides)
+    except ValueError as exc:
+        raise ConfigError(path, "environment", str(exc)) from exc
+    try:
+        mappings = _MappingsFile(**section).mappings
+    except ValidationError as exc:
+        raise _config_error(exc, text, path, origins) from exc
+    for index, rule in enumerate(running.transactions):
+        try:
+            rule_conversion(rule, mappings)
+        except ValueError as exc:
+            key = f"transactions.{index}.uom_to"
+            line = line_of(text, "mappings.uom")
+            raise ConfigError(path, "mappings.uom", f"{key} no longer converts: {exc}", line) from None
+    return mappings
 
 
 def did_you_mean(loc: tuple[int | str, ...]) -> str:
