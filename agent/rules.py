@@ -689,7 +689,12 @@ def _inside_band(state: _TagState, reading: Reading) -> bool:
         return True
     config = state.config
     band, percent = config.deadband, config.deadband_percent
-    if (band or percent) and _is_number(value) and _is_number(forwarded):
+    if (
+        (band or percent)
+        and isinstance(value, int | float)
+        and isinstance(forwarded, int | float)
+        and not isinstance(value, bool)
+    ):
         change = abs(value - forwarded)
         if band and change < band:
             return True
