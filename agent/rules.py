@@ -179,6 +179,9 @@ class Rules:
         self._fired_totals: dict[tuple[str, str], int] = {}
         self._touched: set[str] = set()  # counter tags whose state changed in this batch
         self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
+        self._flushes = any(
+            state.config.aggregate is not None or state.config.min_interval is not None for state in self._tags.values()
+        )
 
     def use_mappings(self, mappings: MappingsSection) -> None:
         """Take new ``[mappings]`` (a reload): the next batch maps with them; ``ValueError`` leaves the old ones.
@@ -281,10 +284,7 @@ class Rules:
     @property
     def aggregating(self) -> bool:
         """True when some tag aggregates or holds samples back (the agent then calls ``flush_due`` periodically)."""
-        return any(
-            state.config.aggregate is not None or state.config.min_interval is not None
-            for state in self._tags.values()
-        )
+        return self._flushes
 
     # --- telemetry ------------------------------------------------------------------------------
 
