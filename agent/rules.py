@@ -319,9 +319,12 @@ class Rules:
             state.next_at = reading.time + timedelta(seconds=state.config.min_interval or 0.0)
             samples.append(Sample(reading.tag, reading.time, _sample_value(reading.value), reading.quality))
             return
-        if state.pending is not None:
-            out.suppressed += 1  # replaced by a later value of the same interval
-        state.pending = reading
+        pending = state.pending
+        if pending is not None:
+            out.suppressed += 1
+            if reading.value == pending.value and reading.quality == pending.quality:
+                return  # a poll reading the held value again: the change happened at the held reading's time
+        state.pending = reading  # a later value of the same interval replaces the held one
 
     @staticmethod
     def _send_pending(state: _TagState) -> Sample:

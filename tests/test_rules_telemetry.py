@@ -6,16 +6,24 @@ on chosen readings; these properties check it on any sequence.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.events import Reading, Sample
+from agent.pipeline import Agent
 from agent.rules import Rules
 from agent.settings import ConfigError, parse_settings
+from tests.peers.modbus_server import ModbusPeer
+from tests.peers.waiting import wait_for
 
 START = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 TAG = "oven1.temperature"
@@ -140,3 +148,67 @@ def test_a_held_sample_is_flushed_when_no_new_value_comes() -> None:
 def test_telemetry_options_are_config_errors_elsewhere(options: str, kind: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_settings(config(options, kind))
+
+
+MODBUS_CONFIG = """
+[agent]
+site = "plant-01"
+id = "gw"
+data_dir = "{data_dir}"
+
+[http]
+listen = "127.0.0.1:0"
+
+[[sources.modbus]]
+name = "oven1"
+endpoint = "{endpoint}"
+unit = 1
+poll_interval = "50ms"
+timeout = "500ms"
+
+  [[sources.modbus.tags]]
+  tag = "oven1.level"
+  register = "holding:0"
+  min_interval = "2s"
+
+[[sinks.jsonl]]
+name = "file"
+path = "events.jsonl"
+"""
+
+
+def level_samples(path: Path) -> list[Any]:
+    """The values of every ``oven1.level`` sample in the JSON Lines sink's file."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["type"].endswith("telemetry.samples"):
+            found.extend(s["value"] for s in event["data"]["samples"] if s["tag"] == "oven1.level")
+    return found
+
+
+async def test_a_running_agent_sends_the_held_value_at_the_interval_end_without_a_new_value(tmp_path: Path) -> None:
+    """Real Modbus server, real agent: a burst's last value arrives within a second of its interval's end."""
+    async with ModbusPeer((1,)).tcp() as peer:
+        site = parse_settings(MODBUS_CONFIG.format(data_dir=tmp_path, endpoint=peer.endpoint))
+        agent = Agent(site)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        out = tmp_path / "events.jsonl"
+        try:
+            await asyncio.wait_for(agent.wait_started(), 10)
+            await wait_for(lambda: level_samples(out) == [0], timeout=10, message="the first value goes at once")
+            first_seen = time.monotonic()
+            for value in (5, 6, 7):  # a burst inside the first interval: held, only the last one counts
+                peer.set("holding", 0, [value])
+                await wait_for(lambda v=value: getattr(agent.rules.current.get("oven1.level"), "value", None) == v)
+            assert level_samples(out) == [0], "nothing more before the interval's end"
+            # The register stays at 7: no new value comes, the maintenance tick sends the held one.
+            await wait_for(lambda: level_samples(out) == [0, 7], timeout=6, message="the burst's last value")
+            assert time.monotonic() - first_seen >= 2.0 - 0.1, "not before the interval's end"
+            assert time.monotonic() - first_seen <= 2.0 + 2.5, "within about a second of the interval's end"
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
