@@ -320,6 +320,12 @@ class Agent:
         if self._unrouted_lanes(events):
             events = [e for e in events if e.lane in self._lanes_taken]
         if not events and not out.dead_letters and not out.state:
+            if out.acks:
+                # A cycle with nothing to store (its condition did not hold, or no sink takes its lane):
+                # the PLC is acknowledged all the same, so the line goes on.
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                self.acks.submit(done, out.acks)
             return None
         buffer = self.buffer
         before = buffer.duplicates_suppressed
@@ -332,7 +338,9 @@ class Agent:
             self.metrics.duplicates_suppressed(source, duplicates)
         if events and log.isEnabledFor(logging.INFO):
             committed = [
-                (e.id, e.type, e.subject, e.correlationid, e.sequence) for e in events if e.lane == "transaction"
+                (e.id, e.type, e.subject, e.correlationid, e.sequence)
+                for e in events
+                if e.lane == "transaction" and e.sequence is not None  # not a duplicate the buffer dropped
             ]
             if committed:
                 appended.add_done_callback(functools.partial(self._log_committed, source, committed))
@@ -351,13 +359,10 @@ class Agent:
         if out.suppressed:
             self.metrics.telemetry_suppressed(source, out.suppressed)
         if out.acks:
-            if future is None:  # the cycle's lane goes to no sink: nothing to commit, the line goes on
-                future = asyncio.get_running_loop().create_future()
-                future.set_result(None)
             self.acks.submit(future, out.acks)
         return future
 
-    def _log_committed(self, source: str, committed: list[tuple[str, str, str | None, str | None, str | None]],
+    def _log_committed(self, source: str, committed: Sequence[tuple[str, str, str | None, str | None, str | None]],
                        future: asyncio.Future[None]) -> None:
         """One INFO line per transaction committed, up to 20 a second; beyond that a summary per second."""
         if future.cancelled() or future.exception() is not None:

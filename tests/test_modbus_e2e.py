@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from agent.pipeline import Agent
 from agent.settings import parse_settings
@@ -187,5 +188,45 @@ async def test_bottles_counted_while_the_agent_was_down_are_reported_once_by_the
         events = completions(mqtt_collector)
         # The second cycle reports its 12 bottles plus the 40 counted meanwhile: nothing lost, nothing twice.
         assert [e["data"]["quantity"]["value"] for e in events] == ["24", "52"]
+    finally:
+        await filler.stop()
+
+
+NOTHING_TO_STORE = {
+    # The rule's condition does not hold (the filler is stopped): no event, the line goes on.
+    "condition-not-met": CONFIG.replace(
+        'ack = "filler2.cycle_ack"',
+        'ack = "filler2.cycle_ack"\ncondition = {{ tag = "filler2.state", equals = "running" }}',
+    ),
+    # No sink takes the transaction lane (the last section is the MQTT sink): nothing to store.
+    "lane-not-taken": CONFIG + 'lanes = ["telemetry", "operational"]\n',
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOTHING_TO_STORE))
+async def test_a_cycle_with_nothing_to_store_is_still_acknowledged_to_the_plc(
+    tmp_path: Path, mosquitto: MosquittoBroker, mqtt_collector: MqttCollector, case: str
+) -> None:
+    filler = FillerSimulator()
+    await filler.start()
+    try:
+        filler.set_state(0)  # stopped
+        text = NOTHING_TO_STORE[case]
+        assert text != CONFIG
+        settings = parse_settings(
+            text.format(data_dir=tmp_path / "data", endpoint=filler.endpoint, mqtt_url=mosquitto.url, prefix=PREFIX)
+        )
+        agent = Agent(settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            await asyncio.wait_for(agent.wait_started(), 10)
+            await wait_for(lambda: "filler2.cycle_done" in agent.rules.current, timeout=10)
+            assert await filler.complete_cycle(81009, 5, wait_ack=10), "the PLC waits for its ack"
+            assert await filler.complete_cycle(81010, 6, wait_ack=10)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert completions(mqtt_collector) == []
     finally:
         await filler.stop()
