@@ -31,6 +31,7 @@ import msgspec
 from agent.config_types import TagConfig
 from agent.counters import CounterTracker
 from agent.events import (
+    TYPE_PREFIX,
     Aggregate,
     CloudEvent,
     MachineStateChanged,
@@ -47,7 +48,9 @@ from agent.events import (
     traceparent_for,
 )
 from agent.settings import (
+    EVENT_PLACEHOLDER,
     TEMPLATE_PLACEHOLDER,
+    FieldEvent,
     FieldLiteral,
     FieldValue,
     ItemMapping,
@@ -58,6 +61,7 @@ from agent.settings import (
     rule_conversion,
 )
 from agent.units import Conversion
+from agent.units import conversion as unit_conversion
 from buffer import NO_SINK, DeadLetter
 
 MAX_SAMPLES_PER_EVENT = 1000
@@ -152,8 +156,13 @@ class Rules:
                 if tag.kind == "counter":
                     state.counter = CounterTracker(tag.counter_spec())
                 self._tags[tag.tag] = state
+        self._event_rules: dict[str, list[TransactionRule]] = {}
+        """Event type (without prefix) -> the rules it fires (``when_event``)."""
         for rule in settings.transactions:
-            self._tags[rule.when].triggers.append(rule)
+            if rule.when_event is not None:
+                self._event_rules.setdefault(rule.when_event, []).append(rule)
+            else:
+                self._tags[rule.when].triggers.append(rule)
         self.current: dict[str, Reading] = {}
         """The latest good reading of every tag: rules fill their fields from it."""
         # Tags whose readings are kept per batch: each trigger reads them as they were at its own source time.
@@ -473,59 +482,133 @@ class Rules:
         if not isinstance(reading.value, bool):
             parts.append(reading.value)
         event_id = stable_id(*parts)
-        data: dict[str, Any] = {}
         problems: list[str] = []
+        data = self._fill(rule, reading.time, None, problems)
+        subject = _subject(data, rule.when)
+        event = self._transaction(rule, event_id, uri, reading.time, subject, data, problems)
+        if rule.ack is not None:
+            out.acks.append(PlcAck(rule.ack, event.id))
+        self._emit(event, problems, out)
+
+    def _fire_on_event(self, rule: TransactionRule, trigger: CloudEvent, data: Any, out: RuleOutput) -> None:
+        """An event-triggered rule's own transaction; its id follows from the rule and the trigger's id."""
+        event_data = data if isinstance(data, dict) else {}
+        problems: list[str] = []
+        fields = self._fill(rule, trigger.time, event_data, problems)
+        subject = _subject(fields, trigger.subject or rule.when_event or rule.name)
+        event_id = stable_id(trigger.source, rule.name, trigger.id)
+        event = self._transaction(
+            rule, event_id, trigger.source, trigger.time, subject, fields, problems, trigger.correlationid, event_data
+        )
+        self._emit(event, problems, out)
+
+    def _transaction(
+        self,
+        rule: TransactionRule,
+        event_id: str,
+        uri: str,
+        at: datetime,
+        subject: str,
+        data: dict[str, Any],
+        problems: list[str],
+        correlationid: str | None = None,
+        event_data: dict[str, Any] | None = None,
+    ) -> CloudEvent:
+        partitionkey = str(data.get("work_order") or subject)
+        if rule.partitionkey is not None:
+            key_value = self._resolve(rule.partitionkey, at, "partitionkey", problems, event_data)
+            if key_value is not None:
+                partitionkey = identifier_string(key_value) or partitionkey
+        return make_event(
+            rule.type,
+            id=event_id,
+            source=uri,
+            time=at,
+            site=self.site,
+            subject=subject,
+            partitionkey=partitionkey,
+            correlationid=correlationid,
+            traceparent=traceparent_for(event_id),
+            data=data,
+        )
+
+    def _emit(self, event: CloudEvent, problems: list[str], out: RuleOutput) -> None:
+        """The rule's event mapped, or its dead letter naming every problem."""
+        if not problems:
+            mapped = dict(event.data)
+            problems = self._map(mapped)
+            if not problems:
+                event.data = mapped
+        if problems:
+            out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
+            return
+        out.events.append(event)
+
+    def _fill(
+        self, rule: TransactionRule, at: datetime, event_data: dict[str, Any] | None, problems: list[str]
+    ) -> dict[str, Any]:
+        """A rule's data: each field from its tag, literal, template or the triggering event's data."""
+        data: dict[str, Any] = {}
         conversion = self._conversions.get(rule.name)
         for key, source in rule.fields.items():
+            quantity = (event_data or {}).get(source.event) if isinstance(source, FieldEvent) else None
+            if isinstance(quantity, dict) and (key == "quantity" or key.endswith("_quantity")):
+                data[key] = self._event_quantity(key, quantity, rule, problems)
+                continue
             if isinstance(source, str) and self._tags[source].counter is not None:
-                if self._value_at(source, reading.time) is None:
+                if self._value_at(source, at) is None:
                     problems.append(f"field {key}: tag {source} has no good value yet")
                     data[key] = None
                     continue
                 # A counter field is what was counted since this rule last fired (wrap/reset-aware).
                 counter = self._tags[source].counter
                 assert counter is not None
-                total = self._total_at(source, reading.time)
+                total = self._total_at(source, at)
                 since = total - self._fired_totals.get((rule.name, key), 0)
                 self._fired_totals[(rule.name, key)] = total
                 self._touched.add(source)
                 data[key] = _field_value(key, counter.value_of(since), rule, conversion, problems)
                 continue
-            value = self._resolve(source, reading.time, f"field {key}", problems)
+            value = self._resolve(source, at, f"field {key}", problems, event_data)
             data[key] = None if value is None else _field_value(key, value, rule, conversion, problems)
-        subject = _subject(data, rule.when)
-        partitionkey = str(data.get("work_order") or subject)
-        if rule.partitionkey is not None:
-            key_value = self._resolve(rule.partitionkey, reading.time, "partitionkey", problems)
-            if key_value is not None:
-                partitionkey = identifier_string(key_value) or partitionkey
-        event = make_event(
-            rule.type,
-            id=event_id,
-            source=uri,
-            time=reading.time,
-            site=self.site,
-            subject=subject,
-            partitionkey=partitionkey,
-            traceparent=traceparent_for(event_id),
-            data=data,
-        )
-        if not problems:
-            mapped = dict(data)
-            problems = self._map(mapped)
-            if not problems:
-                event.data = mapped
-        if rule.ack is not None:
-            out.acks.append(PlcAck(rule.ack, event.id))
-        if problems:
-            out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
-            return
-        out.events.append(event)
+        return data
 
-    def _resolve(self, source: FieldValue, at: datetime, where: str, problems: list[str]) -> Any:
-        """A field value's raw value at source time ``at``; None (and a problem) when a tag has none yet."""
+    def _event_quantity(self, key: str, value: dict[str, Any], rule: TransactionRule, problems: list[str]) -> Any:
+        """A quantity taken from the event (``{"value", "uom"}``, as a scan carries it), converted by ``uom_to``."""
+        unit = value.get("uom")
+        try:
+            if set(value) != {"value", "uom"} or not isinstance(unit, str):
+                raise ValueError(f"{value!r} is not a quantity with a unit")
+            text = decimal_string(value["value"])
+            if rule.uom_to is None:
+                return Quantity(value=text, uom=unit)
+            uom = self.mappings.uom
+            change = unit_conversion(uom.get(unit, unit), uom.get(rule.uom_to, rule.uom_to))
+            return Quantity(value=decimal_string(change.apply(Decimal(text))), uom=change.target)
+        except (ValueError, ArithmeticError) as exc:
+            problems.append(f"field {key}: {exc}")
+            return value
+
+    def _resolve(
+        self,
+        source: FieldValue,
+        at: datetime,
+        where: str,
+        problems: list[str],
+        event_data: dict[str, Any] | None = None,
+    ) -> Any:
+        """A field value's raw value at source time ``at``; None (and a problem) when a tag has none yet.
+
+        ``event_data``: the triggering event's data (event-triggered rules), for
+        ``{ event = "key" }`` fields and ``{event.key}`` placeholders.
+        """
         if isinstance(source, FieldLiteral):
             return source.literal
+        if isinstance(source, FieldEvent):
+            value = (event_data or {}).get(source.event)
+            if value is None:
+                problems.append(f"{where}: the event has no {source.event}")
+            return value
         if isinstance(source, str):
             current = self._value_at(source, at)
             if current is None:
@@ -537,6 +620,15 @@ class Rules:
         for text, tag in _template_parts(source.template):
             parts.append(text)
             if tag is None:
+                continue
+            if event_data is not None and tag.startswith(EVENT_PLACEHOLDER):
+                key = tag.removeprefix(EVENT_PLACEHOLDER)
+                value = event_data.get(key)
+                if value is None:
+                    problems.append(f"{where}: the event has no {key}")
+                    missing = True
+                else:
+                    parts.append(identifier_string(value))
                 continue
             current = self._value_at(tag, at)
             if current is None or current.value is None:
@@ -642,6 +734,12 @@ class Rules:
         uri = self._source_uri.get(source) or self.source_uri(source)
         mappings = self.mappings
         canonical = canonical_items(mappings) if mappings.items else frozenset()
+        event_rules = self._event_rules
+        if event_rules:
+            # Tag fields of event-triggered rules take the values current now, not a past batch's.
+            self._batch_fields.clear()
+            self._before_batch.clear()
+            self._batch_totals.clear()
         for event in events:
             if event.source != uri:
                 if event.originsource is None:
@@ -651,6 +749,16 @@ class Rules:
             if event.traceparent is None and event.lane == "transaction":
                 # A scan, or an MES event that came without one: the trace starts here.
                 event.traceparent = traceparent_for(event.id)
+            if event_rules:
+                for rule in event_rules.get(event.type.removeprefix(TYPE_PREFIX), ()):
+                    if rule.when_source is not None and rule.when_source != source:
+                        continue
+                    if rule.condition is not None and not self._holds(rule.condition, event.time):
+                        out.unmet += 1
+                        continue
+                    # From the data as it came: the rule's transaction is mapped (or dead-lettered) on its own,
+                    # so a trigger that becomes a dead letter still gives its transaction.
+                    self._fire_on_event(rule, event, event.data, out)
             if isinstance(event.data, dict):
                 try:
                     event.data = map_data(mappings, canonical, event.data)

@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.config_types import ConfigModel, Duration, TagConfig
-from agent.events import TRANSACTION_TYPES, TYPE_PREFIX
+from agent.events import LANE_OF_TYPE, TRANSACTION_TYPES, TYPE_PREFIX
 from agent.registry import SINKS, SOURCES
 from agent.sink import SinkConfig
 from agent.source import SourceConfig
@@ -160,10 +160,25 @@ class FieldTemplate(ConfigModel):
         return f"{{template={self.template!r}}}"
 
 
+class FieldEvent(ConfigModel):
+    """A key of the triggering event's data (rules with ``when_event`` only): ``{ event = "lot" }``."""
+
+    event: str = Field(min_length=1, description="Key of the triggering event's data, e.g. lot, gtin, quantity")
+
+    def __str__(self) -> str:
+        return f"{{event={self.event!r}}}"
+
+
+EVENT_PLACEHOLDER = "event."
+"""A template placeholder ``{event.<key>}`` of an event-triggered rule names the event's data, not a tag."""
+
+
 def _field_form(value: Any) -> str | None:
-    """Which form a field value is written in, so an error names that form alone (not all three)."""
+    """Which form a field value is written in, so an error names that form alone (not all four)."""
     if isinstance(value, str):
         return "tag"
+    if isinstance(value, FieldEvent) or (isinstance(value, dict) and "event" in value):
+        return "event"
     if isinstance(value, FieldLiteral) or (isinstance(value, dict) and "literal" in value):
         return "literal"
     if isinstance(value, FieldTemplate) or (isinstance(value, dict) and "template" in value):
@@ -172,22 +187,26 @@ def _field_form(value: Any) -> str | None:
 
 
 FieldValue = Annotated[
-    Annotated[str, Tag("tag")] | Annotated[FieldLiteral, Tag("literal")] | Annotated[FieldTemplate, Tag("template")],
+    Annotated[str, Tag("tag")]
+    | Annotated[FieldLiteral, Tag("literal")]
+    | Annotated[FieldTemplate, Tag("template")]
+    | Annotated[FieldEvent, Tag("event")],
     Discriminator(
         _field_form,
         custom_error_type="field_form",
-        custom_error_message='write a tag name, { literal = ... } or { template = "{tag}..." }',
+        custom_error_message='write a tag name, { literal = ... }, { template = "{tag}..." } or { event = "..." }',
     ),
 ]
-"""A rule's field: a tag name (its value at the trigger's time), a literal, or a template."""
+"""A rule's field: a tag name (its value at the trigger's time), a literal, a template, or the event's data."""
 
 
-def field_value_tags(value: FieldValue) -> list[str]:
-    """The tags a field value reads."""
+def field_value_tags(value: FieldValue, event: bool = False) -> list[str]:
+    """The tags a field value reads (``event``: the rule is event-triggered, ``{event.<key>}`` is no tag)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, FieldTemplate):
-        return template_tags(value.template)
+        names = template_tags(value.template)
+        return [name for name in names if not name.startswith(EVENT_PLACEHOLDER)] if event else names
     return []
 
 
@@ -220,10 +239,18 @@ TriggerEdge = Literal["rising", "falling", "change", "increment"]
 
 
 class TransactionRule(ConfigModel):
-    """``[[transactions]]``: a business transaction fired by a trigger tag."""
+    """``[[transactions]]``: a business transaction fired by a trigger tag or by a source's event."""
 
     name: str = Field(min_length=1, description="Rule name (part of each event's stable id)")
-    when: str = Field(min_length=1, description="Trigger tag")
+    when: str = Field("", description="Trigger tag (exactly one of `when` and `when_event`)")
+    when_event: str | None = Field(
+        None,
+        description=(
+            "Fire on each event of this canonical type a source hands over (a scan, an MES event), "
+            "e.g. goods.received or barcode.scanned; exactly one of `when` and `when_event`"
+        ),
+    )
+    when_source: str | None = Field(None, description="With when_event: take only this source's events")
     on: TriggerEdge | None = Field(
         None,
         description=(
@@ -235,7 +262,10 @@ class TransactionRule(ConfigModel):
     type: str = Field(description="Canonical transaction type, e.g. production.completed")
     fields: dict[str, FieldValue] = Field(
         default_factory=dict,
-        description="data key -> tag name (its current value), { literal = ... } or { template = \"{tag}-{tag}\" }",
+        description=(
+            'data key -> tag name (its current value), { literal = ... }, { template = "{tag}-{tag}" } '
+            'or { event = "key" } (the triggering event\'s data; rules with when_event)'
+        ),
     )
     uom: str | None = Field(None, description="Unit of `quantity` fields (UN/ECE Rec 20, or mapped via [mappings.uom])")
     uom_to: str | None = Field(
@@ -254,14 +284,44 @@ class TransactionRule(ConfigModel):
             raise ValueError(f"{value!r} is not a transaction type; one of: {', '.join(TRANSACTION_TYPES)}")
         return name
 
+    @field_validator("when_event")
+    @classmethod
+    def _event_type(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.removeprefix(TYPE_PREFIX)
+        if name not in LANE_OF_TYPE or LANE_OF_TYPE[name] == "telemetry":
+            raise ValueError(
+                f"{value!r} is not an event type a source hands over, e.g. goods.received, barcode.scanned"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> TransactionRule:
+        if bool(self.when) == (self.when_event is not None):
+            raise ValueError("a rule needs exactly one trigger: `when` (a tag) or `when_event` (an event type)")
+        if self.when_event is None:
+            if self.when_source is not None:
+                raise ValueError("`when_source` goes with `when_event` (it picks whose events fire the rule)")
+            for key, value in [*self.fields.items(), ("partitionkey", self.partitionkey)]:
+                if isinstance(value, FieldEvent):
+                    raise ValueError(f"{key}: {{ event = ... }} needs a rule with `when_event`")
+        else:
+            if self.on is not None:
+                raise ValueError("`on` goes with `when` (a tag's edge); an event-triggered rule fires on each event")
+            if self.ack is not None:
+                raise ValueError("`ack` goes with `when` (a PLC handshake); an event-triggered rule has none")
+        return self
+
     def read_tags(self) -> dict[str, str]:
         """Every tag the rule reads besides its trigger, each with the key path that names it."""
         found: dict[str, str] = {}
+        event = self.when_event is not None
         for key, value in self.fields.items():
-            for tag in field_value_tags(value):
+            for tag in field_value_tags(value, event):
                 found.setdefault(tag, f"fields.{key}")
         if self.partitionkey is not None:
-            for tag in field_value_tags(self.partitionkey):
+            for tag in field_value_tags(self.partitionkey, event):
                 found.setdefault(tag, "partitionkey")
         if self.condition is not None:
             found.setdefault(self.condition.tag, "condition.tag")
@@ -348,8 +408,10 @@ class Settings(BaseSettings):
                         template_tags(value.template)
                     except ValueError as exc:
                         raise ValueError(f"{where}.{key}: {exc}") from None
-            if rule.when not in tags:
+            if rule.when_event is None and rule.when not in tags:
                 raise ValueError(f"{where}.when: tag {rule.when!r} is not defined by any source")
+            if rule.when_source is not None and rule.when_source not in {s.name for s in self.source_configs()}:
+                raise ValueError(f"{where}.when_source: {rule.when_source!r} is not a configured source")
             for field_tag, key in rule.read_tags().items():
                 if field_tag not in tags:
                     raise ValueError(f"{where}.{key}: tag {field_tag!r} is not defined by any source")
@@ -360,11 +422,15 @@ class Settings(BaseSettings):
                     f"{where}.ack: tag {rule.ack!r} cannot be written (an input or discrete input); "
                     "use a coil or a holding register"
                 )
-            has_quantity = any(key == "quantity" or key.endswith("_quantity") for key in rule.fields)
+            # A quantity taken from the event carries its own unit (a scan's AI 30/37 count is EA).
+            has_quantity = any(
+                (key == "quantity" or key.endswith("_quantity")) and not isinstance(value, FieldEvent)
+                for key, value in rule.fields.items()
+            )
             if has_quantity and rule.uom is None:
                 raise ValueError(f"{where}.uom: a rule with a quantity field needs a unit (uom)")
             if rule.uom_to is not None:
-                if rule.uom is None:
+                if rule.uom is None and rule.when_event is None:
                     raise ValueError(f"{where}.uom_to: converting needs the source unit in `uom`")
                 try:
                     rule_conversion(rule, self.mappings)
