@@ -769,9 +769,15 @@ class Rules:
         return out
 
     def _map(self, data: dict[str, Any]) -> list[str]:
-        """Map item codes and units in place; return what cannot be mapped."""
+        """Map item codes, plant/line/work-center ids and units in place; return what cannot be mapped."""
         problems: list[str] = []
+        ids = maps_ids(self.mappings)
         for key, value in data.items():
+            if ids:
+                section = id_section(key)
+                if section is not None:
+                    data[key] = map_id(self.mappings, section, key, value, problems)
+                    continue
             if (key == "item" or key.endswith("_item")) and isinstance(value, str):
                 mapped = self.mappings.items.get(value)
                 if isinstance(mapped, ItemMapping):
@@ -923,13 +929,55 @@ def _dead_letter(event: CloudEvent, reason: str) -> DeadLetter:
     )
 
 
-MAPPING_REASONS = ("is obsolete", "is not in [mappings.items]")
-"""How the reasons of dead letters made by ``[mappings.items]`` end (per problem, joined by "; ")."""
+MAPPING_REASONS = (
+    "is obsolete",
+    "is not in [mappings.items]",
+    "is not in [mappings.plants]",
+    "is not in [mappings.lines]",
+    "is not in [mappings.work_centers]",
+)
+"""How the reasons of dead letters made by ``[mappings]`` end (per problem, joined by "; ")."""
+
+ID_SECTIONS = (("work_center", "work_centers"), ("plant", "plants"), ("line", "lines"))
+"""Data key (or ``*_<key>`` suffix) -> the ``[mappings.<section>]`` that maps its identifiers."""
+
+_ID_KINDS = {"plants": "plant", "lines": "line", "work_centers": "work-center"}
+
+
+def id_section(key: str) -> str | None:
+    """The ``[mappings]`` section mapping a data key: ``plant``/``*_plant`` -> plants, and so on; else None."""
+    for name, section in ID_SECTIONS:
+        if key == name or key.endswith("_" + name):
+            return section
+    return None
+
+
+def maps_ids(mappings: MappingsSection) -> bool:
+    """Whether plant/line/work-center ids need looking at (a mapping, or unknown ones make dead letters)."""
+    return bool(mappings.plants or mappings.lines or mappings.work_centers or mappings.unknown_ids == "dead-letter")
+
+
+def map_id(mappings: MappingsSection, section: str, key: str, value: Any, problems: list[str]) -> Any:
+    """A plant, line or work-center code mapped through ``[mappings.<section>]``.
+
+    A canonical id (a value of the mapping) passes; an unknown code passes or, with
+    ``unknown_ids = "dead-letter"``, adds a problem naming the field and the code.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return value
+    table: dict[str, str] = getattr(mappings, section)
+    code = identifier_string(value)
+    target = table.get(code)
+    if target is not None:
+        return target
+    if mappings.unknown_ids == "dead-letter" and code not in table.values():
+        problems.append(f"{key}: {_ID_KINDS[section]} code {code!r} is not in [mappings.{section}]")
+    return value
 
 
 def mapping_caused(reason: str) -> bool:
-    """Whether a pre-sink dead letter's ``reason`` is only item mapping problems (a new mapping may fix it)."""
-    return all(" item code " in part and part.endswith(MAPPING_REASONS) for part in reason.split("; "))
+    """Whether a pre-sink dead letter's ``reason`` is only mapping problems (a new mapping may fix it)."""
+    return all(" code " in part and part.endswith(MAPPING_REASONS) for part in reason.split("; "))
 
 
 def replayable(mappings: MappingsSection, letters: Iterable[DeadLetter]) -> list[DeadLetter]:
@@ -977,12 +1025,23 @@ def canonical_items(mappings: MappingsSection) -> frozenset[str]:
 
 
 def map_data(mappings: MappingsSection, canonical: frozenset[str], data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with item codes and units mapped (a copy when something changed); ``ValueError`` as ``map_event``."""
+    """``data`` with item codes, plant/line/work-center ids and units mapped (a copy when something changed).
+
+    ``ValueError`` as ``map_event``, also for an unknown id with ``unknown_ids = "dead-letter"``.
+    """
     mapped = data
     problems: list[str] = []
     items, uom = mappings.items, mappings.uom
+    ids = maps_ids(mappings)
     for key, value in data.items():
-        if (key == "item" or key.endswith("_item")) and isinstance(value, str):
+        section = id_section(key) if ids else None
+        if section is not None:
+            target = map_id(mappings, section, key, value, problems)
+            if target is not value:
+                if mapped is data:
+                    mapped = dict(data)
+                mapped[key] = target
+        elif (key == "item" or key.endswith("_item")) and isinstance(value, str):
             target = items.get(value)
             if isinstance(target, ItemMapping):
                 if target.obsolete:

@@ -11,7 +11,7 @@ import pytest
 
 from agent.cli import main
 from agent.events import CloudEvent, Quantity, Reading, make_event, stable_id
-from agent.rules import Rules
+from agent.rules import Rules, map_event, mapping_caused, replayable
 from agent.settings import ConfigError, parse_settings
 
 AT = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -163,9 +163,7 @@ fields = { work_order = { event = "work_order" }, item = { event = "item" }, qua
     assert consumed.source == "plantgate/plant-01/gw/mes"
     # Stopped machine: the condition does not hold, no transaction, counted.
     rules.process("press7", [Reading("press7.state", 2, AT)])
-    again = make_event(
-        "workorder.started", id="mes-2", source="x", time=AT, site="plant-01", data=dict(started.data)
-    )
+    again = make_event("workorder.started", id="mes-2", source="x", time=AT, site="plant-01", data=dict(started.data))
     out = rules.accept_events("mes", [again])
     assert [event.type for event in out.events] == ["io.plantgate.workorder.started"] and out.unmet == 1
 
@@ -239,3 +237,76 @@ def test_the_shipped_event_rule_example_is_accepted_and_moves_the_scanned_lot(
     out = rules.accept_events("dock1", [scan("dock1", RECEIPT)])
     [moved] = [event for event in out.events if event.type == "io.plantgate.inventory.moved"]
     assert moved.partitionkey == "LOT-42" and moved.data["to_location"] == "STORE-LOT-42"
+
+
+IDS = """
+[mappings]
+unknown_ids = "dead-letter"
+
+[mappings.plants]
+"P01" = "DE-MUC-01"
+
+[mappings.lines]
+"3" = "MUC-LINE-3"
+
+[mappings.work_centers]
+"WC-7" = "WC-PRESS-7"
+"""
+
+
+def test_mes_events_get_plant_line_and_work_center_ids_mapped_or_dead_lettered() -> None:
+    settings = parse_settings(BASE.format(rules="").replace("[mappings.items]", IDS + "\n[mappings.items]"))
+    rules = Rules(settings)
+    released = make_event(
+        "workorder.released",
+        id="mes-10",
+        source="https://mes.example/orders",
+        time=AT,
+        site="plant-01",
+        subject="WO-1",
+        data={"work_order": "WO-1", "plant": "P01", "line": 3, "work_center": "WC-7", "from_line": "MUC-LINE-3"},
+    )
+    out = rules.accept_events("mes", [released])
+    [event] = out.events
+    assert event.data == {
+        "work_order": "WO-1",
+        "plant": "DE-MUC-01",
+        "line": "MUC-LINE-3",
+        "work_center": "WC-PRESS-7",
+        "from_line": "MUC-LINE-3",
+    }
+    unknown = make_event(
+        "workorder.started",
+        id="mes-11",
+        source="https://mes.example/orders",
+        time=AT,
+        site="plant-01",
+        subject="WO-1",
+        data={"work_order": "WO-1", "plant": "P02", "to_work_center": "WC-8"},
+    )
+    out = rules.accept_events("mes", [unknown])
+    assert not out.events
+    [letter] = out.dead_letters
+    assert letter.id == "mes-11" and letter.sink == "-"
+    assert letter.reason == (
+        "plant: plant code 'P02' is not in [mappings.plants]; "
+        "to_work_center: work-center code 'WC-8' is not in [mappings.work_centers]"
+    )
+    assert mapping_caused(letter.reason)
+    # Once the mapping knows the codes, the replay maps the dead letter's event.
+    fixed = IDS.replace('"WC-7" = "WC-PRESS-7"', '"WC-7" = "WC-PRESS-7"\n"WC-8" = "WC-PRESS-8"').replace(
+        '"P01" = "DE-MUC-01"', '"P01" = "DE-MUC-01"\n"P02" = "DE-MUC-02"'
+    )
+    mappings = parse_settings(BASE.format(rules="").replace("[mappings.items]", fixed + "\n[mappings.items]")).mappings
+    assert replayable(mappings, [letter]) == [letter]
+    replayed = map_event(mappings, msgspec.json.decode(letter.body))
+    assert replayed["data"]["plant"] == "DE-MUC-02" and replayed["data"]["to_work_center"] == "WC-PRESS-8"
+
+
+def test_unknown_ids_pass_by_default() -> None:
+    rules = rules_with("")
+    event = make_event(
+        "workorder.started", id="mes-12", source="x", time=AT, site="plant-01", data={"line": "L9", "plant": "P9"}
+    )
+    out = rules.accept_events("mes", [event])
+    assert not out.dead_letters and out.events[0].data == {"line": "L9", "plant": "P9"}
