@@ -646,6 +646,12 @@ def _cmd_buffer_stats(args: argparse.Namespace) -> int:
         rows.append([name, "(all)", str(sink.depth), ""])
     for name, depth in stats.orphaned.items():
         rows.append([name, "orphaned", str(depth), f"purge with `plantgate buffer purge --sink {name}`"])
+    if stats.held is not None:
+        # Held by the sequencing guard: in no sink's backlog until their work order is released.
+        for type_, count in stats.held.types.items():
+            rows.append(["(held)", type_, str(count), ""])
+        oldest = stats.held.oldest_age_seconds
+        rows.append(["(held)", "(all)", str(stats.held.count), "-" if oldest is None else _age(oldest)])
     if rows:
         print()
         _print_table(["SINK", "LANE", "DEPTH", "OLDEST"], rows)

@@ -236,6 +236,13 @@ class Metrics:
             ["sink"],
             registry=reg,
         )
+        self._sequencing_held = Gauge(
+            "plantgate_events_held",
+            "Events the sequencing guard holds now, waiting for their work order's release, by type",
+            ["type"],
+            registry=reg,
+        )
+        self._sequencing_types: set[str] = set()
         self._held_oldest_family = Gauge(
             "plantgate_dead_letter_oldest_age_seconds",
             "Age of the oldest dead letter held, by sink (0 when none)",
@@ -429,6 +436,14 @@ class Metrics:
             self._held_family.labels(sink).set(count)
             self._held_oldest_family.labels(sink).set(oldest if count else 0.0)
         self._held_sinks |= held.keys()
+
+    def set_events_held(self, held: Mapping[str, int]) -> None:
+        """Events the sequencing guard holds, from a full snapshot: ``type -> count`` (absent types read 0)."""
+        for type_ in self._sequencing_types - held.keys():
+            self._sequencing_held.labels(type_).set(0)
+        for type_, count in held.items():
+            self._sequencing_held.labels(type_).set(count)
+        self._sequencing_types |= held.keys()
 
     def set_buffer(self, lanes: Mapping[tuple[str, str], tuple[int, float]]) -> None:
         """Set depth and oldest age from a full snapshot: ``(sink, lane) -> (depth, oldest_age_seconds)``.

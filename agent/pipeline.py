@@ -92,6 +92,7 @@ class Agent:
             dedupe_window=settings.buffer.dedupe_window,
             dedupe_max_ids=settings.buffer.dedupe_max_ids,
             sinks={sink.name: sink.lanes for sink in self.sinks},
+            sequencing=settings.sequencing,
         )
         self.metrics = Metrics(
             sources=[s.name for s in self.sources],
@@ -601,6 +602,10 @@ class Agent:
             {sink: (group.count, max(0.0, wall - group.oldest)) for sink, group in self._dead_summary.items()}
         )
 
+    def _held_status(self) -> dict[str, Any]:
+        held = self.buffer.held_summary()
+        return {"count": held.count, "oldest_age_seconds": held.oldest_age_seconds, "types": held.types}
+
     def _dead_letters_of(self, sink: str) -> dict[str, Any]:
         group = self._dead_summary.get(sink)
         if group is None:
@@ -630,6 +635,10 @@ class Agent:
             }
         )
         self.metrics.set_buffer_size(self.buffer.size_bytes)
+        held = self.buffer.held_summary()
+        self.metrics.set_events_held(
+            {**{rule.type: 0 for rule in self.settings.sequencing}, **held.types}
+        )
         headroom = self._headroom()
         self.metrics.set_headroom(headroom["max_size_bytes"], headroom["disk_free_bytes"])
         self.metrics.set_refusing_writes(self.buffer.refusing_writes is not None)
@@ -708,6 +717,7 @@ class Agent:
                 "duplicates_suppressed": self.buffer.duplicates_suppressed,
                 "replayable_dead_letters": self._replayable_status(),
                 "dedupe": self.buffer.dedupe_status(),
+                "held": self._held_status(),
             },
             "unrouted": dict(self._unrouted),
             "tasks": {name: health.as_dict() for name, health in self.tasks.items()},

@@ -342,23 +342,42 @@ class MappingsSection(ConfigModel):
     unknown_items: Literal["pass", "dead-letter"] = Field(
         "pass", description="An item code not in [mappings.items]: pass unchanged, or make a dead letter"
     )
-    plants: dict[str, str] = Field(
-        default_factory=dict, description="Local plant code -> canonical plant id (fields plant, *_plant)"
+
+
+class SequencingRule(ConfigModel):
+    """``[[sequencing]]``: hold events of ``type`` until an ``after`` event of the same work order committed."""
+
+    type: str = Field(description="Canonical event type to hold, e.g. material.consumed")
+    after: list[str] = Field(
+        min_length=1,
+        description="Canonical event types that release it (one of them committed for the same work order)",
     )
-    lines: dict[str, str] = Field(
-        default_factory=dict, description="Local line code -> canonical line id (fields line, *_line)"
+    hold: Duration = Field(
+        1800.0, gt=0, description="Held longer than this: a dead letter with sink `-` and reason `sequencing: ...`"
     )
-    work_centers: dict[str, str] = Field(
-        default_factory=dict,
-        description="Local work-center code -> canonical id (fields work_center, *_work_center)",
-    )
-    unknown_ids: Literal["pass", "dead-letter"] = Field(
-        "pass",
-        description=(
-            "A plant, line or work-center code not in its mapping (nor one of its canonical ids): "
-            "pass unchanged, or make a dead letter"
-        ),
-    )
+
+    @field_validator("type")
+    @classmethod
+    def _guarded_type(cls, value: str) -> str:
+        return _sequencing_type(value)
+
+    @field_validator("after")
+    @classmethod
+    def _after_types(cls, value: list[str]) -> list[str]:
+        return [_sequencing_type(item) for item in value]
+
+    @model_validator(mode="after")
+    def _not_after_itself(self) -> SequencingRule:
+        if self.type in self.after:
+            raise ValueError(f"after: {self.type!r} cannot wait for itself")
+        return self
+
+
+def _sequencing_type(value: str) -> str:
+    name = value.removeprefix(TYPE_PREFIX)
+    if name not in LANE_OF_TYPE or LANE_OF_TYPE[name] == "telemetry":
+        raise ValueError(f"{value!r} is not a transaction or operational event type, e.g. material.consumed")
+    return name
 
 
 class Settings(BaseSettings):
@@ -373,6 +392,9 @@ class Settings(BaseSettings):
     sinks: SinksSection = Field(default_factory=SinksSection)  # type: ignore[valid-type]
     transactions: list[TransactionRule] = Field(default_factory=list)
     mappings: MappingsSection = MappingsSection()
+    sequencing: list[SequencingRule] = Field(
+        default_factory=list, description="Events held until their work order's release (see [[sequencing]])"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -416,6 +438,10 @@ class Settings(BaseSettings):
                     if tag not in tags:
                         raise ValueError(f"sources.{key}.{index}.{field}: tag {tag!r} is not defined by any source")
         _unique("transactions", [rule.name for rule in self.transactions])
+        guarded = [rule.type for rule in self.sequencing]
+        for index, type_ in enumerate(guarded):
+            if type_ in guarded[:index]:
+                raise ValueError(f"sequencing.{index}.type: {type_!r} has an earlier [[sequencing]] entry")
         for index, rule in enumerate(self.transactions):
             where = f"transactions.{index}"
             forms = [(f"fields.{key}", value) for key, value in rule.fields.items()]

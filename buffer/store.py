@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
@@ -92,6 +92,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedupe (n INTEGER PRIMARY KEY, time REAL NOT NULL, ids BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS dedupe_time ON dedupe(time);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held (
+    n INTEGER PRIMARY KEY, id TEXT NOT NULL, work_order TEXT NOT NULL, type TEXT NOT NULL, lane TEXT NOT NULL,
+    subject TEXT, arrived REAL NOT NULL, body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS released_orders (
+    work_order TEXT NOT NULL, type TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (work_order, type)
+) WITHOUT ROWID;
 """
 
 _SQLITE_CORRUPT = 11
@@ -186,13 +193,64 @@ class SinkStats(msgspec.Struct):
     lanes: dict[str, LaneStats]
 
 
-class BufferStats(msgspec.Struct):
+class HeldStats(msgspec.Struct):
+    """Events the sequencing guard holds: how many, the oldest one's age, and how many per type."""
+
+    count: int = 0
+    oldest_age_seconds: float | None = None
+    types: dict[str, int] = msgspec.field(default_factory=dict)  # canonical type name -> held
+
+
+class BufferStats(msgspec.Struct, omit_defaults=True):
     """What ``plantgate buffer stats`` and ``/status`` show (the ``--json`` shape is contract)."""
 
     sinks: dict[str, SinkStats]
     dead_letters: int
     orphaned: dict[str, int]
     size_bytes: int
+    held: HeldStats | None = None
+    """Extension: what the sequencing guard holds (not yet in any sink's backlog); left out when nothing is."""
+
+
+class SequencingEntry(Protocol):
+    """A ``[[sequencing]]`` entry as the buffer needs it (``agent.settings.SequencingRule``)."""
+
+    @property
+    def type(self) -> str: ...  # canonical name, without the type prefix
+
+    @property
+    def after(self) -> list[str]: ...
+
+    @property
+    def hold(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class _Guard:
+    after: frozenset[str]  # full event types that release the guarded type
+    hold: float
+    reason: str  # the dead letter's reason, less the work order
+
+
+@dataclass
+class _Held:
+    """An event the sequencing guard holds, in memory and in the ``held`` table."""
+
+    id: str
+    work_order: str
+    type: str
+    lane: Lane
+    subject: str | None
+    arrived: float
+    body: bytes  # the encoded event, without a sequence
+
+
+def work_order_of(data: Any, subject: str | None) -> str | None:
+    """The work order an event belongs to for sequencing: ``data.work_order``, else ``subject``."""
+    value = data.get("work_order") if isinstance(data, dict) else getattr(data, "work_order", None)
+    if value is not None and value != "":
+        return value if isinstance(value, str) else str(value)
+    return subject or None
 
 
 @dataclass
@@ -218,6 +276,10 @@ class _Pending:
     state: dict[str, str | None] = field(default_factory=dict)  # None deletes the key
     dedupe: list[str] = field(default_factory=list)  # ids newly remembered: one row of the dedupe table
     dedupe_time: float = 0.0  # when the newest of them was accepted
+    held_add: list[_Held] = field(default_factory=list)  # sequencing: newly held
+    held_drop: list[str] = field(default_factory=list)  # sequencing: released or expired (by id)
+    released: list[tuple[str, str, float]] = field(default_factory=list)  # (work order, after type, time)
+    released_before: float = 0.0  # sequencing: forget releases older than this
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
 
@@ -233,6 +295,10 @@ class _Pending:
         self.state.update(newer.state)
         self.dedupe.extend(newer.dedupe)
         self.dedupe_time = max(self.dedupe_time, newer.dedupe_time)
+        self.held_add.extend(newer.held_add)
+        self.held_drop.extend(newer.held_drop)
+        self.released.extend(newer.released)
+        self.released_before = max(self.released_before, newer.released_before)
         self.waiters.extend(newer.waiters)
         self.count += newer.count
 
@@ -356,8 +422,21 @@ class Buffer:
         dedupe_max_ids: int | None = None,
         sinks: Mapping[str, Iterable[Lane]] | None = None,
         commit_retry_interval: float = 1.0,
+        sequencing: Iterable[SequencingEntry] = (),
     ):
         self.path = path
+        self._guard: dict[str, _Guard] = {
+            TYPE_PREFIX + rule.type: _Guard(
+                after=frozenset(TYPE_PREFIX + name for name in rule.after),
+                hold=float(rule.hold),
+                reason=f"sequencing: no {' or '.join(rule.after)} for work order {{}} within {rule.hold:g}s",
+            )
+            for rule in sequencing
+        }
+        self._releasing = frozenset(name for guard in self._guard.values() for name in guard.after)
+        self._remember_releases = max((guard.hold for guard in self._guard.values()), default=0.0)
+        self._held: dict[str, list[_Held]] = {}  # work order -> held events, in arrival order
+        self._released: dict[str, dict[str, float]] = {}  # work order -> after type -> when it committed
         self.telemetry_max_rows = telemetry_max_rows
         self._configured_telemetry_max_rows = telemetry_max_rows
         self.max_size_bytes = int(max_size_mb * 1024 * 1024)
@@ -560,7 +639,26 @@ class Buffer:
         if has_state:
             async with db.execute("SELECT key, value FROM state") as cur:
                 self._state = {str(key): str(value) for key, value in await cur.fetchall()}
+        await self._load_sequencing(db)
         await self._refresh_size()
+
+    async def _load_sequencing(self, db: aiosqlite.Connection) -> None:
+        """The held events (in arrival order) and the remembered releases, from their tables."""
+        async with db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name IN ('held', 'released_orders')"
+        ) as cur:
+            tables = {str(row[0]) for row in await cur.fetchall()}
+        self._held, self._released = {}, {}
+        if "held" in tables:
+            query = "SELECT id, work_order, type, lane, subject, arrived, body FROM held ORDER BY n"
+            async with db.execute(query) as cur:
+                async for id_, work_order, type_, lane, subject, arrived, body in cur:
+                    held = _Held(str(id_), str(work_order), str(type_), lane, subject, float(arrived), bytes(body))
+                    self._held.setdefault(held.work_order, []).append(held)
+        if "released_orders" in tables:
+            async with db.execute("SELECT work_order, type, time FROM released_orders") as cur:
+                async for work_order, type_, when in cur:
+                    self._released.setdefault(str(work_order), {})[str(type_)] = float(when)
 
     async def _load_dedupe(self, db: aiosqlite.Connection) -> None:
         """The ids accepted within the dedupe window, newest first up to the bound, from the dedupe table."""
@@ -695,6 +793,14 @@ class Buffer:
                 state.depth = 0
                 self._dirty_cursors.add(key)
             self._pending.state.update({key: value for key, value in self._state.items()})
+            # What the sequencing guard holds and remembers lives on in the fresh file too.
+            queued_held = {entry.id for entry in self._pending.held_add}
+            self._pending.held_add[:0] = [
+                entry for entries in self._held.values() for entry in entries if entry.id not in queued_held
+            ]
+            self._pending.released.extend(
+                (work_order, type_, when) for work_order, seen in self._released.items() for type_, when in seen.items()
+            )
             # The fresh file remembers what the damaged one did: a duplicate stays one after a restart.
             queued = set(self._pending.dedupe)
             self._pending.dedupe[:0] = [i for i in self._recent_ids.order if i not in queued]
@@ -804,6 +910,8 @@ class Buffer:
         """
         if self._commit_task is None or self._closing:
             raise BufferError("buffer is not open")
+        if self._guard:
+            return self._append_guarded(events, dead_letters)
         pending = self._pending
         now = time.time()
         seq = self._seq
@@ -835,6 +943,165 @@ class Buffer:
         pending.dead.extend(dead_letters)
         pending.count += len(events) + len(dead_letters)
         return self._queued(pending)
+
+    def _append_guarded(
+        self, events: Sequence[CloudEvent], dead_letters: Sequence[DeadLetter]
+    ) -> asyncio.Future[None]:
+        """``append`` with ``[[sequencing]]`` entries: holds and releases as events arrive.
+
+        A separate loop so a config without sequencing pays nothing per event.
+        """
+        pending = self._pending
+        now = time.time()
+        rows = pending.rows
+        recent = self._recent_ids
+        seen, fresh = recent.ids, recent.order
+        remembered = pending.dedupe
+        before = len(remembered)
+        guards, releasing = self._guard, self._releasing
+        for event in events:
+            lane = event.lane
+            event_id = event.id
+            if lane != "telemetry":
+                if event_id in seen:
+                    self.duplicates_suppressed += 1
+                    continue
+                seen.add(event_id)
+                fresh.append(event_id)
+                remembered.append(event_id)
+            type_ = event.type
+            guard = guards.get(type_)
+            if guard is not None:
+                work_order = work_order_of(event.data, event.subject)
+                if work_order is not None and not self._is_released(work_order, guard):
+                    event.sequence = None
+                    held = _Held(event_id, work_order, type_, lane, event.subject, now, encode_event(event))
+                    self._held.setdefault(work_order, []).append(held)
+                    pending.held_add.append(held)
+                    continue
+            self._seq += 1
+            event.sequence = f"{self._seq:020d}"
+            rows[lane].append(BufferedEvent(self._seq, lane, type_, event_id, encode_event(event), now))
+            if type_ in releasing:
+                work_order = work_order_of(event.data, event.subject)
+                if work_order is not None:
+                    self._release(work_order, type_, now)
+        if len(remembered) > before:
+            recent.groups.append([now, len(remembered) - before])
+            pending.dedupe_time = now
+        recent.trim(now)
+        pending.dead.extend(dead_letters)
+        pending.count += len(events) + len(dead_letters)
+        return self._queued(pending)
+
+    def _is_released(self, work_order: str, guard: _Guard) -> bool:
+        seen = self._released.get(work_order)
+        return seen is not None and not guard.after.isdisjoint(seen)
+
+    def _release(self, work_order: str, after_type: str, now: float) -> None:
+        """An ``after`` event of ``work_order`` was appended: remember it; its held events follow it."""
+        self._released.setdefault(work_order, {})[after_type] = now
+        pending = self._pending
+        pending.released.append((work_order, after_type, now))
+        held = self._held.get(work_order)
+        if not held:
+            return
+        kept: list[_Held] = []
+        for entry in held:
+            guard = self._guard.get(entry.type)
+            if guard is None or after_type in guard.after:
+                self._to_lane(entry, now)
+            else:
+                kept.append(entry)
+        if kept:
+            self._held[work_order] = kept
+        else:
+            del self._held[work_order]
+
+    def _to_lane(self, entry: _Held, now: float) -> None:
+        """A held event goes into its lane, under its id, with a fresh sequence (after what released it)."""
+        self._seq += 1
+        event = msgspec.json.decode(entry.body)
+        event["sequence"] = f"{self._seq:020d}"
+        body = msgspec.json.encode(event)
+        self._pending.rows[entry.lane].append(BufferedEvent(self._seq, entry.lane, entry.type, entry.id, body, now))
+        self._pending.held_drop.append(entry.id)
+        self._pending.count += 1
+
+    def held_summary(self) -> HeldStats:
+        """What the sequencing guard holds right now (``stats``, ``/status``, metrics)."""
+        now = time.time()
+        stats = HeldStats()
+        oldest: float | None = None
+        for entries in self._held.values():
+            for entry in entries:
+                stats.count += 1
+                name = entry.type.removeprefix(TYPE_PREFIX)
+                stats.types[name] = stats.types.get(name, 0) + 1
+                oldest = entry.arrived if oldest is None else min(oldest, entry.arrived)
+        if oldest is not None:
+            stats.oldest_age_seconds = round(max(0.0, now - oldest), 3)
+        return stats
+
+    def _expire_held(self, now: float) -> None:
+        """Held past ``hold``: a dead letter (sink ``-``); a type no longer guarded: into its lane."""
+        pending = self._pending
+        for work_order in list(self._held):
+            kept: list[_Held] = []
+            for entry in self._held[work_order]:
+                guard = self._guard.get(entry.type)
+                if guard is None:
+                    self._to_lane(entry, now)
+                elif now - entry.arrived >= guard.hold:
+                    reason = guard.reason.format(work_order)
+                    pending.dead.append(
+                        DeadLetter(entry.id, NO_SINK, reason, entry.type, entry.subject, entry.lane, now, entry.body)
+                    )
+                    pending.held_drop.append(entry.id)
+                    pending.count += 1
+                    log.warning(
+                        "Held event became a dead letter: its work order was not released in time",
+                        extra={"id": entry.id, "type": entry.type, "work_order": work_order},
+                    )
+                else:
+                    kept.append(entry)
+            if kept:
+                self._held[work_order] = kept
+            else:
+                del self._held[work_order]
+        if self._released:
+            limit = now - self._remember_releases
+            forgotten = False
+            for work_order in list(self._released):
+                seen = self._released[work_order]
+                for type_ in [type_ for type_, when in seen.items() if when < limit]:
+                    del seen[type_]
+                    forgotten = True
+                if not seen:
+                    del self._released[work_order]
+            if forgotten:
+                pending.released_before = limit
+                pending.count += 1
+        if pending.count:
+            self._wake.set()
+
+    async def _write_sequencing(self, db: aiosqlite.Connection, pending: _Pending) -> None:
+        """Held and released events and remembered releases: in the transaction of the events they go with."""
+        if pending.held_add:
+            await db.executemany(
+                "INSERT INTO held(id, work_order, type, lane, subject, arrived, body) VALUES (?,?,?,?,?,?,?)",
+                [(h.id, h.work_order, h.type, h.lane, h.subject, h.arrived, h.body) for h in pending.held_add],
+            )
+        if pending.held_drop:
+            await db.executemany("DELETE FROM held WHERE id = ?", [(id_,) for id_ in pending.held_drop])
+        if pending.released:
+            await db.executemany(
+                "INSERT INTO released_orders(work_order, type, time) VALUES (?,?,?) "
+                "ON CONFLICT(work_order, type) DO UPDATE SET time=excluded.time",
+                pending.released,
+            )
+        if pending.released_before:
+            await db.execute("DELETE FROM released_orders WHERE time < ?", (pending.released_before,))
 
     def _queued(self, pending: _Pending) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -984,6 +1251,7 @@ class Buffer:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
                     await self._admin_changes(db, pending, txn)
+                    await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
                     written = await self._write_cursors(db)
                     await self._delete_delivered(db, txn)
@@ -1373,6 +1641,8 @@ class Buffer:
         """Periodic upkeep (about once a second): size cap and back-pressure."""
         if self._db is None:
             return
+        if self._held or self._released:
+            self._expire_held(time.time())
         self._written_since_size_check = 0
         await self._refresh_size()
         if self._size_bytes >= self.max_size_bytes:
@@ -1442,8 +1712,13 @@ class Buffer:
             for lane in lanes or ():
                 entry.lanes.setdefault(lane, LaneStats(depth=0, oldest_age_seconds=None))
         await self._refresh_size()
+        held = self.held_summary()
         return BufferStats(
-            sinks=sinks, dead_letters=self.dead_letter_count, orphaned=orphaned, size_bytes=self._size_bytes
+            sinks=sinks,
+            dead_letters=self.dead_letter_count,
+            orphaned=orphaned,
+            size_bytes=self._size_bytes,
+            held=held if held.count else None,
         )
 
     async def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
@@ -1530,6 +1805,20 @@ class Buffer:
         recent = self._recent_ids
         for n, event in replayed:
             lane = event_lane(event)
+            guard = self._guard.get(event["type"])
+            work_order: str | None = None
+            if guard is not None or event["type"] in self._releasing:
+                work_order = work_order_of(event.get("data"), event.get("subject"))
+            if guard is not None and work_order is not None and not self._is_released(work_order, guard):
+                # Back through the sequencing guard: held again, for a fresh ``hold``.
+                event = {**event, "lane": lane}
+                event.pop("sequence", None)
+                held = _Held(event["id"], work_order, event["type"], lane, event.get("subject"), now, b"")
+                held.body = msgspec.json.encode(event)
+                self._held.setdefault(work_order, []).append(held)
+                pending.held_add.append(held)
+                pending.dead_delete.append(n)
+                continue
             self._seq += 1
             event = {**event, "lane": lane, "sequence": f"{self._seq:020d}"}
             body = msgspec.json.encode(event)
@@ -1539,6 +1828,8 @@ class Buffer:
                 pending.dedupe.append(event["id"])
                 pending.dedupe_time = now
             pending.dead_delete.append(n)
+            if event["type"] in self._releasing and work_order is not None:
+                self._release(work_order, event["type"], now)
         pending.dead_reason.extend((reason, now, n) for n, reason in failed)
         pending.count += len(replayed) + len(failed)
         return self._queued(pending)
