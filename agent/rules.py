@@ -11,7 +11,12 @@ trigger's source time, from literals and from templates; a field naming a
 ``counter`` tag takes what the counter counted since that rule last fired
 (wrap-around and resets handled by ``agent.counters``); quantities are converted
 from ``uom`` to ``uom_to`` exactly (``agent.units``).
-Mapping problems become dead letters (sink ``-``), never drops.
+Rules with ``when_event`` fire on each event of that type a source hands over
+(a scan, an MES event; ``accept_events``), with fields also from the event's data,
+under an id derived from the rule and the triggering event's id.
+Item codes, units and plant / line / work-center ids are mapped by ``map_data``
+(``_map`` for the rules' own quantities); mapping problems become dead letters
+(sink ``-``), never drops.
 
 Pure and synchronous: no I/O, no awaits, so it is cheap per batch and easy to
 test with data-driven cases.
@@ -1008,10 +1013,11 @@ def replayable(mappings: MappingsSection, letters: Iterable[DeadLetter]) -> list
 def map_event(mappings: MappingsSection, event: dict[str, Any]) -> dict[str, Any]:
     """``[mappings]`` applied to a decoded CloudEvent (what ``plantgate buffer replay`` sends again).
 
-    Item codes (``item`` and ``*_item`` fields of ``data``) and the units of
-    quantities (``{"value", "uom"}``) are mapped as the rules map them; a code that is
-    already canonical (a value of ``[mappings.items]``) passes, so mapping twice is
-    harmless. ``ValueError`` names what cannot be mapped (obsolete or unknown code).
+    Item codes (``item`` and ``*_item`` fields of ``data``), plant / line /
+    work-center ids (``plant``, ``line``, ``work_center`` and their ``*_`` forms) and
+    the units of quantities (``{"value", "uom"}``) are mapped as the rules map them; a
+    code that is already canonical (a value of its mapping) passes, so mapping twice
+    is harmless. ``ValueError`` names what cannot be mapped (obsolete or unknown code).
     """
     data = event.get("data")
     if not isinstance(data, dict):
