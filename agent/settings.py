@@ -342,6 +342,23 @@ class MappingsSection(ConfigModel):
     unknown_items: Literal["pass", "dead-letter"] = Field(
         "pass", description="An item code not in [mappings.items]: pass unchanged, or make a dead letter"
     )
+    plants: dict[str, str] = Field(
+        default_factory=dict, description="Local plant code -> canonical plant id (fields plant, *_plant)"
+    )
+    lines: dict[str, str] = Field(
+        default_factory=dict, description="Local line code -> canonical line id (fields line, *_line)"
+    )
+    work_centers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Local work-center code -> canonical id (fields work_center, *_work_center)",
+    )
+    unknown_ids: Literal["pass", "dead-letter"] = Field(
+        "pass",
+        description=(
+            "A plant, line or work-center code not in its mapping (nor one of its canonical ids): "
+            "pass unchanged, or make a dead letter"
+        ),
+    )
 
 
 class SequencingRule(ConfigModel):
