@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import Reading
+from agent.events import Reading, make_event
 from agent.rules import Rules, mapping_caused, replayable
 from agent.settings import ConfigError, load_mappings, parse_settings
 
@@ -117,3 +117,23 @@ def test_environment_overrides_of_mappings_apply_on_reload_and_others_are_ignore
     environ = {"PLANTGATE__MAPPINGS__UNKNOWN_ITEMS": "drop"}
     with pytest.raises(ConfigError, match="set by PLANTGATE__MAPPINGS__UNKNOWN_ITEMS"):
         load_mappings(path, settings, environ=environ)
+
+
+def test_a_reload_brings_new_line_ids_and_counts_the_dead_letters_they_fix(tmp_path: Path) -> None:
+    strict = CONFIG.replace("[mappings]\n", '[mappings]\nunknown_ids = "dead-letter"\n')
+    rules = Rules(parse_settings(strict))
+    event = make_event(
+        "workorder.started", id="mes-1", source="mes", time=AT, site="plant-01", data={"line": "L3", "work_order": "1"}
+    )
+    [letter] = rules.accept_events("mes", [event]).dead_letters
+    assert letter.reason == "line: line code 'L3' is not in [mappings.lines]"
+    path = tmp_path / "plantgate.toml"
+    path.write_text(strict + '\n[mappings.lines]\n"L3" = "MUC-LINE-3"\n', encoding="utf-8")
+    mappings = load_mappings(path, parse_settings(strict), environ={})
+    assert replayable(mappings, [letter]) == [letter]
+    rules.use_mappings(mappings)
+    again = make_event(
+        "workorder.started", id="mes-2", source="mes", time=AT, site="plant-01", data={"line": "L3", "work_order": "1"}
+    )
+    [mapped] = rules.accept_events("mes", [again]).events
+    assert mapped.data == {"line": "MUC-LINE-3", "work_order": "1"}
