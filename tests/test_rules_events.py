@@ -310,3 +310,16 @@ def test_unknown_ids_pass_by_default() -> None:
     )
     out = rules.accept_events("mes", [event])
     assert not out.dead_letters and out.events[0].data == {"line": "L9", "plant": "P9"}
+
+
+def test_a_trigger_that_becomes_a_dead_letter_still_gives_the_rules_transaction() -> None:
+    text = BASE.format(rules=MOVE.replace('item = { event = "gtin" }', "")).replace(
+        "[mappings.items]", '[mappings]\nunknown_items = "dead-letter"\n\n[mappings.items]'
+    )
+    rules = Rules(parse_settings(text))
+    rules.process("press7", [Reading("press7.line", "L3", AT)])
+    out = rules.accept_events("dock1", [scan("dock1", {**RECEIPT, "item": "NOT-MAPPED"})])
+    [letter] = out.dead_letters
+    assert letter.type == "io.plantgate.goods.received" and "NOT-MAPPED" in letter.reason
+    [moved] = out.events
+    assert moved.type == "io.plantgate.inventory.moved" and moved.data["lot"] == "LOT-42"
