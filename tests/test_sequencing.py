@@ -21,7 +21,7 @@ import pytest
 from agent.cli import main
 from agent.events import CloudEvent, decode_event, make_event
 from agent.pipeline import Agent
-from agent.settings import SequencingRule, parse_settings
+from agent.settings import ConfigError, SequencingRule, parse_settings
 from buffer import NO_SINK, Buffer, BufferAdmin, ReplayRequest
 from tests.buffered import take_all
 from tests.peers.waiting import wait_for
@@ -282,3 +282,28 @@ async def test_end_to_end_a_consumption_posted_before_a_restart_follows_its_rele
     assert [e["id"] for e in events] == ["mes-released-1", "mes-consumed-1"]
     assert str(events[0]["sequence"]) < str(events[1]["sequence"])
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ('type = "material.consumed"\nafter = []', "after"),
+        ('type = "material.eaten"\nafter = ["workorder.released"]', "material.eaten"),
+        ('type = "material.consumed"\nafter = ["telemetry.samples"]', "telemetry.samples"),
+        ('type = "material.consumed"\nafter = ["workorder.released"]\nhold = "0s"', "hold"),
+        ('type = "material.consumed"\nafter = ["material.consumed"]', "cannot wait for itself"),
+    ],
+)
+def test_a_sequencing_entry_is_checked(entry: str, error: str) -> None:
+    text = f'[agent]\nsite = "plant-01"\nid = "gw-1"\n\n[[sequencing]]\n{entry}\n'
+    with pytest.raises(ConfigError, match=error):
+        parse_settings(text)
+
+
+def test_sequencing_types_are_canonical_and_the_same_type_is_guarded_once() -> None:
+    base = '[agent]\nsite = "plant-01"\nid = "gw-1"\n'
+    rule = '\n[[sequencing]]\ntype = "io.plantgate.material.consumed"\nafter = ["workorder.started"]\nhold = "5m"\n'
+    [parsed] = parse_settings(base + rule).sequencing
+    assert (parsed.type, parsed.after, parsed.hold) == ("material.consumed", ["workorder.started"], 300.0)
+    with pytest.raises(ConfigError, match="earlier"):
+        parse_settings(base + rule + rule)
