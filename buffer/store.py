@@ -422,9 +422,14 @@ class Buffer:
         dedupe_max_ids: int | None = None,
         sinks: Mapping[str, Iterable[Lane]] | None = None,
         commit_retry_interval: float = 1.0,
-        sequencing: Iterable[SequencingEntry] = (),
+        sequencing: Iterable[SequencingEntry] | None = None,
     ):
         self.path = path
+        # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
+        # what is held stays held; a list, even empty, is the agent's config: held events of a
+        # type no longer guarded go into their lane.
+        self._sequencing_known = sequencing is not None
+        sequencing = sequencing or ()
         self._guard: dict[str, _Guard] = {
             TYPE_PREFIX + rule.type: _Guard(
                 after=frozenset(TYPE_PREFIX + name for name in rule.after),
@@ -1641,7 +1646,7 @@ class Buffer:
         """Periodic upkeep (about once a second): size cap and back-pressure."""
         if self._db is None:
             return
-        if self._held or self._released:
+        if self._sequencing_known and (self._held or self._released):
             self._expire_held(time.time())
         self._written_since_size_check = 0
         await self._refresh_size()

@@ -307,3 +307,35 @@ def test_sequencing_types_are_canonical_and_the_same_type_is_guarded_once() -> N
     assert (parsed.type, parsed.after, parsed.hold) == ("material.consumed", ["workorder.started"], 300.0)
     with pytest.raises(ConfigError, match="earlier"):
         parse_settings(base + rule + rule)
+
+
+async def test_held_events_stay_held_where_the_rules_are_unknown_and_pass_once_no_rule_guards_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = Buffer(path, sinks=SINKS, sequencing=[RULE])
+    await buffer.open()
+    buffer.cursor("cloud", ["transaction"])
+    await buffer.append([consumed(1), consumed(2)])
+    await buffer.close()
+
+    unknown = Buffer(path, sinks=SINKS)  # as ``plantgate buffer`` opens a stopped agent's file
+    await unknown.open()
+    try:
+        await unknown.maintain()
+        await unknown.commit_now()
+        assert unknown.held_summary().count == 2
+        assert await take_all(unknown, unknown.cursor("cloud", ["transaction"])) == []
+    finally:
+        await unknown.close()
+
+    unguarded = Buffer(path, sinks=SINKS, sequencing=[])  # the entry was removed from the config
+    await unguarded.open()
+    try:
+        await unguarded.maintain()
+        await unguarded.commit_now()
+        out = await take_all(unguarded, unguarded.cursor("cloud", ["transaction"]))
+        assert [e.id for e in out] == ["consumed-WO-1-1", "consumed-WO-1-2"]
+        assert unguarded.held_summary().count == 0 and unguarded.dead_letter_count == 0
+    finally:
+        await unguarded.close()
