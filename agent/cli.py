@@ -327,7 +327,10 @@ def _summary(settings: Any) -> str:
             lines.extend(rest)
     for rule in settings.transactions:
         fields = ", ".join(f"{k}={_field_shown(v)}" for k, v in rule.fields.items())
-        edge = f"{rule.on} " if rule.on else ""
+        if rule.when_event:
+            trigger = f"event {rule.when_event}" + (f" from {rule.when_source}" if rule.when_source else "")
+        else:
+            trigger = (f"{rule.on} " if rule.on else "") + rule.when
         extras = "".join(
             f" {label}={value}"
             for label, value in (
@@ -343,12 +346,14 @@ def _summary(settings: Any) -> str:
             wanted = f"in {test.in_}" if test.in_ is not None else f"== {test.equals!r}"
             condition = f" if {test.tag} {wanted}"
         lines.append(
-            f"rule     {rule.name}: on {edge}{rule.when}{condition} -> io.plantgate.{rule.type} {{{fields}}}{extras}"
+            f"rule     {rule.name}: on {trigger}{condition} -> io.plantgate.{rule.type} {{{fields}}}{extras}"
         )
     mappings = settings.mappings
-    if mappings.items or mappings.uom:
+    if mappings.items or mappings.uom or mappings.plants or mappings.lines or mappings.work_centers:
         lines.append(
-            f"mappings items={len(mappings.items)} uom={len(mappings.uom)} unknown_items={mappings.unknown_items}"
+            f"mappings items={len(mappings.items)} uom={len(mappings.uom)} plants={len(mappings.plants)} "
+            f"lines={len(mappings.lines)} work_centers={len(mappings.work_centers)} "
+            f"unknown_items={mappings.unknown_items} unknown_ids={mappings.unknown_ids}"
         )
     for key in SINKS:
         for sink in getattr(settings.sinks, key):
