@@ -366,10 +366,10 @@ def _summary(settings: Any) -> str:
 
 
 def _field_shown(value: Any) -> str:
-    """A rule field as written: a tag name, ``literal:<value>`` or ``template:<text>``."""
+    """A rule field as written: a tag name, ``literal:<value>``, ``template:<text>`` or ``event:<key>``."""
     if isinstance(value, str):
         return value
-    for form in ("literal", "template"):
+    for form in ("literal", "template", "event"):
         if hasattr(value, form):
             return f"{form}:{getattr(value, form)!r}"
     return str(value)
