@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS held (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, work_order TEXT NOT NULL, type TEXT NOT NULL, lane TEXT NOT NULL,
     subject TEXT, arrived REAL NOT NULL, body BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS held_id ON held(id);
 CREATE TABLE IF NOT EXISTS released_orders (
     work_order TEXT NOT NULL, type TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (work_order, type)
 ) WITHOUT ROWID;
@@ -1092,10 +1093,13 @@ class Buffer:
 
     async def _write_sequencing(self, db: aiosqlite.Connection, pending: _Pending) -> None:
         """Held and released events and remembered releases: in the transaction of the events they go with."""
-        if pending.held_add:
+        dropped = set(pending.held_drop)
+        # Held and released within one group: never written (the delete below finds nothing).
+        added = [h for h in pending.held_add if h.id not in dropped]
+        if added:
             await db.executemany(
                 "INSERT INTO held(id, work_order, type, lane, subject, arrived, body) VALUES (?,?,?,?,?,?,?)",
-                [(h.id, h.work_order, h.type, h.lane, h.subject, h.arrived, h.body) for h in pending.held_add],
+                [(h.id, h.work_order, h.type, h.lane, h.subject, h.arrived, h.body) for h in added],
             )
         if pending.held_drop:
             await db.executemany("DELETE FROM held WHERE id = ?", [(id_,) for id_ in pending.held_drop])
