@@ -111,7 +111,7 @@ def run(quick: bool = False) -> ScenarioResult:
     rate = figures["events_per_s"]
     result.rows.append(
         Row(
-            "s sequencing",
+            "k sequencing",
             "events/s durable",
             rate,
             "ev/s",
