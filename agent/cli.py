@@ -734,7 +734,10 @@ def _offline(target: _BufferTarget, action: Callable[[Any], Coroutine[Any, Any, 
     from buffer import BufferLocked, open_admin
 
     async def run() -> Any:
-        async with open_admin(target.path, sinks=target.sinks, remap=target.remap()) as admin:
+        # The sequencing guard as the agent runs it: a replayed sequencing dead letter goes back through it.
+        async with open_admin(
+            target.path, sinks=target.sinks, remap=target.remap(), sequencing=target.settings.sequencing
+        ) as admin:
             return await action(admin)
 
     try:

@@ -2,7 +2,7 @@
 
 Scenarios (all by default, in this order): ``ingest`` (a), ``drain`` (b), ``e2e`` (c),
 ``idle`` (d), ``tags`` (e), ``modbus`` (f), ``barcode`` (g), ``mes`` (h), ``https`` (i),
-``rules`` (j); the letters work as names too. Each writes ``bench/results/<name>.json``
+``rules`` (j), ``sequencing`` (k); the letters work as names too. Each writes ``bench/results/<name>.json``
 (``<name>.quick.json`` with ``--quick``) with every raw figure and the machine.
 Exit status: 0 when every scenario ran (targets missed or not), 1 when one failed to
 run, 1 with ``--strict`` when a target was missed.
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import Row, ScenarioResult, SystemCpu, loadavg, machine_info
 
-SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https", "rules")
+SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https", "rules", "sequencing")
 ALIASES = {
     "a": "ingest",
     "b": "drain",
@@ -31,6 +31,7 @@ ALIASES = {
     "h": "mes",
     "i": "https",
     "j": "rules",
+    "k": "sequencing",
 }
 
 
@@ -67,6 +68,10 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]
         from bench import rules
 
         return lambda: rules.run(quick=args.quick)
+    if name == "sequencing":
+        from bench import sequencing
+
+        return lambda: sequencing.run(quick=args.quick)
     from bench import e2e
 
     if name == "e2e":

@@ -339,3 +339,43 @@ async def test_held_events_stay_held_where_the_rules_are_unknown_and_pass_once_n
         assert unguarded.held_summary().count == 0 and unguarded.dead_letter_count == 0
     finally:
         await unguarded.close()
+
+
+async def test_an_offline_replay_goes_back_through_the_guard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "buffer.db"
+    quick = SequencingRule(type="material.consumed", after=["workorder.released"], hold="300ms")
+    buffer = Buffer(path, sinks=SINKS, sequencing=[quick])
+    await buffer.open()
+    try:
+        buffer.cursor("cloud", ["transaction"])
+        await buffer.append([consumed(1, "WO-9")])
+
+        async def expired() -> bool:
+            await buffer.maintain()
+            await buffer.commit_now()
+            return buffer.dead_letter_count == 1
+
+        await wait_for(expired, timeout=5, message="the held consumption expires")
+    finally:
+        await buffer.close()
+
+    config = tmp_path / "plantgate.toml"
+    config.write_text(
+        f'[agent]\nsite = "plant-01"\nid = "gw-1"\ndata_dir = "{tmp_path}"\n\n'
+        '[[sinks.jsonl]]\nname = "cloud"\npath = "events.jsonl"\nlanes = ["transaction"]\n\n'
+        '[[sequencing]]\ntype = "material.consumed"\nafter = ["workorder.released"]\nhold = "30m"\n'
+    )
+    # The agent is stopped: the CLI opens the file itself, with the config's guard.
+    code = await asyncio.to_thread(main, ["buffer", "replay", "--reason", "sequencing:", "--json", "-c", str(config)])
+    out, _ = capsys.readouterr()
+    assert code == 0 and json.loads(out) == {"replayed": 1, "failed": 0}
+    buffer = Buffer(path, sinks=SINKS, sequencing=[quick])
+    await buffer.open()
+    try:
+        # Its work order is still not released: held again, not put in the sink's backlog.
+        assert buffer.held_summary().count == 1
+        assert await take_all(buffer, buffer.cursor("cloud", ["transaction"])) == []
+    finally:
+        await buffer.close()
