@@ -703,7 +703,9 @@ def _dead_letter_list(target: _BufferTarget, sink: str | None) -> list[Any]:
         with contextlib.suppress(_AgentUnreachable):
             return msgspec.convert(target.request("GET", "/v1/buffer/dead-letters" + query), list[DeadLetterEntry])
     return [
-        DeadLetterEntry(id=d.id, type=d.type, subject=d.subject, sink=d.sink, reason=d.reason, time=d.time)
+        DeadLetterEntry(
+            id=d.id, type=d.type, subject=d.subject, sink=d.sink, reason=d.reason, time=d.time, context=d.context
+        )
         for d in asyncio.run(inspect_dead_letters(target.path, sink))
     ]
 
@@ -718,15 +720,31 @@ def _cmd_buffer_dead_letters(args: argparse.Namespace) -> int:
         return EXIT_OK
     if letters:
         now = time.time()
+        # SOURCE and RULE only when some letter knows them (made by this version's rules or sources).
+        context = any(d.context for d in letters)
         _print_table(
-            ["ID", "TYPE", "SUBJECT", "SINK", "AGE", "REASON"],
+            ["ID", "TYPE", "SUBJECT", "SINK", *(["SOURCE", "RULE"] if context else []), "AGE", "REASON"],
             [
-                [d.id, d.type.removeprefix("io.plantgate."), d.subject or "-", d.sink, _age(now - d.time), d.reason]
+                [
+                    d.id,
+                    d.type.removeprefix("io.plantgate."),
+                    d.subject or "-",
+                    d.sink,
+                    *([_context_text(d.context, "source"), _context_text(d.context, "rule")] if context else []),
+                    _age(now - d.time),
+                    d.reason,
+                ]
                 for d in letters
             ],
         )
     print(f"{len(letters)} dead letter(s)")
     return EXIT_OK
+
+
+def _context_text(context: dict[str, Any] | None, key: str) -> str:
+    """One name from a dead letter's context for the table; ``-`` when it has none."""
+    value = (context or {}).get(key)
+    return str(value) if value else "-"
 
 
 def _offline(target: _BufferTarget, action: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:

@@ -25,7 +25,7 @@ test with data-driven cases.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -63,6 +63,7 @@ from agent.settings import (
     RuleCondition,
     Settings,
     TransactionRule,
+    field_value_tags,
     rule_conversion,
 )
 from agent.units import Conversion
@@ -493,9 +494,20 @@ class Rules:
         event = self._transaction(rule, event_id, uri, reading.time, subject, data, problems)
         if rule.ack is not None:
             out.acks.append(PlcAck(rule.ack, event.id))
-        self._emit(event, problems, out)
+        self._emit(
+            event,
+            problems,
+            out,
+            lambda: {
+                "source": trigger.source,
+                "rule": rule.name,
+                "values": self._raw_values(rule, reading.time, [reading.tag]),
+            },
+        )
 
-    def _fire_on_event(self, rule: TransactionRule, trigger: CloudEvent, data: Any, out: RuleOutput) -> None:
+    def _fire_on_event(
+        self, rule: TransactionRule, source: str, trigger: CloudEvent, data: Any, out: RuleOutput
+    ) -> None:
         """An event-triggered rule's own transaction; its id follows from the rule and the trigger's id."""
         event_data = data if isinstance(data, dict) else {}
         problems: list[str] = []
@@ -505,7 +517,34 @@ class Rules:
         event = self._transaction(
             rule, event_id, trigger.source, trigger.time, subject, fields, problems, trigger.correlationid, event_data
         )
-        self._emit(event, problems, out)
+        self._emit(
+            event,
+            problems,
+            out,
+            lambda: {
+                "source": source,
+                "rule": rule.name,
+                "trigger": trigger.id,
+                "values": self._raw_values(rule, trigger.time, []),
+            },
+        )
+
+    def _raw_values(self, rule: TransactionRule, at: datetime, first: list[str]) -> dict[str, Any]:
+        """Tag -> ``{value, time, quality}`` of the readings ``rule`` read at ``at`` (None: no value yet)."""
+        event = rule.when_event is not None
+        tags = list(first)
+        sources = [*rule.fields.values(), *([] if rule.partitionkey is None else [rule.partitionkey])]
+        for source in sources:
+            tags.extend(tag for tag in field_value_tags(source, event) if tag not in tags)
+        values: dict[str, Any] = {}
+        for tag in tags:
+            reading = self._value_at(tag, at)
+            values[tag] = (
+                None
+                if reading is None
+                else {"value": _plain(reading.value), "time": reading.time.isoformat(), "quality": reading.quality}
+            )
+        return values
 
     def _transaction(
         self,
@@ -537,15 +576,17 @@ class Rules:
             data=data,
         )
 
-    def _emit(self, event: CloudEvent, problems: list[str], out: RuleOutput) -> None:
-        """The rule's event mapped, or its dead letter naming every problem."""
+    def _emit(
+        self, event: CloudEvent, problems: list[str], out: RuleOutput, context: Callable[[], dict[str, Any]]
+    ) -> None:
+        """The rule's event mapped, or its dead letter naming every problem (with ``context()``)."""
         if not problems:
             mapped = dict(event.data)
             problems = self._map(mapped)
             if not problems:
                 event.data = mapped
         if problems:
-            out.dead_letters.append(_dead_letter(event, "; ".join(problems)))
+            out.dead_letters.append(_dead_letter(event, "; ".join(problems), context()))
             return
         out.events.append(event)
 
@@ -763,12 +804,12 @@ class Rules:
                         continue
                     # From the data as it came: the rule's transaction is mapped (or dead-lettered) on its own,
                     # so a trigger that becomes a dead letter still gives its transaction.
-                    self._fire_on_event(rule, event, event.data, out)
+                    self._fire_on_event(rule, source, event, event.data, out)
             if isinstance(event.data, dict):
                 try:
                     event.data = map_data(mappings, canonical, event.data)
                 except ValueError as exc:
-                    out.dead_letters.append(_dead_letter(event, str(exc)))
+                    out.dead_letters.append(_dead_letter(event, str(exc), {"source": source}))
                     continue
             out.events.append(event)
         return out
@@ -920,8 +961,13 @@ def _aggregate_of(tag: str, window: _Window) -> Aggregate:
     )
 
 
-def _dead_letter(event: CloudEvent, reason: str) -> DeadLetter:
-    """A dead letter made before any sink: the event as made (unmapped), for replay."""
+def _plain(value: Any) -> Any:
+    """A raw value as JSON can hold it (a tag value of another kind as its text)."""
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
+def _dead_letter(event: CloudEvent, reason: str, context: dict[str, Any]) -> DeadLetter:
+    """A dead letter made before any sink: the event as made (unmapped), for replay, with where it came from."""
     return DeadLetter(
         id=event.id,
         sink=NO_SINK,
@@ -931,6 +977,7 @@ def _dead_letter(event: CloudEvent, reason: str) -> DeadLetter:
         lane=event.lane,
         time=datetime.now(UTC).timestamp(),
         body=encode_event(event),
+        context=context,
     )
 
 

@@ -92,8 +92,13 @@ class PurgeResult(msgspec.Struct):
     dead_letters: int
 
 
-class DeadLetterEntry(msgspec.Struct):
-    """One dead letter as listed (``time``: Unix seconds when it became one)."""
+class DeadLetterEntry(msgspec.Struct, omit_defaults=True):
+    """One dead letter as listed (``time``: Unix seconds when it became one).
+
+    ``context``: where it came from (``source``, ``rule``, the raw ``values`` the
+    rule read); left out when not known (see ``DeadLetter``), so a listing of
+    letters without one keeps exactly its earlier keys.
+    """
 
     id: str
     type: str
@@ -101,6 +106,7 @@ class DeadLetterEntry(msgspec.Struct):
     sink: str
     reason: str
     time: float
+    context: dict[str, Any] | None = None
 
 
 _locks: weakref.WeakKeyDictionary[Buffer, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -131,7 +137,9 @@ class BufferAdmin:
 
     async def dead_letters(self, sink: str | None = None) -> list[DeadLetterEntry]:
         return [
-            DeadLetterEntry(id=d.id, type=d.type, subject=d.subject, sink=d.sink, reason=d.reason, time=d.time)
+            DeadLetterEntry(
+                id=d.id, type=d.type, subject=d.subject, sink=d.sink, reason=d.reason, time=d.time, context=d.context
+            )
             for d in await self.buffer.dead_letters(sink)
         ]
 

@@ -86,7 +86,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, sink TEXT NOT NULL, reason TEXT NOT NULL, type TEXT NOT NULL,
-    subject TEXT, lane TEXT NOT NULL, time REAL NOT NULL, body BLOB NOT NULL
+    subject TEXT, lane TEXT NOT NULL, time REAL NOT NULL, body BLOB NOT NULL, context TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedupe (n INTEGER PRIMARY KEY, time REAL NOT NULL, ids BLOB NOT NULL);
@@ -153,7 +153,13 @@ class BufferLocked(BufferError):
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
-    """An event held with the reason it could not go on; listed and replayed by operators."""
+    """An event held with the reason it could not go on; listed and replayed by operators.
+
+    ``context`` says where a dead letter made before any sink came from: ``source``
+    (the source's name), ``rule`` (the transaction rule that made the event) and
+    ``values`` (tag -> ``{value, time, quality}`` as the rule read them); None when
+    unknown (a sink's rejection, or a file from before the context was kept).
+    """
 
     id: str
     sink: str
@@ -163,6 +169,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     lane: Lane
     time: float
     body: bytes
+    context: dict[str, Any] | None = None
 
 
 class DeadLetterGroup(msgspec.Struct):
@@ -393,6 +400,21 @@ class Settlement:
     retry: int = 0
 
 
+def _context_text(context: dict[str, Any] | None) -> str | None:
+    return None if context is None else msgspec.json.encode(context).decode()
+
+
+def _context_of(text: str | None) -> dict[str, Any] | None:
+    """A stored context back; one that does not decode to an object is shown as none, not an error."""
+    if text is None:
+        return None
+    try:
+        context = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    return context if isinstance(context, dict) else None
+
+
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
     subject = decode_event(event.body).get("subject")
     return DeadLetter(
@@ -585,6 +607,10 @@ class Buffer:
             columns = {row[1] for row in await cur.fetchall()}
         if "frozen_at" not in columns:  # a file from before orphaned cursors were frozen
             await db.execute("ALTER TABLE cursors ADD COLUMN frozen_at INTEGER")
+        async with db.execute("PRAGMA table_info(dead_letters)") as cur:
+            columns = {row[1] for row in await cur.fetchall()}
+        if "context" not in columns:  # a file from before dead letters kept their context: old rows stay NULL
+            await db.execute("ALTER TABLE dead_letters ADD COLUMN context TEXT")
         reader = self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         # It reads each segment about once per sink, soon after it was written: 1 MB of cache does
         # (measured: drain rate unchanged, RSS below the single shared connection's).
@@ -1327,8 +1353,12 @@ class Buffer:
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(
-            "INSERT INTO dead_letters(id, sink, reason, type, subject, lane, time, body) VALUES (?,?,?,?,?,?,?,?)",
-            [(d.id, d.sink, d.reason, d.type, d.subject, d.lane, d.time, d.body) for d in dead],
+            "INSERT INTO dead_letters(id, sink, reason, type, subject, lane, time, body, context) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                (d.id, d.sink, d.reason, d.type, d.subject, d.lane, d.time, d.body, _context_text(d.context))
+                for d in dead
+            ],
         )
 
     async def _admin_changes(self, db: aiosqlite.Connection, pending: _Pending, txn: _Txn) -> None:
@@ -1739,20 +1769,27 @@ class Buffer:
         db = self._reader
         if db is None:
             raise BufferError("buffer is not open")
-        query = "SELECT n, id, sink, reason, type, subject, lane, time, body FROM dead_letters"
         params: tuple[Any, ...] = ()
+        where = ""
         if sink is not None:
-            query += " WHERE sink = ?"
+            where = " WHERE sink = ?"
             params = (sink,)
         try:
-            async with db.execute(query + " ORDER BY n", params) as cur:
+            async with db.execute("PRAGMA table_info(dead_letters)") as cur:
+                # A read-only look at a file from before the column existed: no context to show.
+                context = "context" if "context" in {row[1] for row in await cur.fetchall()} else "NULL"
+            query = f"SELECT n, id, sink, reason, type, subject, lane, time, body, {context} FROM dead_letters"
+            async with db.execute(query + where + " ORDER BY n", params) as cur:
                 rows = await cur.fetchall()
         except sqlite3.DatabaseError as exc:
             if is_corruption(exc):
                 self._saw_corruption(exc)
                 raise BufferError(f"buffer file is corrupt: {exc}") from exc
             raise
-        return [(int(row[0]), DeadLetter(*row[1:])) for row in rows]
+        return [
+            (int(n), DeadLetter(id_, sink_, reason, type_, subject, lane, at, body, _context_of(context)))
+            for n, id_, sink_, reason, type_, subject, lane, at, body, context in rows
+        ]
 
     async def dead_letter_summary(self, top_reasons: int = 5) -> dict[str, DeadLetterGroup]:
         """Dead letters per sink: how many, the time of the oldest, and the most frequent reasons.
