@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.events import Reading, Sample
+from agent.events import Aggregate, Reading, Sample
 from agent.pipeline import Agent
 from agent.rules import Rules
 from agent.settings import ConfigError, parse_settings
@@ -212,3 +213,57 @@ async def test_a_running_agent_sends_the_held_value_at_the_interval_end_without_
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+# Steps between readings in milliseconds: many inside one window, some across several.
+steps = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=25_000),
+        values,
+        st.sampled_from(["good", "good", "good", "bad"]),
+        st.booleans(),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps, st.sampled_from(["1s", "2500ms", "10s", "1m"]))
+def test_every_aggregate_equals_its_window_of_readings(rows: list[tuple[int, float, str, bool]], width: str) -> None:
+    rules = Rules(parse_settings(config(f'aggregate = "{width}"')))
+    seconds = {"1s": 1.0, "2500ms": 2.5, "10s": 10.0, "1m": 60.0}[width]
+    readings: list[Reading] = []
+    at = START
+    for step, value, quality, _ in rows:
+        at += timedelta(milliseconds=step)
+        readings.append(Reading(TAG, value, at, quality))  # type: ignore[arg-type]
+    aggregates: list[Aggregate] = []
+    batch: list[Reading] = []
+    for reading, (_, _, _, cut) in zip(readings, rows, strict=True):
+        batch.append(reading)
+        if cut:
+            # The maintenance tick runs on the agent's clock, about the readings' time.
+            for event in [*rules.process("oven1", batch).events, *rules.flush_due(reading.time).events]:
+                aggregates.extend(event.data.aggregates)
+            batch = []
+    for event in [*rules.process("oven1", batch).events, *rules.flush_due(at + timedelta(hours=1)).events]:
+        aggregates.extend(event.data.aggregates)
+
+    expected: dict[datetime, list[float]] = {}
+    for reading in readings:
+        if reading.quality != "bad":
+            start = datetime.fromtimestamp(math.floor(reading.time.timestamp() / seconds) * seconds, UTC)
+            expected.setdefault(start, []).append(reading.value)
+    starts = [aggregate.start for aggregate in aggregates]
+    # No reading in two windows or in none: one aggregate per window that had good readings.
+    assert sorted(starts) == sorted(expected), "each window is emitted exactly once"
+    assert sum(aggregate.count for aggregate in aggregates) == sum(len(v) for v in expected.values())
+    for aggregate in aggregates:
+        window = expected[aggregate.start]
+        assert aggregate.tag == TAG
+        assert aggregate.end - aggregate.start == timedelta(seconds=seconds)
+        assert aggregate.count == len(window)
+        assert aggregate.min == min(window)
+        assert aggregate.max == max(window)
+        assert aggregate.last == window[-1]
+        assert math.isclose(aggregate.mean, sum(window) / len(window), rel_tol=1e-9, abs_tol=1e-6)
