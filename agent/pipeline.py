@@ -525,6 +525,9 @@ class Agent:
                 out = self.rules.flush_due(utc_now())
                 for source in {e.source.rsplit("/", 1)[-1] for e in out.events}:
                     self.accept(source, RuleOutput(events=[e for e in out.events if e.source.endswith("/" + source)]))
+                if out.dead_letters or out.state:
+                    # Window rules' dead letters and counter state, committed after the events they counted.
+                    self.accept("rules", RuleOutput(dead_letters=out.dead_letters, state=out.state))
             await self._refresh_dead_letters()  # cheap unless dead letters changed
             if tick % 5 == 0:
                 await self._refresh_oldest()

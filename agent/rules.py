@@ -14,6 +14,10 @@ from ``uom`` to ``uom_to`` exactly (``agent.units``).
 Rules with ``when_event`` fire on each event of that type a source hands over
 (a scan, an MES event; ``accept_events``), with fields also from the event's data,
 under an id derived from the rule and the triggering event's id.
+Rules with ``every`` fire from ``flush_due`` at each wall-clock window boundary
+(multiples of ``every`` since the epoch, UTC), their counter fields taking what
+was counted since the rule last fired, under an id derived from the rule and the
+window's end, so a restart inside a window does not fire it twice.
 Item codes, units and plant / line / work-center ids are mapped by ``map_data``
 (``_map`` for the rules' own quantities); mapping problems become dead letters
 (sink ``-``), never drops.
@@ -77,6 +81,9 @@ IDENTIFIER_FIELDS = frozenset({"work_order", "item", "lot", "serial", "station"}
 
 COUNTER_STATE_PREFIX = "rules/counter/"
 """Buffer state keys of counter tags: ``rules/counter/<tag>``."""
+
+WINDOW_STATE_PREFIX = "rules/window/"
+"""Buffer state keys of window rules: ``rules/window/<rule>`` holds the end of the last window closed."""
 
 
 class _CounterState(msgspec.Struct):
@@ -167,6 +174,8 @@ class Rules:
         for rule in settings.transactions:
             if rule.when_event is not None:
                 self._event_rules.setdefault(rule.when_event, []).append(rule)
+            elif rule.every is not None:
+                pass  # fired by flush_due on the clock
             else:
                 self._tags[rule.when].triggers.append(rule)
         self.current: dict[str, Reading] = {}
@@ -194,7 +203,14 @@ class Rules:
         self._fired_totals: dict[tuple[str, str], int] = {}
         self._touched: set[str] = set()  # counter tags whose state changed in this batch
         self._source_uri = {name: self.source_uri(name) for name in {s.source for s in self._tags.values()}}
-        self._flushes = any(
+        self._window_rules = [rule for rule in settings.transactions if rule.every is not None]
+        # Settings checked that a window rule's counters share one source: its events come from it.
+        self._window_source = {
+            rule.name: self._tags[next(iter(self._counter_tags(rule).values()))].source for rule in self._window_rules
+        }
+        self._window_ends: dict[str, datetime] = {}
+        """Window rule -> end of the last window it closed (restored at start)."""
+        self._flushes = bool(self._window_rules) or any(
             state.config.aggregate is not None or state.config.min_interval is not None for state in self._tags.values()
         )
 
@@ -294,7 +310,74 @@ class Rules:
             out.events.append(self._aggregates_event(source, aggregates))
         for source, samples in held.items():
             out.events.extend(self._samples_events(source, samples))
+        for rule in self._window_rules:
+            self._close_window(rule, limit, out)
+        if self._touched:
+            out.state.update({COUNTER_STATE_PREFIX + tag: self._counter_state(tag) for tag in self._touched})
+            self._touched.clear()
         return out
+
+    def _counter_tags(self, rule: TransactionRule) -> dict[str, str]:
+        """Field key -> counter tag, for the fields of ``rule`` that name a counter."""
+        return {
+            key: value
+            for key, value in rule.fields.items()
+            if isinstance(value, str) and value in self._tags and self._tags[value].counter is not None
+        }
+
+    def _counter_read(self, tag: str) -> bool:
+        """Whether a counter has a raw value, read in this run or restored from the last."""
+        counter = self._tags[tag].counter
+        return counter is not None and counter.previous is not None
+
+    def _close_window(self, rule: TransactionRule, limit: datetime, out: RuleOutput) -> None:
+        """Fire a window rule once when a boundary passed since its last window (``grace`` before ``now``).
+
+        After a stop across one or more boundaries it fires once, at the latest
+        boundary, with everything counted since it last fired. On the very first
+        start (nothing saved) the window in progress is where it starts: its first
+        event carries everything counted since the counter's first reading.
+        """
+        assert rule.every is not None
+        width = rule.every
+        end = datetime.fromtimestamp(math.floor(limit.timestamp() / width) * width, UTC)
+        last = self._window_ends.get(rule.name)
+        if last is not None and end <= last:
+            return
+        self._window_ends[rule.name] = end
+        out.state[WINDOW_STATE_PREFIX + rule.name] = end.isoformat()
+        if last is None:
+            return
+        # Everything read up to this tick counts (a reading polled just after the boundary
+        # goes with this window); no per-batch source-time choice applies between batches.
+        self._batch_fields.clear()
+        counters = self._counter_tags(rule)
+        if not all(self._counter_read(tag) for tag in counters.values()):
+            return  # a counter not read yet counted nothing: the next window takes it from its first reading
+        if rule.condition is not None and not self._holds(rule.condition, end):
+            return  # not fired: what was counted goes into the next window that fires
+        counted = [
+            self._total_at(tag, end) - self._fired_totals.get((rule.name, key), 0) for key, tag in counters.items()
+        ]
+        if rule.skip_zero is not False and not any(counted):
+            return
+        source = self._window_source[rule.name]
+        uri = self._source_uri[source]
+        problems: list[str] = []
+        data = self._fill(rule, end, None, problems)
+        subject = _subject(data, next(iter(counters.values())))
+        event = self._transaction(rule, stable_id(uri, rule.name, end.isoformat()), uri, end, subject, data, problems)
+        self._emit(
+            event,
+            problems,
+            out,
+            lambda: {
+                "source": source,
+                "rule": rule.name,
+                "window_end": end.isoformat(),
+                "values": self._raw_values(rule, end, []),
+            },
+        )
 
     @property
     def aggregating(self) -> bool:
@@ -602,7 +685,9 @@ class Rules:
                 data[key] = self._event_quantity(key, quantity, rule, problems)
                 continue
             if isinstance(source, str) and self._tags[source].counter is not None:
-                if self._value_at(source, at) is None:
+                # A window rule after a restart counts from the restored state before the first new reading.
+                restored = rule.every is not None and self._counter_read(source)
+                if self._value_at(source, at) is None and not restored:
                     problems.append(f"field {key}: tag {source} has no good value yet")
                     data[key] = None
                     continue
@@ -718,7 +803,10 @@ class Rules:
 
     def state_keys(self) -> list[str]:
         """The keys under which ``RuleOutput.state`` saves counter state (for ``restore`` at start)."""
-        return [COUNTER_STATE_PREFIX + tag for tag in sorted(self._field_tags) if self._tags[tag].counter is not None]
+        return [
+            *(COUNTER_STATE_PREFIX + tag for tag in sorted(self._field_tags) if self._tags[tag].counter is not None),
+            *(WINDOW_STATE_PREFIX + rule.name for rule in self._window_rules),
+        ]
 
     def restore(self, key: str, value: str) -> bool:
         """Take back counter state saved under ``key``; False (and nothing changed) when it does not apply.
@@ -728,6 +816,16 @@ class Rules:
         stopped, so what the PLC counted meanwhile is reported once, and what was
         already reported is not reported again.
         """
+        if key.startswith(WINDOW_STATE_PREFIX):
+            name = key.removeprefix(WINDOW_STATE_PREFIX)
+            if name not in self._window_source:
+                return False
+            try:
+                end = datetime.fromisoformat(value)
+            except ValueError:
+                return False
+            self._window_ends[name] = end
+            return True
         tag = key.removeprefix(COUNTER_STATE_PREFIX)
         state = self._tags.get(tag)
         if not key.startswith(COUNTER_STATE_PREFIX) or state is None or state.counter is None:

@@ -251,6 +251,16 @@ class TransactionRule(ConfigModel):
         ),
     )
     when_source: str | None = Field(None, description="With when_event: take only this source's events")
+    every: Duration | None = Field(
+        None,
+        description=(
+            'Fire at each wall-clock window boundary (multiples of this since the Unix epoch, UTC), e.g. "15m"; '
+            "its counter fields get what was counted in the window; exclusive with `when` and `when_event`"
+        ),
+    )
+    skip_zero: bool | None = Field(
+        None, description="With every: no event for a window where every counter field is 0 (default true)"
+    )
     on: TriggerEdge | None = Field(
         None,
         description=(
@@ -298,8 +308,22 @@ class TransactionRule(ConfigModel):
 
     @model_validator(mode="after")
     def _one_trigger(self) -> TransactionRule:
-        if bool(self.when) == (self.when_event is not None):
-            raise ValueError("a rule needs exactly one trigger: `when` (a tag) or `when_event` (an event type)")
+        if [bool(self.when), self.when_event is not None, self.every is not None].count(True) != 1:
+            raise ValueError(
+                "a rule needs exactly one trigger: `when` (a tag), `when_event` (an event type) or `every` (a window)"
+            )
+        if self.every is not None:
+            if self.every <= 0:
+                raise ValueError("`every` must be a positive duration")
+            for option, given in [("on", self.on), ("ack", self.ack), ("when_source", self.when_source)]:
+                if given is not None:
+                    raise ValueError(f"`{option}` goes with a triggered rule; a window rule fires on the clock")
+            for key, value in [*self.fields.items(), ("partitionkey", self.partitionkey)]:
+                if isinstance(value, FieldEvent):
+                    raise ValueError(f"{key}: {{ event = ... }} needs a rule with `when_event`")
+            return self
+        if self.skip_zero is not None:
+            raise ValueError("`skip_zero` goes with `every` (a window rule)")
         if self.when_event is None:
             if self.when_source is not None:
                 raise ValueError("`when_source` goes with `when_event` (it picks whose events fire the rule)")
@@ -468,7 +492,21 @@ class Settings(BaseSettings):
                         template_tags(value.template)
                     except ValueError as exc:
                         raise ValueError(f"{where}.{key}: {exc}") from None
-            if rule.when_event is None and rule.when not in tags:
+            if rule.every is not None:
+                kinds = self.tag_configs()
+                counters = {
+                    value: tags[value]
+                    for value in rule.fields.values()
+                    if isinstance(value, str) and value in tags and kinds[value].kind == "counter"
+                }
+                if not counters:
+                    raise ValueError(f"{where}.fields: a window rule (`every`) needs a field naming a counter tag")
+                if len(set(counters.values())) > 1:
+                    raise ValueError(
+                        f"{where}.fields: a window rule's counters must come from one source, "
+                        f"not {', '.join(sorted(set(counters.values())))}"
+                    )
+            elif rule.when_event is None and rule.when not in tags:
                 raise ValueError(f"{where}.when: tag {rule.when!r} is not defined by any source")
             if rule.when_source is not None and rule.when_source not in {s.name for s in self.source_configs()}:
                 raise ValueError(f"{where}.when_source: {rule.when_source!r} is not a configured source")
