@@ -309,6 +309,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _summary(settings: Any) -> str:
+    from agent.config_types import format_duration
     from agent.registry import SINKS, SOURCES, build_context
 
     agent = settings.agent
@@ -329,6 +330,8 @@ def _summary(settings: Any) -> str:
         fields = ", ".join(f"{k}={_field_shown(v)}" for k, v in rule.fields.items())
         if rule.when_event:
             trigger = f"event {rule.when_event}" + (f" from {rule.when_source}" if rule.when_source else "")
+        elif rule.every is not None:
+            trigger = f"every {format_duration(rule.every)}"
         else:
             trigger = (f"{rule.on} " if rule.on else "") + rule.when
         extras = "".join(
