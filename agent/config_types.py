@@ -6,10 +6,11 @@ Every protocol module defines its own config model from these, beside its code.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
 
@@ -54,6 +55,28 @@ class ConfigModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def server_url(value: str, schemes: Sequence[str], *, credentials_hint: str = "") -> SplitResult:
+    """A peer's url, checked: one of ``schemes``, a host, a valid non-zero port, no credentials in it.
+
+    Raises ``ValueError`` saying what is wrong (the config models turn it into a one-line error).
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        wanted = " or ".join(repr(scheme) for scheme in schemes)
+        raise ValueError(f"scheme must be {wanted}, not {parts.scheme or 'missing'!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the url" + credentials_hint)
+    if not parts.hostname:
+        raise ValueError("the url has no host")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    if port == 0:
+        raise ValueError("port 0 is not a server port")
+    return parts
 
 
 def parse_duration(value: Any) -> float:

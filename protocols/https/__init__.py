@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from agent.config_types import BuildContext, ConfigModel, Duration, mask_secret, read_secret
+from agent.config_types import BuildContext, ConfigModel, Duration, mask_secret, read_secret, server_url
 from agent.sink import SinkConfig
 
 if TYPE_CHECKING:
@@ -47,20 +47,7 @@ def is_loopback(host: str) -> bool:
 
 def _check_http_url(value: str, *, plain_ok: bool) -> str:
     value = value.strip()
-    parts = urlsplit(value)
-    allowed = ("https", "http") if plain_ok else ("https",)
-    if parts.scheme not in allowed:
-        raise ValueError(f'scheme must be {" or ".join(repr(s) for s in allowed)}, not {parts.scheme or "missing"!r}')
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials do not belong in the url")
-    if not parts.hostname:
-        raise ValueError("the url has no host")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port: {exc}") from None
-    if port == 0:
-        raise ValueError("port 0 is not a server port")
+    server_url(value, ("https", "http") if plain_ok else ("https",))
     return value
 
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
-from agent.config_types import BuildContext, Duration, mask_secret
+from agent.config_types import BuildContext, Duration, mask_secret, server_url
 from agent.events import LANES, Lane
 from agent.sink import SinkConfig
 
@@ -114,19 +114,7 @@ class MqttSinkConfig(SinkConfig):
     @classmethod
     def _check_url(cls, value: str) -> str:
         value = value.strip()
-        parts = urlsplit(value)
-        if parts.scheme not in DEFAULT_PORTS:
-            raise ValueError(f'scheme must be "mqtt" or "mqtts", not {parts.scheme or "missing"!r}')
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("credentials do not belong in the url; use username and password_file")
-        if not parts.hostname:
-            raise ValueError("the url has no host")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
-        if port == 0:
-            raise ValueError("port 0 is not a broker port")
+        parts = server_url(value, tuple(DEFAULT_PORTS), credentials_hint="; use username and password_file")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError('an MQTT url is only "scheme://host:port", without path or query')
         return value
