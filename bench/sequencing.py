@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 
 from agent.events import CloudEvent, Quantity, make_event
 from agent.settings import SequencingRule
-from bench.common import CpuWindow, Row, ScenarioResult, memory_mb, target_min, workdir
+from bench.common import Row, ScenarioResult, memory_mb, target_min, workdir
+from bench.ingest import append_timed
 from buffer import Buffer
 
 GROUP = 500
@@ -68,15 +68,7 @@ async def _ingest(path: Path, groups: list[list[CloudEvent]]) -> dict[str, Any]:
     try:
         buffer.cursor("cloud", ["transaction"])
         count = sum(len(g) for g in groups)
-        window = CpuWindow().start()
-        t0 = time.perf_counter()
-        futures = []
-        for group in groups:
-            await buffer.wait_writable()
-            futures.append(buffer.append(group))
-        await asyncio.gather(*futures)
-        elapsed = time.perf_counter() - t0
-        window.stop()
+        elapsed, window = await append_timed(buffer, groups)
         rss_after, hwm = memory_mb()
         held = buffer.held_summary().count
         if held or buffer.depth("cloud", "transaction") != count:
