@@ -74,11 +74,25 @@ promtool:
 	  fi; \
 	fi
 
+# The console's browser tests (tests/test_console_browser.py) drive Debian's Chromium with
+# Playwright (installed by pip; it uses the system browser, nothing is downloaded). Installed
+# when missing and we may; otherwise those tests are skipped with the reason.
+.PHONY: chromium
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing chromium from Debian's packages (console browser tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "chromium is missing: install it (apt-get install chromium); the console browser tests will be skipped"; \
+	  fi; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check agent protocols buffer tests bench
 	$(BIN)/mypy
 
-test: lint mosquitto node-peers systemd-tools promtool
+test: lint mosquitto node-peers systemd-tools promtool chromium
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP) mosquitto

@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the whole pipeline against built-in simulators")
     demo.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until Ctrl-C)")
     demo.add_argument("--data-dir", type=Path, default=None, help="where the demo keeps its buffer and files")
+    demo.add_argument(
+        "--simulators-only",
+        action="store_true",
+        help="run only the built-in simulators (OPC UA press, Modbus filler, scanner, MES), for your own config",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     buffer = commands.add_parser("buffer", help="inspect and operate the buffer (offline or through the running agent)")
@@ -536,7 +541,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.logs import setup_logging
 
     setup_logging("WARNING")
-    return _run_loop(lambda: run_demo(seconds=args.seconds, data_dir=args.data_dir))
+    return _run_loop(
+        lambda: run_demo(seconds=args.seconds, data_dir=args.data_dir, simulators_only=args.simulators_only)
+    )
 
 
 # --- buffer --------------------------------------------------------------------------------------

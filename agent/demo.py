@@ -310,7 +310,7 @@ def _free_port() -> int:
     return port
 
 
-async def run_demo(*, seconds: float | None, data_dir: Path | None = None) -> int:
+async def run_demo(*, seconds: float | None, data_dir: Path | None = None, simulators_only: bool = False) -> int:
     """Run the demo; returns the exit code."""
     import secrets
     import signal

@@ -23,9 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from starlette.routing import BaseRoute
+
 from agent import __version__, systemd
 from agent.backoff import Backoff
 from agent.buffer_api import buffer_routes
+from agent.console import console_routes
 from agent.events import (
     AgentStarted,
     BufferQuarantined,
@@ -38,6 +41,7 @@ from agent.events import (
     utc_now,
 )
 from agent.http_server import HttpServer
+from agent.lineage import Lineage
 from agent.metrics import Component, Metrics
 from agent.outages import SinkOutageLog
 from agent.pacing import RatePacer
@@ -103,12 +107,18 @@ class Agent:
             version=__version__,
         )
         self._inlets = {source.name: _SourceInlet(self, source) for source in self.sources}
-        routes = buffer_routes(
-            settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks}, lambda: self.rules.mappings
-        )
+        routes: list[BaseRoute] = [
+            *buffer_routes(
+                settings, self.buffer, {sink.name: sink.lanes for sink in self.sinks}, lambda: self.rules.mappings
+            )
+        ]
         for source in self.sources:
             if isinstance(source, ServesHttp):
                 routes.extend(source.routes(self._inlets[source.name]))
+        self.lineage = Lineage(self)
+        """Business outcomes and reconciliation (``agent.lineage``)."""
+        routes.extend(self.lineage.routes())
+        routes.extend(console_routes(self))
         self.http = (
             HttpServer(
                 settings.http.listen,
@@ -220,6 +230,7 @@ class Agent:
                 for name in self.acks.source_names
             ]
             helpers.append(start("maintenance", "agent", "agent", self._maintenance))
+            helpers.append(start("lineage", "agent", "agent", self.lineage.run))
             watchdog = functools.partial(systemd.watchdog_loop, self._stopping)
             helpers.append(start("watchdog", "agent", "agent", watchdog))
             self.state = "running"
@@ -630,6 +641,7 @@ class Agent:
             return
         await self._refresh_oldest()
         await self._refresh_dead_letters()
+        await self.lineage.refresh_metrics()
         self.metrics.set_buffer(
             {
                 (sink.name, lane): (self.buffer.depth(sink.name, lane), self._oldest.get((sink.name, lane), 0.0))
@@ -725,6 +737,7 @@ class Agent:
             "unrouted": dict(self._unrouted),
             "tasks": {name: health.as_dict() for name, health in self.tasks.items()},
             "plc_acks": self.acks.status(),
+            **({} if (lineage := self.lineage.status()) is None else {"lineage": lineage}),
         }
 
     def key_figures(self) -> dict[str, Any]:

@@ -114,14 +114,27 @@ class RuleOutput:
     unmet: int = 0  # trigger edges of rules whose condition did not hold (no event, by the site's config)
     state: dict[str, str] = field(default_factory=dict)
     """Counter state to save durably in the same commit as ``events`` (``Rules.restore`` takes it back)."""
+    contexts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Event id -> what triggered a rule's event (source, rule, the raw values it read), for lineage."""
 
     def extend(self, other: RuleOutput) -> None:
         self.events.extend(other.events)
+        self.contexts.update(other.contexts)
         self.dead_letters.extend(other.dead_letters)
         self.acks.extend(other.acks)
         self.suppressed += other.suppressed
         self.unmet += other.unmet
         self.state.update(other.state)
+
+
+class LastFired(NamedTuple):
+    """The last event a rule produced (for the console's tag and rule view)."""
+
+    id: str
+    type: str
+    subject: str | None
+    time: str  # the event's source time, ISO 8601
+    committed_at: float  # when the rule made it (Unix time)
 
 
 @dataclass
@@ -180,6 +193,8 @@ class Rules:
                 self._tags[rule.when].triggers.append(rule)
         self.current: dict[str, Reading] = {}
         """The latest good reading of every tag: rules fill their fields from it."""
+        self.last_fired: dict[str, LastFired] = {}
+        """Rule name -> the last event it produced (dead letters not counted)."""
         # Tags whose readings are kept per batch: each trigger reads them as they were at its own source time.
         self._field_tags = frozenset(
             {tag for rule in settings.transactions for tag in rule.read_tags()}
@@ -672,6 +687,11 @@ class Rules:
             out.dead_letters.append(_dead_letter(event, "; ".join(problems), context()))
             return
         out.events.append(event)
+        made = context()
+        out.contexts[event.id] = made
+        self.last_fired[made["rule"]] = LastFired(
+            event.id, event.type, event.subject, event.time.isoformat(), datetime.now(UTC).timestamp()
+        )
 
     def _fill(
         self, rule: TransactionRule, at: datetime, event_data: dict[str, Any] | None, problems: list[str]
