@@ -88,11 +88,38 @@ class BufferSection(ConfigModel):
     )
 
 
+class JournalSection(ConfigModel):
+    """``[journal]``: the delivery journal, what happened to every transaction and operational event."""
+
+    enabled: bool = Field(True, description="Keep the delivery journal (plantgate trace, outcomes, reconciliation)")
+    retention: Duration = Field(
+        30 * 86_400.0, gt=0, description="How long an event's journal record is kept after it was committed"
+    )
+    max_size_mb: float = Field(
+        512, gt=0, description="The journal's share of the buffer file at most; beyond it the oldest records go first"
+    )
+
+
+class ReconciliationSection(ConfigModel):
+    """``[reconciliation]``: the periodic summary of what was delivered, for the cloud side to check."""
+
+    interval: Duration = Field(
+        3600.0,
+        ge=0,
+        description="Window of each io.plantgate.reconciliation.summary event (0 = no summary events)",
+    )
+
+
 class HttpSection(ConfigModel):
     """``[http]``: health, metrics and status (and, later, MES ingest)."""
 
     listen: str = Field("127.0.0.1:9480", description="host:port for /healthz, /readyz, /metrics, /status")
     ingest_token_file: Path | None = Field(None, description="Bearer token file for POST /v1/events")
+    admin_token_file: Path | None = Field(
+        None,
+        description="Bearer token file for what changes state from the console and the admin API (replay, purge); "
+        "without it the ingest token serves",
+    )
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest request body accepted")
 
     @field_validator("listen")
@@ -429,6 +456,8 @@ class Settings(BaseSettings):
     agent: AgentSection
     buffer: BufferSection = BufferSection()
     http: HttpSection = HttpSection()
+    journal: JournalSection = JournalSection()
+    reconciliation: ReconciliationSection = ReconciliationSection()
     sources: SourcesSection = Field(default_factory=SourcesSection)  # type: ignore[valid-type]
     sinks: SinksSection = Field(default_factory=SinksSection)  # type: ignore[valid-type]
     transactions: list[TransactionRule] = Field(default_factory=list)
