@@ -98,12 +98,7 @@ class JournalSection(ConfigModel):
     max_size_mb: float = Field(
         512, gt=0, description="The journal's share of the buffer file at most; beyond it the oldest records go first"
     )
-
-
-class ReconciliationSection(ConfigModel):
-    """``[reconciliation]``: the periodic summary of what was delivered, for the cloud side to check."""
-
-    interval: Duration = Field(
+    summary_interval: Duration = Field(
         3600.0,
         ge=0,
         description="Window of each io.plantgate.reconciliation.summary event (0 = no summary events)",
@@ -457,7 +452,6 @@ class Settings(BaseSettings):
     buffer: BufferSection = BufferSection()
     http: HttpSection = HttpSection()
     journal: JournalSection = JournalSection()
-    reconciliation: ReconciliationSection = ReconciliationSection()
     sources: SourcesSection = Field(default_factory=SourcesSection)  # type: ignore[valid-type]
     sinks: SinksSection = Field(default_factory=SinksSection)  # type: ignore[valid-type]
     transactions: list[TransactionRule] = Field(default_factory=list)
