@@ -85,6 +85,8 @@ class MesSimulator:
         serve_rest: bool = False,
         page_size: int = 5,
         seed: int | None = None,
+        host: str = HOST,
+        port: int = 0,
     ):
         self.token = token
         self.agent_url = agent_url
@@ -99,7 +101,8 @@ class MesSimulator:
         self.refused = 0
         """Requests the agent did not acknowledge (any other answer, or no answer)."""
         self._work_order = 4700
-        self._port = 0
+        self._host = host
+        self._port = port
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -110,7 +113,7 @@ class MesSimulator:
     @property
     def rest_url(self) -> str:
         """The REST endpoint for ``POLL_CONFIG``'s ``url`` (after ``start()``)."""
-        return f"http://{HOST}:{self._port}/records"
+        return f"http://{self._host}:{self._port}/records"
 
     def webhook_config(self, name: str = "mes") -> str:
         """The TOML ``[[sources.mes]]`` entry (webhook) for this simulator."""
@@ -121,13 +124,17 @@ class MesSimulator:
         return POLL_CONFIG.format(name=name, url=self.rest_url)
 
     async def start(self) -> None:
-        """Open the HTTP client; with ``serve_rest``, listen on a free loopback port."""
+        """Open the HTTP client; with ``serve_rest``, listen on ``host:port`` (port 0: a free one)."""
         self._client = httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {self.token}"})
         if not self.serve_rest:
             return
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((HOST, self._port))
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
         sock.listen(16)
         sock.setblocking(False)
         self._port = sock.getsockname()[1]
