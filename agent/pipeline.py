@@ -97,6 +97,9 @@ class Agent:
             dedupe_max_ids=settings.buffer.dedupe_max_ids,
             sinks={sink.name: sink.lanes for sink in self.sinks},
             sequencing=settings.sequencing,
+            journal=settings.journal.enabled,
+            journal_retention=settings.journal.retention,
+            journal_max_size_mb=settings.journal.max_size_mb,
         )
         self.metrics = Metrics(
             sources=[s.name for s in self.sources],
@@ -341,7 +344,7 @@ class Agent:
             return None
         buffer = self.buffer
         before = buffer.duplicates_suppressed
-        future = appended = buffer.append(events, out.dead_letters)
+        future = appended = buffer.append(events, out.dead_letters, out.contexts)
         for key, value in out.state.items():
             # The rules' counter state, in the same group commit as the events it counted.
             future = buffer.save_state(key, value)

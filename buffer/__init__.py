@@ -9,6 +9,7 @@ from buffer.admin import (
     ReplayResult,
     open_admin,
 )
+from buffer.journal import JournalEntry, JournalStep, OutcomeCounts, OutcomeReport
 from buffer.store import (
     NO_SINK,
     Buffer,
@@ -39,6 +40,10 @@ __all__ = [
     "DeadLetterGroup",
     "DeliveryCursor",
     "Eviction",
+    "JournalEntry",
+    "JournalStep",
+    "OutcomeCounts",
+    "OutcomeReport",
     "PurgeRequest",
     "PurgeResult",
     "ReplayRequest",

@@ -39,6 +39,7 @@ touches SQLite.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import fcntl
@@ -47,11 +48,11 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import msgspec
@@ -59,8 +60,22 @@ import msgspec
 from agent.events import LANE_OF_TYPE, LANES, TYPE_PREFIX, CloudEvent, Lane, decode_event, encode_event
 from agent.files import private_directory
 from agent.sink import ACKED, BufferedEvent, Outcome, Rejected
+from buffer import journal as journal_store
+from buffer.journal import (
+    INSERT_ENTRY,
+    JOURNAL_SCHEMA,
+    EntryRow,
+    JournalEntry,
+    JournalWrites,
+    journal_keys,
+    row_of,
+    trigger_text,
+    unsequenced_row,
+)
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 NO_SINK = "-"
 """The sink name of a dead letter made before any sink (mapping, validation)."""
@@ -288,6 +303,9 @@ class _Pending:
     held_drop: list[str] = field(default_factory=list)  # sequencing: released or expired (by id)
     released: list[tuple[str, str, float]] = field(default_factory=list)  # (work order, after type, time)
     released_before: float = 0.0  # sequencing: forget releases older than this
+    journal: JournalWrites = field(default_factory=JournalWrites)
+    journal_done: dict[str, int] = field(default_factory=lambda: {"transaction": 0, "operational": 0})
+    """Journal entries of each lane already committed (with the segments of their events)."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
 
@@ -295,6 +313,7 @@ class _Pending:
         """Take ``newer``'s work behind this one's, in order."""
         for lane in LANES:
             self.rows[lane].extend(newer.rows[lane])
+        self.journal.absorb(newer.journal)
         self.dead.extend(newer.dead)
         self.dead_delete.extend(newer.dead_delete)
         self.dead_reason.extend(newer.dead_reason)
@@ -415,6 +434,31 @@ def _context_of(text: str | None) -> dict[str, Any] | None:
     return context if isinstance(context, dict) else None
 
 
+def _entry_seq(row: EntryRow) -> int:
+    return -1 if row[3] is None else row[3]
+
+
+def _entry_row(
+    event: CloudEvent, seq: int | None, body: bytes, now: float, contexts: Mapping[str, dict[str, Any]] | None
+) -> EntryRow:
+    """An appended event's journal entry; a source's own event stores no trigger (read back from its body)."""
+    work_order, lot = journal_keys(event.data, event.subject)
+    context = contexts.get(event.id) if contexts else None
+    return (
+        event.id,
+        event.type,
+        event.lane,
+        seq,
+        now,
+        event.source,
+        event.subject,
+        work_order,
+        lot,
+        None if context is None else trigger_text(context),
+        body,
+    )
+
+
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
     subject = decode_event(event.body).get("subject")
     return DeadLetter(
@@ -446,8 +490,16 @@ class Buffer:
         sinks: Mapping[str, Iterable[Lane]] | None = None,
         commit_retry_interval: float = 1.0,
         sequencing: Iterable[SequencingEntry] | None = None,
+        journal: bool = True,
+        journal_retention: float = 30 * 86_400.0,
+        journal_max_size_mb: float = 512,
     ):
         self.path = path
+        self.journal_enabled = journal
+        """Keep the delivery journal (``[journal] enabled``); off: nothing is written to it."""
+        self.journal_retention = journal_retention
+        self.journal_max_bytes = int(journal_max_size_mb * 1024 * 1024)
+        self._journal_bytes = 0  # estimated bytes of the journal's tables (kept in ``meta`` with each commit)
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
         # what is held stays held; a list, even empty, is the agent's config: held events of a
         # type no longer guarded go into their lane.
@@ -603,6 +655,8 @@ class Buffer:
         if self._page_limit is not None:
             await db.execute(f"PRAGMA max_page_count={int(self._page_limit)}")
         await db.executescript(_SCHEMA)
+        # Also with the journal off: a file that had one keeps it readable, and an old file gains it here.
+        await db.executescript(JOURNAL_SCHEMA)
         async with db.execute("PRAGMA table_info(cursors)") as cur:
             columns = {row[1] for row in await cur.fetchall()}
         if "frozen_at" not in columns:  # a file from before orphaned cursors were frozen
@@ -638,6 +692,9 @@ class Buffer:
             row = await cur.fetchone()
             if row:
                 seq = max(seq, int(row[0]))
+        async with db.execute("SELECT value FROM meta WHERE key='journal_bytes'") as cur:
+            row = await cur.fetchone()
+            self._journal_bytes = int(row[0]) if row else 0
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -933,17 +990,23 @@ class Buffer:
             row = await cur.fetchone()
         return int(row[0]) if row else pages
 
-    def append(self, events: Sequence[CloudEvent], dead_letters: Sequence[DeadLetter] = ()) -> asyncio.Future[None]:
+    def append(
+        self,
+        events: Sequence[CloudEvent],
+        dead_letters: Sequence[DeadLetter] = (),
+        contexts: Mapping[str, dict[str, Any]] | None = None,
+    ) -> asyncio.Future[None]:
         """Queue events (and dead letters made before any sink) for the next commit.
 
         Assigns each event its ``sequence`` and encodes it, once. The returned future
         completes when the commit holding them is durable: acknowledge a source (202,
-        PLC handshake) only after awaiting it.
+        PLC handshake) only after awaiting it. ``contexts`` (event id -> what triggered
+        a rule's event, ``RuleOutput.contexts``) goes into the delivery journal.
         """
         if self._commit_task is None or self._closing:
             raise BufferError("buffer is not open")
         if self._guard:
-            return self._append_guarded(events, dead_letters)
+            return self._append_guarded(events, dead_letters, contexts)
         pending = self._pending
         now = time.time()
         seq = self._seq
@@ -953,6 +1016,7 @@ class Buffer:
         remembered = pending.dedupe
         before = len(remembered)
         encode = encode_event
+        journal = pending.journal.entries if self.journal_enabled else None
         for event in events:
             lane = event.lane
             event_id = event.id
@@ -964,6 +1028,13 @@ class Buffer:
                 seen.add(event_id)
                 fresh.append(event_id)
                 remembered.append(event_id)
+                seq += 1
+                event.sequence = f"{seq:020d}"
+                body = encode(event)
+                rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, body, now))
+                if journal is not None:
+                    journal[lane].append(_entry_row(event, seq, body, now, contexts))
+                continue
             seq += 1
             event.sequence = f"{seq:020d}"  # format_sequence, inlined on the hot path
             rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, encode(event), now))
@@ -977,7 +1048,10 @@ class Buffer:
         return self._queued(pending)
 
     def _append_guarded(
-        self, events: Sequence[CloudEvent], dead_letters: Sequence[DeadLetter]
+        self,
+        events: Sequence[CloudEvent],
+        dead_letters: Sequence[DeadLetter],
+        contexts: Mapping[str, dict[str, Any]] | None,
     ) -> asyncio.Future[None]:
         """``append`` with ``[[sequencing]]`` entries: holds and releases as events arrive.
 
@@ -991,6 +1065,7 @@ class Buffer:
         remembered = pending.dedupe
         before = len(remembered)
         guards, releasing = self._guard, self._releasing
+        journal = pending.journal if self.journal_enabled else None
         for event in events:
             lane = event.lane
             event_id = event.id
@@ -1010,10 +1085,17 @@ class Buffer:
                     held = _Held(event_id, work_order, type_, lane, event.subject, now, encode_event(event))
                     self._held.setdefault(work_order, []).append(held)
                     pending.held_add.append(held)
+                    if journal is not None:
+                        row = _entry_row(event, None, held.body, now, contexts)
+                        journal.unsequenced.append(row)
+                        journal.steps.append((event_id, now, "held", None, None, None, f"work order {work_order}"))
                     continue
             self._seq += 1
             event.sequence = f"{self._seq:020d}"
-            rows[lane].append(BufferedEvent(self._seq, lane, type_, event_id, encode_event(event), now))
+            body = encode_event(event)
+            rows[lane].append(BufferedEvent(self._seq, lane, type_, event_id, body, now))
+            if journal is not None and lane != "telemetry":
+                journal.entries[lane].append(_entry_row(event, self._seq, body, now, contexts))
             if type_ in releasing:
                 work_order = work_order_of(event.data, event.subject)
                 if work_order is not None:
@@ -1059,6 +1141,17 @@ class Buffer:
         self._pending.rows[entry.lane].append(BufferedEvent(self._seq, entry.lane, entry.type, entry.id, body, now))
         self._pending.held_drop.append(entry.id)
         self._pending.count += 1
+        self._journal_sequenced(event, entry.lane, self._seq, body, now, "released")
+
+    def _journal_sequenced(
+        self, event: dict[str, Any], lane: Lane, seq: int, body: bytes, now: float, step: str, detail: str | None = None
+    ) -> None:
+        """A decoded event went into its lane (released, replayed): its entry takes the sequence, plus a step."""
+        if not self.journal_enabled or lane == "telemetry":
+            return
+        journal = self._pending.journal
+        journal.entries[lane].append(row_of(event, lane, seq, body, now, None))
+        journal.steps.append((str(event["id"]), now, step, None, None, None, detail))
 
     def held_summary(self) -> HeldStats:
         """What the sequencing guard holds right now (``stats``, ``/status``, metrics)."""
@@ -1236,6 +1329,7 @@ class Buffer:
             # The file is damaged: everything of this group goes to the fresh file, also what
             # already committed into the damaged one (its waiters were not told yet).
             pending.done = dict.fromkeys(LANES, 0)
+            pending.journal_done = dict.fromkeys(pending.journal_done, 0)
             if await self._try_quarantine(f"{type(exc).__name__}: {exc}"):
                 self._wake.set()
             return
@@ -1280,21 +1374,27 @@ class Buffer:
             trimmed = False
             await db.execute("BEGIN IMMEDIATE")
             written: set[tuple[str, Lane]] = set()
+            journal_done: dict[str, int] = {}
             try:
                 await self._insert(db, chunk, txn)
+                journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
+                    if self.journal_enabled:
+                        journal_bytes += await self._journal_extras(db, pending)
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
                     written = await self._write_cursors(db)
                     await self._delete_delivered(db, txn)
                     await self._evict_telemetry(db, txn)
-                await db.execute(
-                    "INSERT INTO meta(key, value) VALUES ('last_seq', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (self._seq,),
+                meta: list[tuple[str, float]] = [("last_seq", self._seq)]
+                if journal_bytes:
+                    meta.append(("journal_bytes", self._journal_bytes + journal_bytes))
+                await db.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    meta,
                 )
                 await db.execute("COMMIT")
             except BaseException:
@@ -1304,6 +1404,8 @@ class Buffer:
                 raise
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)
+            pending.journal_done.update(journal_done)
+            self._journal_bytes += journal_bytes
             if last:
                 self._dedupe_settings_saved = True
                 if trimmed:
@@ -1350,6 +1452,60 @@ class Buffer:
             if lane == "telemetry":
                 # Counted before eviction so the cap holds right after the commit that crosses it.
                 txn.telemetry_delta += len(events)
+
+    async def _insert_journal(
+        self, db: aiosqlite.Connection, pending: _Pending, chunk: dict[Lane, list[BufferedEvent]], last: bool
+    ) -> tuple[dict[str, int], int]:
+        """The journal entries of the events in ``chunk``: in the transaction of their segments.
+
+        Returns how many entries of each lane are written once it commits, and their estimated bytes.
+        """
+        done: dict[str, int] = {}
+        added = 0
+        for lane, entries in pending.journal.entries.items():
+            start = pending.journal_done[lane]
+            if start >= len(entries):
+                continue
+            events = chunk.get(lane)  # type: ignore[call-overload]
+            if last:
+                stop = len(entries)
+            elif events:
+                stop = bisect.bisect_right(entries, events[-1].seq, lo=start, key=_entry_seq)
+            else:
+                continue
+            if stop > start:
+                rows = entries[start:stop]
+                await db.executemany(INSERT_ENTRY, rows)
+                added += journal_store.entry_bytes(rows)
+                done[lane] = stop
+        return done, added
+
+    async def _journal_extras(self, db: aiosqlite.Connection, pending: _Pending) -> int:
+        """Dead letters as journal steps (and entries, when made before any sink), then the queued steps.
+
+        Returns the estimated bytes added.
+        """
+        journal = pending.journal
+        added = 0
+        if pending.dead:
+            unsequenced: list[EntryRow] = []
+            steps: list[journal_store.StepRow] = []
+            for dead in pending.dead:
+                if dead.lane == "telemetry":
+                    continue
+                if dead.sink == NO_SINK:
+                    unsequenced.append(
+                        unsequenced_row(dead.id, dead.type, dead.lane, dead.body, dead.time, dead.context)
+                    )
+                sink = None if dead.sink == NO_SINK else dead.sink
+                steps.append((dead.id, dead.time, "dead_letter", sink, None, None, dead.reason))
+            if unsequenced:
+                await db.executemany(journal_store.INSERT_UNSEQUENCED, unsequenced)
+                added += journal_store.entry_bytes(unsequenced)
+            if steps:
+                await db.executemany(journal_store.INSERT_STEP, steps)
+                added += journal_store.step_bytes(steps)
+        return added + await journal_store.write_extras(db, journal)
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(
@@ -1673,7 +1829,16 @@ class Buffer:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes in use in the database file (free pages not counted); refreshed by ``maintain``."""
+        """Bytes the buffer uses in its file, what ``max_size_mb`` bounds; refreshed by ``maintain``.
+
+        Free pages are not counted, nor the delivery journal's share (bounded on its own, see
+        ``journal_stats``): ``file_bytes`` is both.
+        """
+        return max(0, self._size_bytes - self._journal_bytes)
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes in use in the database file, the journal's included (free pages not counted)."""
         return self._size_bytes
 
     async def maintain(self) -> None:
@@ -1684,7 +1849,11 @@ class Buffer:
             self._expire_held(time.time())
         self._written_since_size_check = 0
         await self._refresh_size()
-        if self._size_bytes >= self.max_size_bytes:
+        # The journal has its own bound (``journal_max_bytes``, trimmed oldest first): its bytes never
+        # make the buffer "full", or a month of delivered history would back-pressure the plant's sources.
+        # The file may so grow to max_size_mb plus the journal's max_size_mb.
+        size = self.size_bytes
+        if size >= self.max_size_bytes:
             if self._telemetry_rows > 0:
                 # Make room the only way allowed: telemetry goes first, counted and reported.
                 self.telemetry_max_rows = max(0, min(self.telemetry_max_rows, self._telemetry_rows * 9 // 10))
@@ -1692,15 +1861,15 @@ class Buffer:
             elif self._refusing is None:
                 self._refusing = f"buffer is full ({self.max_size_bytes // (1024 * 1024)} MB); sources back-pressured"
                 self._writable.clear()
-                log.error("Buffer full: transactions are back-pressured", extra={"size_bytes": self._size_bytes})
-        elif self._size_bytes < 0.9 * self.max_size_bytes:
+                log.error("Buffer full: transactions are back-pressured", extra={"size_bytes": size})
+        elif size < 0.9 * self.max_size_bytes:
             # Room again (with hysteresis): the configured telemetry cap applies again.
             self.telemetry_max_rows = self._configured_telemetry_max_rows
         full = self._refusing is not None and self._refusing.startswith("buffer is full")
-        if full and self._size_bytes < self.max_size_bytes:
+        if full and size < self.max_size_bytes:
             self._refusing = None
             self._writable.set()
-            log.info("Buffer has room again; writes accepted", extra={"size_bytes": self._size_bytes})
+            log.info("Buffer has room again; writes accepted", extra={"size_bytes": size})
 
     async def oldest_age(self, sink: str, lane: Lane) -> float | None:
         """Seconds since the oldest event ``sink`` has not acknowledged in ``lane`` was buffered."""
@@ -1756,7 +1925,7 @@ class Buffer:
             sinks=sinks,
             dead_letters=self.dead_letter_count,
             orphaned=orphaned,
-            size_bytes=self._size_bytes,
+            size_bytes=self.size_bytes,
             held=held if held.count else None,
         )
 
@@ -1826,6 +1995,59 @@ class Buffer:
             )
         return summary
 
+    # --- the delivery journal (``buffer.journal``) ---------------------------------------------------
+
+    async def _journal_reader(self) -> aiosqlite.Connection | None:
+        """The reader, when the file has the journal's tables (a read-only look at an old file may not)."""
+        db = self._reader
+        if db is None:
+            raise BufferError("buffer is not open")
+        if self._commit_task is None and not await journal_store.has_journal(db):
+            return None
+        return db
+
+    async def trace(self, key: str, limit: int = 1000) -> list[JournalEntry]:
+        """Every journal entry whose id, work order or lot is ``key``, oldest first, with its steps."""
+        db = await self._journal_reader()
+        if db is None:
+            return []
+        return await self._journal_read(journal_store.trace(db, key, limit))
+
+    async def journal_entries(self, ids: Sequence[str]) -> dict[str, JournalEntry]:
+        """The journal entries of ``ids`` that the journal knows, with their steps."""
+        db = await self._journal_reader()
+        if db is None:
+            return {}
+        return await self._journal_read(journal_store.entries_of(db, ids))
+
+    async def journal_body(self, id: str) -> bytes | None:
+        """The CloudEvent bytes the journal keeps for ``id`` (to replay it under its id), or None."""
+        db = await self._journal_reader()
+        if db is None:
+            return None
+        return await self._journal_read(journal_store.body_of(db, id))
+
+    async def journal_window(
+        self, start: float, end: float, type: str | None = None, *, by: str = "delivered"
+    ) -> list[tuple[str, str, float | None, str | None]]:
+        """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in order.
+
+        ``by`` is ``delivered`` (the first acknowledgement) or ``committed``.
+        """
+        db = await self._journal_reader()
+        if db is None:
+            return []
+        return await self._journal_read(journal_store.window(db, start, end, type, by=by))
+
+    async def _journal_read(self, read: Awaitable[_T]) -> _T:
+        try:
+            return await read
+        except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                self._saw_corruption(exc)
+                raise BufferError(f"buffer file is corrupt: {exc}") from exc
+            raise
+
     async def commit_now(self) -> None:
         """Wait until everything appended or acknowledged so far is committed."""
         future = self.append([])
@@ -1869,6 +2091,7 @@ class Buffer:
             event = {**event, "lane": lane, "sequence": f"{self._seq:020d}"}
             body = msgspec.json.encode(event)
             pending.rows[lane].append(BufferedEvent(self._seq, lane, event["type"], event["id"], body, now))
+            self._journal_sequenced(event, lane, self._seq, body, now, "replayed", f"dead letter {n}")
             if lane != "telemetry" and event["id"] not in recent:
                 recent.remember([event["id"]], now)
                 pending.dedupe.append(event["id"])
