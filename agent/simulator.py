@@ -23,6 +23,7 @@ import itertools
 import logging
 import random
 import socket
+import traceback
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +79,27 @@ def _free_port(host: str) -> int:
         return port
 
 
+class _GoneClientPublish(logging.Filter):
+    """Drops the reports of a publish answer written to a client connection that has just closed.
+
+    Under uvloop a write to a closed transport raises (asyncio's own loop only counts
+    it), so each time a client disconnects with a publish request pending the asyncua
+    server logs the same RuntimeError three times (the subscription loop, stopping the
+    subscription, and the task's exception never retrieved). The client is gone; there
+    is nothing to report.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, RuntimeError) or "handler is closed" not in str(exc):
+            return True
+        frames = traceback.extract_tb(exc.__traceback__)
+        return not any("asyncua/server" in frame.filename.replace("\\", "/") for frame in frames)
+
+
+_GONE_CLIENT_PUBLISH = _GoneClientPublish()
+
+
 def _quiet_asyncua() -> None:
     # The asyncua server logs every session, channel and request at INFO. Only its own
     # loggers are touched, and only when nobody configured them.
@@ -85,6 +107,10 @@ def _quiet_asyncua() -> None:
         log = logging.getLogger(name)
         if log.level == logging.NOTSET:
             log.setLevel(logging.WARNING)
+    for name in ("asyncua.server.internal_subscription", "asyncua.server.subscription_service", "asyncio"):
+        log = logging.getLogger(name)
+        if _GONE_CLIENT_PUBLISH not in log.filters:
+            log.addFilter(_GONE_CLIENT_PUBLISH)
 
 
 class PressSimulator:
