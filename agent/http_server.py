@@ -209,6 +209,25 @@ def check_bearer(request: Request, token: str) -> None:
     raise HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
 
 
+def check_any_bearer(request: Request, tokens: Iterable[str]) -> None:
+    """Raise ``HTTPException(401)`` unless the request carries one of ``tokens``.
+
+    Every token is compared (in constant time), so which one matched, or how many
+    there are, does not show in the time taken.
+    """
+    found: bool | None = None
+    for token in tokens:
+        matches = bearer_token_matches(request, token)
+        if matches is None:
+            break  # no token sent: the same answer for every configured one
+        found = bool(found) or matches
+    if found:
+        return
+    challenge = 'Bearer realm="plantgate"' if found is None else 'Bearer realm="plantgate", error="invalid_token"'
+    detail = "bearer token required" if found is None else "invalid bearer token"
+    raise HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
+
+
 def require_bearer(token: str) -> Callable[[Handler], Handler]:
     """Decorator: the handler runs only for requests carrying ``token`` (else 401, JSON body).
 
