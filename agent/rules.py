@@ -195,6 +195,7 @@ class Rules:
         """The latest good reading of every tag: rules fill their fields from it."""
         self.last_fired: dict[str, LastFired] = {}
         """Rule name -> the last event it produced (dead letters not counted)."""
+        self._last_bad: dict[str, Reading] = {}  # the latest bad reading of a tag (rules never read those)
         # Tags whose readings are kept per batch: each trigger reads them as they were at its own source time.
         self._field_tags = frozenset(
             {tag for rule in settings.transactions for tag in rule.read_tags()}
@@ -228,6 +229,18 @@ class Rules:
         self._flushes = bool(self._window_rules) or any(
             state.config.aggregate is not None or state.config.min_interval is not None for state in self._tags.values()
         )
+
+    def latest_readings(self) -> dict[str, Reading]:
+        """Tag -> its latest reading whatever its quality (for the console; rules use ``current``).
+
+        A bad reading is shown when it is at least as recent (source time) as the last good one.
+        """
+        latest = dict(self.current)
+        for tag, bad in self._last_bad.items():
+            good = latest.get(tag)
+            if good is None or bad.time >= good.time:
+                latest[tag] = bad
+        return latest
 
     def use_mappings(self, mappings: MappingsSection) -> None:
         """Take new ``[mappings]`` (a reload): the next batch maps with them; ``ValueError`` leaves the old ones.
@@ -270,6 +283,8 @@ class Rules:
                     if state.counter is not None:
                         self._count(state.counter, reading)
                 current[reading.tag] = reading
+            else:
+                self._last_bad[reading.tag] = reading
             if state.triggers:
                 triggered.append((state, reading))
             kind = state.config.kind
