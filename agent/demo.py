@@ -310,7 +310,12 @@ def _brief(event: CloudEvent) -> str:
     if isinstance(data, dict):
         parts = []
         for key, value in data.items():
-            shown = f"{value.value} {value.uom}" if hasattr(value, "uom") else value
+            if hasattr(value, "uom"):
+                shown = f"{value.value} {value.uom}"
+            elif isinstance(value, dict) and value.keys() == {"value", "uom"}:  # a quantity from the MES
+                shown = f"{value['value']} {value['uom']}"
+            else:
+                shown = value
             parts.append(f"{key}={shown}")
         return " ".join(parts)
     state = getattr(data, "state", None)
@@ -512,7 +517,8 @@ def _where_it_went(
     work_order = _work_order_to_trace(receiver)
     if work_order is not None:
         print(f"  trace:   {command} trace {work_order} -c {config}")
-    print(f"  console: {console_url} (gone with the demo; `{command} run -c {config}` serves this data again)")
+    print(f"  console: {console_url} (closed with the demo; to open it again on this data:)")
+    print(f"           {command} run -c {config}")
     if not mqtt:
         print("  (no MQTT broker was running on localhost:1883)")
 

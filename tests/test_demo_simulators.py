@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -108,3 +110,17 @@ async def test_the_written_config_passes_check_and_runs_against_the_simulators(t
             if process is not None and process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def test_a_well_known_port_in_use_gives_way_to_a_free_one() -> None:
+    from agent.demo import WELL_KNOWN_PORTS, Ports
+
+    wanted = WELL_KNOWN_PORTS["receiver"]
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # held by something else already: it is in use all the same
+            holder.bind(("127.0.0.1", wanted))
+            holder.listen(1)
+        ports = Ports.well_known()
+    assert "receiver" in ports.fallbacks
+    assert ports.receiver != wanted and ports.receiver > 0
