@@ -47,6 +47,7 @@ OPERATIONAL_TYPES = (
     "telemetry.gap",
     "agent.started",
     "agent.buffer.quarantined",
+    "reconciliation.summary",
 )
 TELEMETRY_TYPES = ("telemetry.samples", "telemetry.aggregates")
 
@@ -198,6 +199,32 @@ class BufferQuarantined(msgspec.Struct):
     size_bytes: int
 
 
+class ReconciliationCounts(msgspec.Struct):
+    """One type's figures in a reconciliation summary."""
+
+    delivered: int
+    digest: str
+    confirmed: int
+    rejected: int
+
+
+class ReconciliationSummary(msgspec.Struct, kw_only=True):
+    """``io.plantgate.reconciliation.summary``: what the agent delivered in one window, per transaction type.
+
+    ``types`` maps a type name (``production.completed``) to the events of that type
+    first acknowledged by a sink in ``[from, to)``: how many (``delivered``), the
+    SHA-256 (hex) of their ids sorted and joined by ``\\n`` (``digest``, see
+    ``agent.lineage.digest``), and how many of them the ERP has posted
+    (``confirmed``) or rejected (``rejected``) so far. A window with no delivery
+    still gives a summary (``types`` empty): the cloud side can tell "nothing sent"
+    from "summary lost".
+    """
+
+    from_: datetime = msgspec.field(name="from")
+    to: datetime
+    types: dict[str, ReconciliationCounts]
+
+
 TransactionValue = str | Quantity | int | float | bool | None
 TransactionData = dict[str, TransactionValue]
 """A transaction's ``data``: the keys of its rule's ``fields``; quantities as ``Quantity``."""
@@ -212,6 +239,7 @@ PAYLOAD_OF_TYPE: dict[str, Any] = {
     "telemetry.gap": TelemetryGap,
     "agent.started": AgentStarted,
     "agent.buffer.quarantined": BufferQuarantined,
+    "reconciliation.summary": ReconciliationSummary,
     "telemetry.samples": TelemetrySamples,
     "telemetry.aggregates": TelemetryAggregates,
 }

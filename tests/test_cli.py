@@ -283,7 +283,7 @@ def test_schema_events_lists_every_canonical_type(cli: dict[str, Run]) -> None:
     assert run.returncode == 0, run.stderr
     schema = json.loads(run.stdout)
     names = (*TRANSACTION_TYPES, *OPERATIONAL_TYPES, *TELEMETRY_TYPES)
-    assert len(names) == 23
+    assert len(names) == 24
     for name in names:
         assert f"io.plantgate.{name}" in schema["types"], name
     assert schema["envelope"]  # the CloudEvents envelope is described too

@@ -41,7 +41,7 @@ DESIGN_LANES = {
     ],
     "operational": [
         "machine.state.changed", "alarm.raised", "alarm.cleared", "barcode.scanned", "barcode.rejected",
-        "telemetry.gap", "agent.started", "agent.buffer.quarantined",
+        "telemetry.gap", "agent.started", "agent.buffer.quarantined", "reconciliation.summary",
     ],
     "telemetry": ["telemetry.samples", "telemetry.aggregates"],
 }  # fmt: skip
