@@ -52,6 +52,9 @@ as a response body (that goes into the dead letter itself), or every distinct
 error would become a new time series.
 """
 
+OUTCOME_RESULTS: tuple[str, ...] = ("recorded", "unchanged", "unknown", "invalid")
+"""The ``result`` label values of ``plantgate_outcome_reports_total``."""
+
 Component = Literal["source", "sink"]
 """The ``component`` label of connection state and component paths; restarts may name other tasks."""
 
@@ -295,6 +298,37 @@ class Metrics:
             ["component", "name"],
             registry=reg,
         )
+        self._outcome_families = tuple(
+            Gauge(name, documentation, ["type"], registry=reg)
+            for name, documentation in (
+                (
+                    "plantgate_outcomes_unconfirmed",
+                    "Events delivered (acknowledged by a sink) that the ERP has neither posted nor rejected yet, "
+                    "by type, among those the delivery journal keeps",
+                ),
+                ("plantgate_outcomes_confirmed", "Events the ERP reported posted (POST /v1/outcomes), by type"),
+                ("plantgate_outcomes_rejected", "Events the ERP reported rejected (business dead letters), by type"),
+                (
+                    "plantgate_outcome_oldest_unconfirmed_age_seconds",
+                    "Age of the oldest delivered event without an ERP outcome, by type (0 when none)",
+                ),
+            )
+        )
+        self._outcome_types: set[str] = set()
+        self._outcome_reports_family = Counter(
+            "plantgate_outcome_reports_total",
+            "Business outcomes reported to POST /v1/outcomes, by result (recorded, unchanged, unknown id, "
+            "invalid request)",
+            ["result"],
+            registry=reg,
+        )
+        for result in OUTCOME_RESULTS:
+            self._outcome_reports_family.labels(result)
+        self._summaries = Counter(
+            "plantgate_reconciliation_summaries_total",
+            "io.plantgate.reconciliation.summary events emitted (one per [journal] summary_interval window)",
+            registry=reg,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds: read from
         # /proc only when scraped, they show the agent keeping its idle CPU and memory budget.
         ProcessCollector(registry=reg)
@@ -444,6 +478,27 @@ class Metrics:
         for type_, count in held.items():
             self._sequencing_held.labels(type_).set(count)
         self._sequencing_types |= held.keys()
+
+    def set_outcomes(self, outcomes: Mapping[str, tuple[int, int, int, float]]) -> None:
+        """Business outcomes from a full snapshot: ``type -> (unconfirmed, confirmed, rejected, oldest age)``."""
+        for type_ in self._outcome_types - outcomes.keys():
+            for family in self._outcome_families:
+                family.labels(type_).set(0)
+        for type_, values in outcomes.items():
+            for family, value in zip(self._outcome_families, values, strict=True):
+                family.labels(type_).set(value)
+        self._outcome_types |= outcomes.keys()
+
+    def outcome_reports(self, results: Mapping[str, int]) -> None:
+        """Outcome reports handled, by result (anything not in ``OUTCOME_RESULTS`` is not counted)."""
+        for result, n in results.items():
+            if result in OUTCOME_RESULTS and n:
+                self._outcome_reports_family.labels(result).inc(n)
+
+    def reconciliation_summaries(self, n: int) -> None:
+        """``n`` reconciliation summary events were emitted."""
+        if n:
+            self._summaries.inc(n)
 
     def set_buffer(self, lanes: Mapping[tuple[str, str], tuple[int, float]]) -> None:
         """Set depth and oldest age from a full snapshot: ``(sink, lane) -> (depth, oldest_age_seconds)``.
