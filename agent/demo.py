@@ -302,6 +302,8 @@ def _erp_counts(receiver: DemoReceiver) -> str:
     elif receiver.outcomes_recorded or receiver.outcomes_unknown:
         text += f" (reported to the agent: {receiver.outcomes_recorded} recorded"
         text += f", {receiver.outcomes_unknown} unknown)" if receiver.outcomes_unknown else ")"
+    if receiver.pending_outcomes and receiver.outcomes_failed:
+        text += f"; {receiver.pending_outcomes} reports wait for the agent"
     return text
 
 
