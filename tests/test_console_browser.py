@@ -169,6 +169,35 @@ class RunningAgent:
     def log(self) -> str:
         return (self.directory / "agent.log").read_text(encoding="utf-8", errors="replace")
 
+    async def start(self) -> None:
+        """Start ``plantgate run``; returns once it answers and reads the press."""
+        with (self.directory / "agent.log").open("ab") as log:
+            self.process = process = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(self.config), "--log-format",
+                "json", stdout=log, stderr=log,
+            )
+
+        async def connected() -> bool:
+            assert process.returncode is None, self.log()
+            with contextlib.suppress(httpx.TransportError):
+                status = await self.status()
+                return bool(status["sources"]["press7"]["state"] == "connected")
+            return False
+
+        await wait_for(connected, timeout=30, interval=0.1, message="the agent runs and reads the press")
+
+    async def stop(self) -> None:
+        """SIGTERM, and wait for the agent to drain and exit."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
 
 @contextlib.asynccontextmanager
 async def running_agent(
@@ -179,31 +208,12 @@ async def running_agent(
     (data_dir / "ingest-token").write_text(TOKEN + "\n", encoding="utf-8")
     agent = RunningAgent(tmp_path, free_port(), press, broker)
     agent.write_config(OBSOLETE)
-    with (tmp_path / "agent.log").open("wb") as log:
-        agent.process = process = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(agent.config), "--log-format", "json",
-            stdout=log, stderr=log,
-        )
     try:
-
-        async def connected() -> bool:
-            assert process.returncode is None, agent.log()
-            with contextlib.suppress(httpx.TransportError):
-                status = await agent.status()
-                return bool(status["sources"]["press7"]["state"] == "connected")
-            return False
-
-        await wait_for(connected, timeout=30, interval=0.1, message="the agent runs and reads the press")
+        await agent.start()
         yield agent
     finally:
         await agent.client.aclose()
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await agent.stop()
 
 
 @contextlib.asynccontextmanager
@@ -217,7 +227,10 @@ async def chromium() -> AsyncIterator[Browser]:
 
 
 def expected(text: str) -> bool:
-    return text.startswith("Failed to load resource") and re.search(r"status of (401|404|503)", text) is not None
+    """A failed fetch the page handles: refused (401), not known (404, 503), or the agent away."""
+    return text.startswith("Failed to load resource") and (
+        re.search(r"status of (401|404|503)", text) is not None or "ERR_CONNECTION_REFUSED" in text
+    )
 
 
 async def open_console(browser: Browser, agent: RunningAgent, tab: str = "overview") -> tuple[Page, list[str]]:
@@ -226,8 +239,7 @@ async def open_console(browser: Browser, agent: RunningAgent, tab: str = "overvi
     page = await browser.new_page(viewport={"width": 1280, "height": 800})
     page.set_default_timeout(15_000)
     problems: list[str] = []
-    # A refused replay (401) or a journey the agent does not know (404) is logged by the browser
-    # as a failed fetch: the page handles those answers, they are not script errors.
+    # The browser logs every failed fetch; those the page handles are not script errors.
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" and not expected(m.text) else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
     await page.goto(f"{agent.url}/#{tab}")
@@ -288,6 +300,17 @@ async def test_the_pages_follow_the_plant_live_without_a_reload(
         # The journey when the agent keeps one, else a clear word that it is not available.
         await expect(page.locator("#journey")).to_contain_text(re.compile(r"WO-1002|journey not available"))
         await screenshot(page, "events")
+
+        # The agent itself goes away: the page keeps what it showed, marked stale, and picks up
+        # again once the agent is back on the same address.
+        await page.click("#tab-overview")
+        await agent.stop()
+        await expect(page.locator("#live")).to_have_attribute("data-state", "stale")
+        await expect(page.locator("#live")).to_contain_text("retrying")
+        await expect(state).to_have_text("connected")
+        await agent.start()
+        await expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=20_000)
+        assert await page.evaluate("window.sameDocument") is True
         assert problems == []
 
 
