@@ -170,6 +170,12 @@ async def test_an_agent_without_outcomes_is_counted_not_retried(client: httpx.As
             message=lambda: f"not supported {receiver.outcomes_not_supported}",
         )
         assert receiver.pending_outcomes == 0 and receiver.outcomes_failed == 0
+        # A request the agent refuses as such (400) is not sent again either.
+        peer.answer = 400
+        await client.post(receiver.url, json=[event(3)], headers={"content-type": BATCH})
+        await wait_for(lambda: receiver.outcomes_unknown == 1, message=lambda: f"unknown {receiver.outcomes_unknown}")
+        assert receiver.pending_outcomes == 0 and receiver.outcomes_failed == 0
+        assert receiver.outcomes_not_supported == 2
     finally:
         await receiver.stop()
         await peer.stop()

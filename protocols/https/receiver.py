@@ -21,8 +21,10 @@ the way the delivery journal expects one:
   every ``reject_every``-th ``production.completed``. An event rejected once is
   posted when it comes again (the period was reopened: a replay succeeds).
   An agent without that endpoint (404) is counted in ``outcomes_not_supported``
-  and not asked again for those reports; an agent that does not answer (or 5xx) is
-  retried every ``retry_interval`` seconds, holding at most ``max_pending`` reports.
+  and not asked again for those reports, nor is one that refuses the request (other
+  4xx: ``outcomes_unknown``); an agent that does not answer, answers 5xx, 401, 403,
+  408 or 429 is retried every ``retry_interval`` seconds, holding at most
+  ``max_pending`` reports.
 
 Served by uvicorn (h11) from the caller's event loop, the way the agent's own HTTP
 server runs: the socket is bound first (port 0: the kernel picks one), uvicorn's
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _TRANSACTION_TYPES = frozenset(TYPE_PREFIX + name for name in TRANSACTION_TYPES)
 _PRODUCTION_COMPLETED = TYPE_PREFIX + "production.completed"
+_TRY_AGAIN = frozenset({401, 403, 408, 429})  # a token not yet in place, a busy agent: worth another try
 _REMEMBERED = 50_000  # ids whose reference and decision are kept, so a redelivery is answered the same
 
 
@@ -129,7 +132,7 @@ class DemoReceiver:
         self.outcomes_recorded = 0
         """Reports the agent answered for (``recorded`` or ``unchanged``)."""
         self.outcomes_unknown = 0
-        """Reports the agent answered ``unknown`` or ``invalid`` for."""
+        """Reports the agent answered ``unknown`` or ``invalid`` for, or refused as a request (400, 413, ...)."""
         self.outcomes_not_supported = 0
         """Reports dropped because the agent has no ``/v1/outcomes`` (404)."""
         self.outcomes_failed = 0
@@ -266,6 +269,14 @@ class DemoReceiver:
         if response.status_code == 404:
             # An agent without outcome reporting: nothing to retry.
             self.outcomes_not_supported += len(reports)
+            return True
+        if 400 <= response.status_code < 500 and response.status_code not in _TRY_AGAIN:
+            # The agent refused the request itself: sending it again changes nothing.
+            self.outcomes_unknown += len(reports)
+            log.warning(
+                "Outcomes refused by the agent",
+                extra={"status": response.status_code, "body": response.text[:200], "reports": len(reports)},
+            )
             return True
         if response.status_code != 200:
             self.outcomes_failed += 1
