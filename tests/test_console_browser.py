@@ -74,6 +74,11 @@ reconnect_max_backoff = "1s"
   kind = "telemetry"
 
   [[sources.opcua.tags]]
+  tag = "press7.oil_pressure"
+  node = "ns=2;s=Press7.OilPressure"
+  kind = "telemetry"
+
+  [[sources.opcua.tags]]
   tag = "press7.cycle_done"
   node = "ns=2;s=Press7.CycleDone"
   kind = "value"
@@ -266,6 +271,10 @@ async def test_the_pages_follow_the_plant_live_without_a_reload(
             "connected"
         )
         await expect(page.locator("#agent-facts")).to_contain_text("gw-console at plant-console")
+        # A node the press does not have is named with its node id and the server's status code.
+        await expect(page.locator('#sources tr[data-source="press7"] td.degraded')).to_contain_text(
+            re.compile(r"ns=2;s=Press7\.OilPressure.*Bad")
+        )
         await screenshot(page, "overview")
 
         # The press goes away: the page shows it without a reload, and shows it back.
@@ -284,7 +293,7 @@ async def test_the_pages_follow_the_plant_live_without_a_reload(
         await page.fill("#tag-filter", "batch")
         await expect(page.locator("#tags tbody tr")).to_have_count(1)
         await page.fill("#tag-filter", "")
-        await expect(page.locator("#tags tbody tr")).to_have_count(6)
+        await expect(page.locator("#tags tbody tr")).to_have_count(7)
         await screenshot(page, "tags")
 
         # Events: the transaction listed, its whole CloudEvent on click, found by its work order.

@@ -225,7 +225,7 @@ function renderOverview() {
       cell(source.state, `state state-${source.state}`),
       cell(sinceText(source.since)), cell(lastValue, "last-value"),
       cell(source.last_error, source.last_error ? "error" : ""),
-      cell(degraded.length ? degraded.join("\n") : "–", degraded.length ? "error" : ""),
+      cell(degraded.length ? degraded.join("\n") : "–", degraded.length ? "degraded error" : "degraded"),
       cell(info.join(", ") || "–")));
   }
   fillBody($("sources"), rows);
@@ -238,9 +238,9 @@ function renderOverview() {
       sinkRows.push(el("tr", { dataset: { sink: name, lane } },
         cell(first ? name : ""), cell(first ? sink.kind : ""),
         first ? cell(sink.state, `state state-${sink.state}`) : cell(""),
-        cell(lane), cell(l.depth, "num"), cell(fmtSeconds(l.oldest_age_seconds), "num"),
+        cell(lane), cell(l.depth, "num"), cell(l.depth ? fmtSeconds(l.oldest_age_seconds) : "–", "num"),
         cell(`${l.rate_per_second}/s`, "num"),
-        cell(l.drain_seconds === null ? (l.depth ? "unknown" : "–") : fmtSeconds(l.drain_seconds), "num"),
+        cell(!l.depth ? "–" : (l.drain_seconds === null ? "unknown (stalled)" : fmtSeconds(l.drain_seconds)), "num"),
         cell(first ? sink.dead_letters.count : "", "num"),
         cell(first ? sink.last_error : "", first && sink.last_error ? "error" : "")));
     });
