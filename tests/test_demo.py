@@ -57,6 +57,10 @@ async def test_demo_runs_every_source_and_sink_and_says_where_the_events_went(tm
     # The receiver plays the ERP's middleware: it decided on the transactions it got.
     erp = re.search(r"the ERP behind it: posted (\d+), rejected (\d+)", stdout)
     assert erp and int(erp.group(1)) > 0, stdout
+    # Every report got an answer from the agent before it stopped (recorded, or no such endpoint yet).
+    line = erp.string[erp.start() : erp.string.index("\n", erp.start())]
+    assert "recorded" in line or "no /v1/outcomes" in line, line
+    assert "wait for the agent" not in line, line
     transactions = sum(1 for event in events if event["type"].removeprefix("io.plantgate.") in _TRANSACTION_SEEN)
     assert int(erp.group(1)) + int(erp.group(2)) <= transactions
     # The console's address is shown again at the end, and a work order to trace.
