@@ -32,11 +32,14 @@ async def test_demo_runs_every_source_and_sink_and_says_where_the_events_went(tm
         async def status_answers() -> bool:
             async with httpx.AsyncClient(timeout=2) as client:
                 try:
-                    return (await client.get(url + "status")).status_code == 200
+                    status = (await client.get(url + "status")).status_code
+                    console = await client.get(url)
                 except httpx.HTTPError:
                     return False
+                # The first line's address is the console itself, not only the agent's API.
+                return status == 200 and console.status_code == 200 and "<html" in console.text.lower()
 
-        await wait_for(status_answers, timeout=30, interval=0.2, message=f"{url}status answers")
+        await wait_for(status_answers, timeout=30, interval=0.2, message=f"{url} (console) and {url}status answer")
         rest, errors = await asyncio.wait_for(demo.communicate(), 60)
     finally:
         if demo.returncode is None:
