@@ -420,3 +420,37 @@ def test_operator_access_rules(
     else:
         outcome = "allowed" if refused is None else "forbidden"
     assert outcome == expected
+
+
+def test_the_events_page_keeps_the_last_events_of_each_lane() -> None:
+    from datetime import UTC, datetime
+
+    from agent.console import EVENTS_PER_LANE, RecentEvents
+    from agent.events import make_event
+
+    recent = RecentEvents()
+
+    def made(name: str, n: int) -> Any:
+        event = make_event(
+            name, id=f"{name}-{n}", source="plantgate/p/g/press7", time=datetime(2026, 12, 4, tzinfo=UTC),
+            site="p", data={"work_order": f"WO-{n}"}, subject=f"WO-{n}",
+        )
+        event.sequence = f"{n:020d}"  # as the buffer numbers what it accepts
+        return event
+
+    for start in range(0, 3 * EVENTS_PER_LANE, 10):  # groups of 10, both lanes mixed
+        recent([made(name, n) for n in range(start, start + 10) for name in ("production.completed", "alarm.raised")])
+    duplicate = made("production.completed", 999)
+    duplicate.sequence = None  # the buffer dropped it as a duplicate: never shown
+    recent([duplicate])
+    listing = recent.listing()
+    assert [len(listing[lane]) for lane in ("transaction", "operational", "telemetry")] == [EVENTS_PER_LANE] * 2 + [0]
+    last = 3 * EVENTS_PER_LANE - 1
+    newest = [e.id for e in listing["transaction"][:2]]
+    assert newest == [f"production.completed-{last}", f"production.completed-{last - 1}"]
+    assert listing["transaction"][-1].id == f"production.completed-{last - EVENTS_PER_LANE + 1}"
+    assert recent.find("production.completed-0") is None, "older ones are let go"
+    assert recent.find(f"alarm.raised-{last}") is not None
+    assert [e.id for e in recent.matching(f"WO-{last}")] == [f"production.completed-{last}", f"alarm.raised-{last}"]
+    assert recent.matching("production.completed-999") == []
+    assert recent.last_at["plantgate/p/g/press7"] > 0

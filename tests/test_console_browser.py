@@ -370,8 +370,8 @@ async def test_dead_letters_are_replayed_and_purged_from_the_page_with_the_token
             await expect(page.locator("#dead-result")).to_contain_text("Refused")
             assert (await agent.status())["buffer"]["dead_letters"] == 2
 
-            # With it, the selected dead letter is delivered under its original id.
-            await page.click("#replay-selected")
+            # With it, the dead letter is delivered under its original id (replayed from its detail).
+            await page.click("#replay-one")
             await expect(dialog).to_be_visible()
             await page.fill("#token-input", TOKEN)
             await page.click("#token-ok")

@@ -146,24 +146,21 @@ class RecentEvents:
     def __call__(self, events: Sequence[CloudEvent]) -> None:
         lanes = self._lanes
         for event in events:
-            lanes[event.lane].append(event)
+            if event.sequence is not None:  # numbered by the buffer: not a duplicate it dropped
+                lanes[event.lane].append(event)
         # A group comes from one inlet: its first and last event name its source(s).
         now = time.time()
         self.last_at[events[0].source] = now
         self.last_at[events[-1].source] = now
 
     def kept(self) -> Iterable[CloudEvent]:
-        """Every kept event, newest first per lane; a duplicate the buffer dropped is left out."""
+        """Every kept event, newest first per lane."""
         for lane in LANES:
-            for event in reversed(self._lanes[lane]):
-                if event.sequence is not None:
-                    yield event
+            yield from reversed(self._lanes[lane])
 
     def listing(self) -> dict[str, list[EventSummary]]:
         """Lane -> its kept events, newest first."""
-        return {
-            lane: [_summary(e) for e in reversed(self._lanes[lane]) if e.sequence is not None] for lane in LANES
-        }
+        return {lane: [_summary(e) for e in reversed(self._lanes[lane])] for lane in LANES}
 
     def find(self, event_id: str) -> CloudEvent | None:
         """The kept event with this id (the newest, when replayed), or None."""

@@ -21,6 +21,7 @@ const state = {
   tags: null,
   shown: {},             // what each part last rendered, so an unchanged answer leaves the page alone
   declinedAt: 0,         // when the token dialog was last cancelled for reading
+  shownDead: null,       // the dead letter shown in the detail panel
 };
 
 // True when ``data`` differs from what ``part`` last rendered (re-rendering the same rows would
@@ -401,9 +402,12 @@ function renderActions(actions) {
   $("replay-selected").disabled = !offered || state.selected.size === 0;
   $("replay-reason").disabled = !offered || !any;
   $("purge-dead").disabled = !offered || !any;
+  $("replay-one").disabled = !offered || !state.deadLetters.some((d) => d.id === state.shownDead);
 }
 
 async function showDeadLetter(id) {
+  state.shownDead = id;
+  renderActions(state.actions);
   $("dead-detail").hidden = false;
   $("dead-detail-id").textContent = id;
   await showJson(`/v1/console/dead-letter?id=${encodeURIComponent(id)}`, $("dead-json"));
@@ -498,6 +502,9 @@ function wireDeadLetters() {
     if (!ids.length) return;
     const result = await act("/v1/buffer/replay", { ids }, replayed);
     if (result) state.selected.clear();
+  });
+  $("replay-one").addEventListener("click", () => {
+    if (state.shownDead) act("/v1/buffer/replay", { ids: [state.shownDead] }, replayed);
   });
   $("replay-reason").addEventListener("click", () => {
     const reason = $("reason-select").value;
