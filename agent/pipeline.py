@@ -736,6 +736,7 @@ class Agent:
                 "replayable_dead_letters": self._replayable_status(),
                 "dedupe": self.buffer.dedupe_status(),
                 "held": self._held_status(),
+                "journal": self.buffer.journal_stats(),
             },
             "unrouted": dict(self._unrouted),
             "tasks": {name: health.as_dict() for name, health in self.tasks.items()},

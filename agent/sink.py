@@ -4,7 +4,7 @@ A sink is built from its config model; ``run`` keeps its connection up (connect,
 reconnect with capped jittered backoff) until cancelled, and on cancellation
 closes cleanly. The agent calls ``deliver`` with batches taken from the buffer, in
 buffer order, one call at a time; the buffer forgets an event for this sink only
-after ``deliver`` reported it ``ACKED`` (or rejected it into a dead letter).
+after ``deliver`` reported it ``ACKED`` or ``Delivered`` (or rejected it into a dead letter).
 """
 
 from __future__ import annotations
@@ -44,14 +44,23 @@ class _Acked(msgspec.Struct, frozen=True):
     pass
 
 
+class Delivered(msgspec.Struct, frozen=True):
+    """Acknowledged, like ``ACKED``, with the receiver's own reference for the event (the delivery journal keeps it)."""
+
+    reference: str | None = None
+
+
 class RetryLater(msgspec.Struct, frozen=True):
     """Not delivered now; the same event is handed out again later, same id.
 
     ``after`` is the peer's own hint in seconds (HTTP ``Retry-After``, a broker's
-    quota); ``None`` leaves the delay to the agent's backoff.
+    quota); ``None`` leaves the delay to the agent's backoff. ``reason`` says why
+    (``HTTP 503``, ``timeout``, ``disconnected``): the delivery journal records it as
+    the attempt's status.
     """
 
     after: float | None = None
+    reason: str | None = None
 
 
 ACKED = _Acked()
@@ -59,7 +68,7 @@ ACKED = _Acked()
 RETRY = RetryLater()
 """Not delivered now (peer down, timeout): the same event is retried later, same id."""
 
-Outcome = _Acked | RetryLater | Rejected
+Outcome = _Acked | Delivered | RetryLater | Rejected
 
 
 class Sink(Protocol):

@@ -48,6 +48,9 @@ CREATE INDEX IF NOT EXISTS journal_work_order ON journal(work_order) WHERE work_
 CREATE INDEX IF NOT EXISTS journal_lot ON journal(lot) WHERE lot IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_committed ON journal(committed);
 CREATE INDEX IF NOT EXISTS journal_delivered ON journal(delivered) WHERE delivered IS NOT NULL;
+CREATE INDEX IF NOT EXISTS journal_unconfirmed ON journal(type, delivered)
+    WHERE delivered IS NOT NULL AND outcome IS NULL;
+CREATE INDEX IF NOT EXISTS journal_outcome ON journal(type, outcome) WHERE outcome IS NOT NULL;
 CREATE TABLE IF NOT EXISTS journal_steps (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
     reference TEXT, detail TEXT
@@ -89,6 +92,7 @@ RangeRow = tuple[str, int, int, float, str, str, str | None]
 ENTRY_OVERHEAD = 160
 STEP_OVERHEAD = 70
 RANGE_BYTES = 70
+DELIVERED_OVERHEAD = 40  # plus the type: a first delivery adds the entry to two indexes (window, unconfirmed)
 
 
 def entry_bytes(rows: Sequence[EntryRow]) -> int:
@@ -236,19 +240,145 @@ def unsequenced_row(
     return row_of({**event, "id": event_id, "type": type_}, lane, None, body, committed, trigger)
 
 
-def ranges_of(seqs: Sequence[int]) -> list[tuple[int, int]]:
-    """Runs of ascending ``seqs``, each no wider than ``RANGE_SPAN`` (see the module docstring)."""
-    runs: list[tuple[int, int]] = []
-    if not seqs:
-        return runs
-    first = last = seqs[0]
-    for seq in seqs[1:]:
-        if seq - first > RANGE_SPAN:
-            runs.append((first, last))
-            first = seq
-        last = seq
-    runs.append((first, last))
-    return runs
+class OutcomeTally:
+    """Per type: delivered without an outcome, posted, rejected, and the oldest unconfirmed delivery.
+
+    Kept in memory (``/metrics`` reads it on every scrape), loaded from the journal's
+    partial indexes at open and changed only by what a commit made durable.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, OutcomeCounts] = {}
+
+    def of(self, type_: str) -> OutcomeCounts:
+        counts = self.counts.get(type_)
+        if counts is None:
+            counts = self.counts[type_] = OutcomeCounts()
+        return counts
+
+    async def load(self, db: aiosqlite.Connection) -> None:
+        """The counts from the file (index scans, no table scan)."""
+        self.counts = {}
+        query = (
+            "SELECT type, count(*), min(delivered) FROM journal "
+            "WHERE delivered IS NOT NULL AND outcome IS NULL GROUP BY type"
+        )
+        async with db.execute(query) as cur:
+            for type_, count, oldest in await cur.fetchall():
+                counts = self.of(str(type_))
+                counts.unconfirmed, counts.oldest_unconfirmed = int(count), oldest
+        query = "SELECT type, outcome, count(*) FROM journal WHERE outcome IS NOT NULL GROUP BY type, outcome"
+        async with db.execute(query) as cur:
+            for type_, outcome, count in await cur.fetchall():
+                counts = self.of(str(type_))
+                if outcome == "posted":
+                    counts.confirmed = int(count)
+                elif outcome == "rejected":
+                    counts.rejected = int(count)
+
+    def apply(self, changes: TallyChanges) -> None:
+        """What a commit changed (only after it committed)."""
+        for type_, (unconfirmed, confirmed, rejected) in changes.deltas.items():
+            counts = self.of(type_)
+            counts.unconfirmed = max(0, counts.unconfirmed + unconfirmed)
+            counts.confirmed = max(0, counts.confirmed + confirmed)
+            counts.rejected = max(0, counts.rejected + rejected)
+        for type_, oldest in changes.oldest.items():
+            counts = self.of(type_)
+            counts.oldest_unconfirmed = oldest if counts.unconfirmed else None
+        for type_, at in changes.delivered_at.items():
+            counts = self.of(type_)
+            if counts.oldest_unconfirmed is None or at < counts.oldest_unconfirmed:
+                counts.oldest_unconfirmed = at
+
+
+@dataclass
+class TallyChanges:
+    """The outcome counts one transaction changes, applied to ``OutcomeTally`` once it committed."""
+
+    deltas: dict[str, list[int]] = field(default_factory=dict)  # type -> [unconfirmed, confirmed, rejected]
+    oldest: dict[str, float | None] = field(default_factory=dict)  # type -> recomputed oldest unconfirmed
+    delivered_at: dict[str, float] = field(default_factory=dict)  # type -> earliest new first delivery
+    recount: set[str] = field(default_factory=set)  # types whose oldest unconfirmed may have left
+    bytes: int = 0  # estimated bytes the indexes grew by (first deliveries)
+
+    def add(self, type_: str, unconfirmed: int = 0, confirmed: int = 0, rejected: int = 0) -> None:
+        delta = self.deltas.get(type_)
+        if delta is None:
+            delta = self.deltas[type_] = [0, 0, 0]
+        delta[0] += unconfirmed
+        delta[1] += confirmed
+        delta[2] += rejected
+
+    def count_outcome(self, type_: str, outcome: str | None, sign: int) -> None:
+        if outcome == "posted":
+            self.add(type_, confirmed=sign)
+        elif outcome == "rejected":
+            self.add(type_, rejected=sign)
+
+    async def settle_oldest(self, db: aiosqlite.Connection) -> None:
+        """The oldest unconfirmed delivery of each type that lost one (an index seek each)."""
+        query = "SELECT min(delivered) FROM journal WHERE type = ? AND delivered IS NOT NULL AND outcome IS NULL"
+        for type_ in self.recount:
+            async with db.execute(query, (type_,)) as cur:
+                row = await cur.fetchone()
+            self.oldest[type_] = None if row is None else row[0]
+            self.delivered_at.pop(type_, None)
+
+
+async def write_delivered(db: aiosqlite.Connection, writes: JournalWrites, changes: TallyChanges) -> None:
+    """The first acknowledgement by any sink: one range UPDATE per batch and lane, on the seq index."""
+    for at, lane, first, last in writes.delivered:
+        async with db.execute(
+            "UPDATE journal SET delivered = ? WHERE seq BETWEEN ? AND ? AND lane = ? AND delivered IS NULL "
+            "RETURNING type, outcome",
+            (at, first, last, lane),
+        ) as cur:
+            for type_, outcome in await cur.fetchall():
+                changes.bytes += DELIVERED_OVERHEAD + len(type_)
+                if outcome is None:
+                    changes.add(type_, unconfirmed=1)
+                    if type_ not in changes.delivered_at:
+                        changes.delivered_at[type_] = at
+
+
+async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeReport], changes: TallyChanges) -> None:
+    """Business outcomes: the entry's outcome columns and a step, unless the same was reported already."""
+    known: dict[str, list[Any]] = {}
+    ids = list(dict.fromkeys(report.id for report in reports))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        query = f"SELECT id, type, delivered, outcome, reference, reason FROM journal WHERE id IN ({marks})"
+        async with db.execute(query, chunk) as cur:
+            for id_, *rest in await cur.fetchall():
+                known[id_] = rest
+    updates: list[tuple[str, float, str | None, str | None, str]] = []
+    steps: list[StepRow] = []
+    for report in reports:
+        row = known.get(report.id)
+        if row is None:
+            continue  # unknown here (trimmed, or never journaled): nothing to record
+        type_, delivered, outcome, reference, reason = row
+        new_reference = report.reference if report.reference is not None else reference
+        if outcome == report.outcome and new_reference == reference and reason == report.reason:
+            continue  # the same report again
+        at = now_or(report.at)
+        if outcome is None:
+            if delivered is not None:
+                changes.add(type_, unconfirmed=-1)
+                changes.recount.add(type_)
+        else:
+            changes.count_outcome(type_, outcome, -1)
+        changes.count_outcome(type_, report.outcome, 1)
+        row[2:] = [report.outcome, new_reference, report.reason]
+        updates.append((report.outcome, at, new_reference, report.reason, report.id))
+        steps.append((report.id, at, report.outcome, None, None, report.reference, report.reason))
+    if updates:
+        await db.executemany(
+            "UPDATE journal SET outcome = ?, outcome_at = ?, reference = ?, reason = ? WHERE id = ?", updates
+        )
+        await db.executemany(INSERT_STEP, steps)
 
 
 @dataclass
@@ -260,7 +390,9 @@ class JournalWrites:
     unsequenced: list[EntryRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     ranges: list[RangeRow] = field(default_factory=list)
-    delivered: list[tuple[float, int, int]] = field(default_factory=list)  # (at, first seq, last seq)
+    delivered: list[tuple[float, str, int, int]] = field(default_factory=list)  # (at, lane, first seq, last seq)
+    outcomes: list[OutcomeReport] = field(default_factory=list)
+    references: list[tuple[str, str]] = field(default_factory=list)  # (a receiver's reference, id)
 
     def absorb(self, newer: JournalWrites) -> None:
         """Take ``newer``'s rows behind this one's, in order."""
@@ -270,6 +402,8 @@ class JournalWrites:
         self.steps.extend(newer.steps)
         self.ranges.extend(newer.ranges)
         self.delivered.extend(newer.delivered)
+        self.references.extend(newer.references)
+        self.outcomes.extend(newer.outcomes)
 
 
 async def write_extras(db: aiosqlite.Connection, writes: JournalWrites) -> int:
@@ -287,11 +421,9 @@ async def write_extras(db: aiosqlite.Connection, writes: JournalWrites) -> int:
     if writes.ranges:
         await db.executemany(INSERT_RANGE, writes.ranges)
         added += RANGE_BYTES * len(writes.ranges)
-    if writes.delivered:
-        # The first acknowledgement by any sink: once per batch, a range on the seq index.
-        await db.executemany(
-            "UPDATE journal SET delivered = ? WHERE seq BETWEEN ? AND ? AND delivered IS NULL", writes.delivered
-        )
+    if writes.references:
+        # The first receiver's reference is the entry's own until the ERP reports its own.
+        await db.executemany("UPDATE journal SET reference = ? WHERE id = ? AND reference IS NULL", writes.references)
     return added
 
 

@@ -59,14 +59,19 @@ import msgspec
 
 from agent.events import LANE_OF_TYPE, LANES, TYPE_PREFIX, CloudEvent, Lane, decode_event, encode_event
 from agent.files import private_directory
-from agent.sink import ACKED, BufferedEvent, Outcome, Rejected
+from agent.sink import ACKED, BufferedEvent, Delivered, Outcome, Rejected, RetryLater
 from buffer import journal as journal_store
 from buffer.journal import (
     INSERT_ENTRY,
     JOURNAL_SCHEMA,
+    RANGE_SPAN,
     EntryRow,
     JournalEntry,
     JournalWrites,
+    OutcomeCounts,
+    OutcomeReport,
+    OutcomeTally,
+    TallyChanges,
     journal_keys,
     row_of,
     trigger_text,
@@ -392,11 +397,14 @@ class DeliveryCursor:
         settlement = Settlement()
         blocked: set[Lane] = set()
         advance: dict[Lane, int] = {}
+        journal = _Settled() if self._buffer.journal_enabled else None
         for event, outcome in zip(batch, outcomes, strict=True):
             lane = event.lane
+            if journal is not None and lane != "telemetry":
+                journal.add(event, outcome)
             if lane in blocked:
                 continue
-            if outcome is ACKED:
+            if outcome is ACKED or type(outcome) is Delivered:
                 advance[lane] = event.seq
                 settlement.acked.append(event)
             elif isinstance(outcome, Rejected):
@@ -406,8 +414,58 @@ class DeliveryCursor:
                 blocked.add(lane)
                 settlement.retry += 1
         dead = [_dead_letter_of(event, self.sink, reason) for event, reason in settlement.rejected]
+        if journal is not None:
+            self._buffer._journal_settled(self.sink, journal)
         self._buffer._advance(self.sink, self._lanes, advance, batch, dead)
         return settlement
+
+
+class _Settled:
+    """What one batch's outcomes say for the journal: ranges per lane and step, references per event.
+
+    A range claims every event of its lane between its first and last sequence, so a
+    run ends at any event of that lane with another outcome (and at ``RANGE_SPAN``).
+    """
+
+    __slots__ = ("_open", "_run", "ranges", "referenced", "runs")
+
+    def __init__(self) -> None:
+        self.ranges: list[list[Any]] = []  # [lane, first, last, step, status]
+        self.referenced: list[tuple[str, str]] = []  # (id, the receiver's reference): a step each
+        self.runs: list[list[Any]] = []  # [lane, first, last] acknowledged, unbroken in their lane: delivered
+        self._open: dict[str, list[Any] | None] = {}  # lane -> its open range
+        self._run: dict[str, list[Any] | None] = {}  # lane -> its open acknowledged run
+
+    def add(self, event: BufferedEvent, outcome: Outcome) -> None:
+        lane, seq = event.lane, event.seq
+        step: str | None = None
+        status: str | None = None
+        if outcome is ACKED or type(outcome) is Delivered:
+            reference = outcome.reference if type(outcome) is Delivered else None
+            if reference is None:
+                step, status = "acked", "ok"
+            else:
+                self.referenced.append((event.id, reference))
+            run = self._run.get(lane)
+            if run is None:
+                run = [lane, seq, seq]
+                self.runs.append(run)
+                self._run[lane] = run
+            else:
+                run[2] = seq
+        else:
+            self._run[lane] = None
+            if isinstance(outcome, RetryLater):
+                step, status = "attempt", outcome.reason or "retry"
+        current = self._open.get(lane)
+        if step is None:
+            self._open[lane] = None
+        elif current is not None and current[3] == step and current[4] == status and seq - current[1] <= RANGE_SPAN:
+            current[2] = seq
+        else:
+            current = [lane, seq, seq, step, status]
+            self.ranges.append(current)
+            self._open[lane] = current
 
 
 @dataclass
@@ -432,6 +490,10 @@ def _context_of(text: str | None) -> dict[str, Any] | None:
     except msgspec.DecodeError:
         return None
     return context if isinstance(context, dict) else None
+
+
+def _replay_detail(n: int | None) -> str:
+    return "resent from the journal" if n is None else f"from dead letter {n}"
 
 
 def _entry_seq(row: EntryRow) -> int:
@@ -500,6 +562,9 @@ class Buffer:
         self.journal_retention = journal_retention
         self.journal_max_bytes = int(journal_max_size_mb * 1024 * 1024)
         self._journal_bytes = 0  # estimated bytes of the journal's tables (kept in ``meta`` with each commit)
+        self._tally = OutcomeTally()
+        self._journal_info: dict[str, Any] = {"entries": 0, "oldest_committed": None}  # refreshed by maintain
+        self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
         # what is held stays held; a list, even empty, is the agent's config: held events of a
         # type no longer guarded go into their lane.
@@ -692,9 +757,13 @@ class Buffer:
             row = await cur.fetchone()
             if row:
                 seq = max(seq, int(row[0]))
-        async with db.execute("SELECT value FROM meta WHERE key='journal_bytes'") as cur:
-            row = await cur.fetchone()
-            self._journal_bytes = int(row[0]) if row else 0
+        async with db.execute("SELECT key, value FROM meta WHERE key IN ('journal_bytes', 'journal_trimmed')") as cur:
+            stored = {str(key): int(value) for key, value in await cur.fetchall()}
+        self._journal_bytes = stored.get("journal_bytes", 0)
+        self._journal_trimmed = stored.get("journal_trimmed", 0)
+        if await journal_store.has_journal(db):
+            await self._tally.load(db)
+            await self._refresh_journal_info(db)
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -897,6 +966,9 @@ class Buffer:
             self._dedupe_settings_saved = False
             self._pending.count += 1
             self._size_bytes = 0
+            self._journal_bytes = 0  # the journal stays with the moved file
+            self._tally = OutcomeTally()
+            self._journal_info = {"entries": 0, "oldest_committed": None}
             if info is not None:
                 self.quarantined = info
                 self.quarantines.append(info)
@@ -1153,6 +1225,22 @@ class Buffer:
         journal.entries[lane].append(row_of(event, lane, seq, body, now, None))
         journal.steps.append((str(event["id"]), now, step, None, None, None, detail))
 
+    def _journal_settled(self, sink: str, settled: _Settled) -> None:
+        """A batch's attempts and acknowledgements, as journal rows for the next commit."""
+        if not (settled.runs or settled.ranges):
+            return
+        now = time.time()
+        journal = self._pending.journal
+        journal.ranges.extend(
+            (lane, first, last, now, step, sink, status) for lane, first, last, step, status in settled.ranges
+        )
+        if settled.referenced:
+            journal.steps.extend((id_, now, "acked", sink, "ok", ref, None) for id_, ref in settled.referenced)
+            journal.references.extend((ref, id_) for id_, ref in settled.referenced)
+        journal.delivered.extend((now, lane, first, last) for lane, first, last in settled.runs)
+        self._pending.count += 1
+        self._wake.set()
+
     def held_summary(self) -> HeldStats:
         """What the sequencing guard holds right now (``stats``, ``/status``, metrics)."""
         now = time.time()
@@ -1378,11 +1466,13 @@ class Buffer:
             try:
                 await self._insert(db, chunk, txn)
                 journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
+                changes: TallyChanges | None = None
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
                     if self.journal_enabled:
-                        journal_bytes += await self._journal_extras(db, pending)
+                        changes = TallyChanges()
+                        journal_bytes += await self._journal_extras(db, pending, changes)
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
@@ -1406,6 +1496,8 @@ class Buffer:
                 pending.done[lane] += len(events)
             pending.journal_done.update(journal_done)
             self._journal_bytes += journal_bytes
+            if changes is not None:
+                self._tally.apply(changes)
             if last:
                 self._dedupe_settings_saved = True
                 if trimmed:
@@ -1480,7 +1572,7 @@ class Buffer:
                 done[lane] = stop
         return done, added
 
-    async def _journal_extras(self, db: aiosqlite.Connection, pending: _Pending) -> int:
+    async def _journal_extras(self, db: aiosqlite.Connection, pending: _Pending, changes: TallyChanges) -> int:
         """Dead letters as journal steps (and entries, when made before any sink), then the queued steps.
 
         Returns the estimated bytes added.
@@ -1505,7 +1597,16 @@ class Buffer:
             if steps:
                 await db.executemany(journal_store.INSERT_STEP, steps)
                 added += journal_store.step_bytes(steps)
-        return added + await journal_store.write_extras(db, journal)
+        added += await journal_store.write_extras(db, journal)
+        if journal.delivered:
+            await journal_store.write_delivered(db, journal, changes)
+        if journal.outcomes:
+            await journal_store.write_outcomes(db, journal.outcomes, changes)
+            added += journal_store.step_bytes([(r.id, 0.0, r.outcome, None, None, r.reference, r.reason)
+                                               for r in journal.outcomes])
+        if changes.recount:
+            await changes.settle_oldest(db)
+        return added + changes.bytes
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(
@@ -1849,6 +1950,12 @@ class Buffer:
             self._expire_held(time.time())
         self._written_since_size_check = 0
         await self._refresh_size()
+        if self._reader is not None and self._healthy.is_set():
+            try:
+                await self._refresh_journal_info(self._reader)
+            except sqlite3.Error as exc:
+                if is_corruption(exc):
+                    self._saw_corruption(exc)
         # The journal has its own bound (``journal_max_bytes``, trimmed oldest first): its bytes never
         # make the buffer "full", or a month of delivered history would back-pressure the plant's sources.
         # The file may so grow to max_size_mb plus the journal's max_size_mb.
@@ -2039,6 +2146,53 @@ class Buffer:
             return []
         return await self._journal_read(journal_store.window(db, start, end, type, by=by))
 
+    def record_outcomes(self, reports: Sequence[OutcomeReport]) -> asyncio.Future[None]:
+        """What the ERP did with events: each entry's outcome columns and a step, in the next group commit.
+
+        The future resolves when durable. The same report again changes nothing; a
+        different later one overrides and is recorded as a new step. An id the journal
+        does not know is ignored (``journal_entries`` tells the caller which those are).
+        """
+        if self._commit_task is None or self._closing:
+            raise BufferError("buffer is not open")
+        pending = self._pending
+        if self.journal_enabled and reports:
+            pending.journal.outcomes.extend(reports)
+            pending.count += len(reports)
+        return self._queued(pending)
+
+    async def outcome_summary(self) -> dict[str, OutcomeCounts]:
+        """Per full type: delivered but not yet confirmed, confirmed, rejected, oldest unconfirmed (in memory)."""
+        return {
+            type_: OutcomeCounts(c.unconfirmed, c.confirmed, c.rejected, c.oldest_unconfirmed)
+            for type_, c in sorted(self._tally.counts.items())
+            if c.unconfirmed or c.confirmed or c.rejected
+        }
+
+    def journal_stats(self) -> dict[str, Any]:
+        """The journal for ``/status``: entries, the oldest's commit time, estimated bytes, bounds, trimmed so far."""
+        return {
+            "enabled": self.journal_enabled,
+            "entries": self._journal_info["entries"],
+            "oldest_committed": self._journal_info["oldest_committed"],
+            "bytes": self._journal_bytes,
+            "max_bytes": self.journal_max_bytes,
+            "retention_seconds": self.journal_retention,
+            "trimmed": self._journal_trimmed,
+        }
+
+    async def _refresh_journal_info(self, db: aiosqlite.Connection) -> None:
+        # Rows are trimmed oldest first (lowest row number) and an id re-journaled keeps its row:
+        # the row numbers in use are one run, so two rowid lookups count them.
+        async with db.execute(
+            "SELECT min(n), max(n), (SELECT committed FROM journal ORDER BY n LIMIT 1) FROM journal"
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            self._journal_info = {"entries": 0, "oldest_committed": None}
+        else:
+            self._journal_info = {"entries": int(row[1]) - int(row[0]) + 1, "oldest_committed": row[2]}
+
     async def _journal_read(self, read: Awaitable[_T]) -> _T:
         try:
             return await read
@@ -2056,7 +2210,7 @@ class Buffer:
     # --- operator actions: replay and purge (``buffer.admin`` wraps these) ------------------------
 
     def requeue(
-        self, replayed: Sequence[tuple[int, dict[str, Any]]], failed: Sequence[tuple[int, str]] = ()
+        self, replayed: Sequence[tuple[int | None, dict[str, Any]]], failed: Sequence[tuple[int, str]] = ()
     ) -> asyncio.Future[None]:
         """Replay dead letters: each ``(row number, event)`` goes back into its lane, under its id.
 
@@ -2064,7 +2218,9 @@ class Buffer:
         lane (one that had already acknowledged it gets it again, same id: the cloud
         dedupes). It bypasses the recent-ids dedupe, which would swallow it. Its dead
         letter row is removed in the same commit; each ``(row number, reason)`` in
-        ``failed`` stays a dead letter with the new reason.
+        ``failed`` stays a dead letter with the new reason. A row number of None is
+        not a dead letter: the event (from the journal) is resent to every sink of its
+        lane under its id (reconciliation's resend). Each is a ``replayed`` journal step.
         """
         if self._commit_task is None or self._closing:
             raise BufferError("buffer is not open")
@@ -2085,18 +2241,24 @@ class Buffer:
                 held.body = msgspec.json.encode(event)
                 self._held.setdefault(work_order, []).append(held)
                 pending.held_add.append(held)
-                pending.dead_delete.append(n)
+                if n is not None:
+                    pending.dead_delete.append(n)
+                if self.journal_enabled and lane != "telemetry":
+                    detail = _replay_detail(n)
+                    pending.journal.steps.append((held.id, now, "replayed", None, None, None, detail))
+                    pending.journal.steps.append((held.id, now, "held", None, None, None, f"work order {work_order}"))
                 continue
             self._seq += 1
             event = {**event, "lane": lane, "sequence": f"{self._seq:020d}"}
             body = msgspec.json.encode(event)
             pending.rows[lane].append(BufferedEvent(self._seq, lane, event["type"], event["id"], body, now))
-            self._journal_sequenced(event, lane, self._seq, body, now, "replayed", f"dead letter {n}")
+            self._journal_sequenced(event, lane, self._seq, body, now, "replayed", _replay_detail(n))
             if lane != "telemetry" and event["id"] not in recent:
                 recent.remember([event["id"]], now)
                 pending.dedupe.append(event["id"])
                 pending.dedupe_time = now
-            pending.dead_delete.append(n)
+            if n is not None:
+                pending.dead_delete.append(n)
             if event["type"] in self._releasing and work_order is not None:
                 self._release(work_order, event["type"], now)
         pending.dead_reason.extend((reason, now, n) for n, reason in failed)

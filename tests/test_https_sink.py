@@ -171,10 +171,10 @@ async def test_other_5xx_and_unknown_statuses_are_retried_never_dead_letters(
 ) -> None:
     async with running_sink(sink_config(receiver, certs), tmp_path) as sink:
         receiver.script(500)
-        assert list(await sink.deliver(events(3))) == [RetryLater(None)] * 3
+        assert list(await sink.deliver(events(3))) == [RetryLater(None, reason="HTTP 500")] * 3
         assert sink.status.state == "reconnecting"
         receiver.script(404)
-        assert list(await sink.deliver(events(3))) == [RetryLater(None)] * 3
+        assert list(await sink.deliver(events(3))) == [RetryLater(None, reason="HTTP 404")] * 3
         assert sink.status.state == "disconnected" and "404" in (sink.status.last_error or "")
         assert acked(await sink.deliver(events(3)))
         assert sink.status.state == "connected"
@@ -186,7 +186,7 @@ async def test_429_retry_after_in_seconds_and_as_an_http_date(
     async with running_sink(sink_config(receiver, certs), tmp_path) as sink:
         receiver.script(429, headers={"retry-after": "7"})
         outcomes = await sink.deliver(events(4))
-        assert list(outcomes) == [RetryLater(after=7.0)] * 4
+        assert list(outcomes) == [RetryLater(after=7.0, reason="HTTP 429")] * 4
 
         when = datetime.now(UTC) + timedelta(seconds=30)
         receiver.script(429, headers={"retry-after": format_datetime(when, usegmt=True)})
@@ -196,11 +196,11 @@ async def test_429_retry_after_in_seconds_and_as_an_http_date(
         assert all(o == outcomes[0] for o in outcomes)
 
         receiver.script(503, headers={"retry-after": "2"})
-        assert list(await sink.deliver(events(4))) == [RetryLater(after=2.0)] * 4
+        assert list(await sink.deliver(events(4))) == [RetryLater(after=2.0, reason="HTTP 503")] * 4
         assert sink.status.state == "reconnecting"
 
         receiver.script(429)  # no header: the agent's own backoff
-        assert list(await sink.deliver(events(4))) == [RetryLater(None)] * 4
+        assert list(await sink.deliver(events(4))) == [RetryLater(None, reason="HTTP 429")] * 4
         assert acked(await sink.deliver(events(4)))
     assert receiver.ids() == ids(events(4))
 
@@ -223,7 +223,7 @@ async def test_connection_refused_and_timeouts_retry_and_report(
     config = HttpsSinkConfig(name="down", url=f"https://127.0.0.1:{port}/events", ca_file=certs.ca_file, timeout="1s")
     async with running_sink(config, tmp_path) as sink:
         outcomes = await asyncio.wait_for(sink.deliver(events(5)), 5)
-        assert list(outcomes) == [RetryLater(None)] * 5
+        assert list(outcomes) == [RetryLater(None, reason="connection refused")] * 5
         await wait_for(lambda: sink.status.state == "reconnecting", timeout=5)
         assert "cannot connect" in (sink.status.last_error or "")
 
@@ -277,7 +277,7 @@ async def test_a_retryable_answer_during_the_split_keeps_order(
         receiver.script(503, headers={"retry-after": "3"})  # ... then the receiver goes away
         outcomes = list(await sink.deliver(batch))
         assert outcomes[:4] == [ACKED] * 4
-        assert outcomes[4:] == [RetryLater(after=3.0)] * 4
+        assert outcomes[4:] == [RetryLater(after=3.0, reason="HTTP 503")] * 4
         # the pipeline hands out the rest again: the poison is isolated, the others delivered once
         rest = await sink.deliver(batch[4:])
         assert [type(o).__name__ for o in rest] == ["_Acked", "_Acked", "Rejected", "_Acked"]
@@ -296,7 +296,7 @@ async def test_static_token_refused_is_unauthorized_and_retried_then_a_rotated_f
     config = sink_config(receiver, certs, bearer_token_file=Path("token"))
     async with running_sink(config, tmp_path) as sink:
         outcomes = await sink.deliver(events(3))
-        assert list(outcomes) == [RetryLater(None)] * 3  # never a dead letter
+        assert list(outcomes) == [RetryLater(None, reason="HTTP 401")] * 3  # never a dead letter
         assert sink.status.state == "unauthorized" and "401" in (sink.status.last_error or "")
         assert receiver.seen()[0].authorization == "Bearer old-token"
 
@@ -390,7 +390,7 @@ async def test_mutual_tls_required_and_provided(certs: Certificates, tmp_path: P
         without = sink_config(receiver, certs, name="no-cert")
         async with running_sink(without, tmp_path) as sink:
             outcomes = await sink.deliver(events(5))
-            assert list(outcomes) == [RetryLater(None)] * 5
+            assert len(outcomes) == 5 and all(type(o) is RetryLater and o.reason for o in outcomes)
             assert sink.status.state == "reconnecting"
             # TLS 1.3: the server's certificate_required alert arrives as a reset of the connection
             assert any(word in (sink.status.last_error or "") for word in ("reset", "broken pipe", "TLS"))
@@ -404,7 +404,8 @@ async def test_a_server_certificate_from_another_ca_is_refused(
     config = sink_config(receiver, other)
     async with running_sink(config, tmp_path) as sink:
         outcomes = await sink.deliver(events(2))
-        assert list(outcomes) == [RetryLater(None)] * 2
+        assert len(outcomes) == 2 and all(type(o) is RetryLater and o.after is None for o in outcomes)
+        assert "TLS certificate verification failed" in (outcomes[0].reason or "")  # type: ignore[union-attr]
         assert "TLS certificate verification failed" in (sink.status.last_error or "")
     assert receiver.seen() == []
 

@@ -6,6 +6,9 @@ peeks into the file with sqlite3 (read-only) where the observable is what is sto
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -14,10 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from agent.events import CloudEvent, Lane, Sample, TelemetrySamples, encode_event, make_event
-from agent.sink import ACKED
-from buffer import NO_SINK, Buffer, DeadLetter
+from agent.config_types import BuildContext
+from agent.events import CloudEvent, Lane, Sample, TelemetrySamples, decode_event, encode_event, make_event
+from agent.sink import ACKED, Delivered, Rejected, RetryLater
+from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, OutcomeReport
+from buffer.journal import RANGE_SPAN
+from protocols.https import HttpsSinkConfig
+from tests.peers.https_server import Certificates, HttpsReceiver
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 SOURCE = "plantgate/plant-01/gw/press7"
@@ -252,5 +263,283 @@ async def test_a_file_from_before_the_journal_gains_it_at_open(tmp_path: Path) -
     try:
         await buffer.append([event(id="new-1", data={"work_order": "WO-1"})])
         assert [entry.id for entry in await buffer.trace("WO-1")] == ["new-1"]
+    finally:
+        await buffer.close()
+
+
+# --- delivery steps -----------------------------------------------------------------------------------------
+
+
+def steps_of(entry: JournalEntry, *kinds: str) -> list[tuple[str, str | None, str | None, str | None]]:
+    """``(step, sink, status, reference)`` of ``entry``'s steps (of ``kinds`` when given), in time order."""
+    return [
+        (step.step, step.sink, step.status, step.reference)
+        for step in entry.steps
+        if not kinds or step.step in kinds
+    ]
+
+
+async def test_attempts_and_acknowledgements_are_recorded_per_sink_and_delivered_is_the_first_ack(
+    buffer: Buffer,
+) -> None:
+    erp = buffer.cursor("erp", ["transaction", "operational"])
+    lake = buffer.cursor("lake", ["transaction"])
+    made = [event(id=f"d-{n}", data={"work_order": "WO-D"}) for n in range(5)] + [event("operational", id="d-op")]
+    await buffer.append(made)
+    batch = await erp.next_batch(100, wait=False)
+    erp.settle(batch, [RetryLater(reason="HTTP 503")] * len(batch))
+    await buffer.commit_now()
+    entries = {entry.id: entry for entry in await buffer.trace("WO-D")}
+    assert all(entry.delivered is None for entry in entries.values())
+    assert steps_of(entries["d-0"]) == [("committed", None, None, None), ("attempt", "erp", "HTTP 503", None)]
+
+    before = time.time()
+    batch = await erp.next_batch(100, wait=False)
+    erp.settle(batch, [ACKED, ACKED, RetryLater(reason="timeout"), ACKED, ACKED, ACKED])
+    await buffer.commit_now()
+    first_acks = time.time()
+    batch = await lake.next_batch(100, wait=False)
+    lake.settle(batch, [ACKED] * len(batch))
+    await buffer.commit_now()
+    entries = {entry.id: entry for entry in await buffer.trace("WO-D")}
+    assert steps_of(entries["d-0"], "attempt", "acked") == [
+        ("attempt", "erp", "HTTP 503", None),
+        ("acked", "erp", "ok", None),
+        ("acked", "lake", "ok", None),
+    ]
+    assert steps_of(entries["d-2"], "attempt", "acked") == [
+        ("attempt", "erp", "HTTP 503", None),
+        ("attempt", "erp", "timeout", None),
+        ("acked", "lake", "ok", None),
+    ]
+    # Delivered: the first acknowledgement by any sink (erp for most, the lake for d-2).
+    for id_ in ("d-0", "d-1", "d-3", "d-4"):
+        assert before <= (entries[id_].delivered or 0) <= first_acks
+    assert (entries["d-2"].delivered or 0) >= first_acks
+    (operational,) = await buffer.trace("d-op")
+    assert steps_of(operational, "acked") == [("acked", "erp", "ok", None)]
+    window = await buffer.journal_window(before, time.time() + 1)
+    assert [row[0] for row in window] == ["d-0", "d-1", "d-3", "d-4", "d-op", "d-2"]
+
+
+async def test_a_batch_whose_events_lie_far_apart_is_found_for_every_event(buffer: Buffer) -> None:
+    cursor = buffer.cursor("erp", ["transaction"])
+    made: list[CloudEvent] = []
+    for n in range(30):
+        made.append(event(id=f"far-{n}", data={"work_order": "WO-FAR"}))
+        made.extend(event("telemetry") for _ in range(n * 7))  # ever wider gaps between the transactions
+    await buffer.append(made)
+    batch = await cursor.next_batch(100, wait=False)
+    assert len(batch) == 30 and batch[-1].seq - batch[0].seq > 3 * RANGE_SPAN
+    cursor.settle(batch, [ACKED] * len(batch))
+    await buffer.commit_now()
+    entries = await buffer.trace("WO-FAR")
+    assert len(entries) == 30
+    assert all(steps_of(entry, "acked") == [("acked", "erp", "ok", None)] for entry in entries)
+    assert all(entry.delivered is not None for entry in entries)
+
+
+async def test_a_receivers_reference_is_kept_per_event(buffer: Buffer) -> None:
+    cursor = buffer.cursor("erp", ["transaction"])
+    await buffer.append([event(id="r-1"), event(id="r-2"), event(id="r-3")])
+    batch = await cursor.next_batch(10, wait=False)
+    cursor.settle(batch, [Delivered(reference="ERP-1"), Delivered(), ACKED])
+    await buffer.commit_now()
+    found = await buffer.journal_entries(["r-1", "r-2", "r-3"])
+    assert found["r-1"].reference == "ERP-1"
+    assert steps_of(found["r-1"], "acked") == [("acked", "erp", "ok", "ERP-1")]
+    assert found["r-2"].reference is None and steps_of(found["r-2"], "acked") == [("acked", "erp", "ok", None)]
+    assert all(entry.delivered is not None for entry in found.values())
+    assert cursor.depth() == 0  # Delivered counts as acknowledged
+
+
+async def test_a_rejection_and_its_replay_are_steps_and_the_replay_gets_a_new_sequence(buffer: Buffer) -> None:
+    cursor = buffer.cursor("erp", ["transaction"])
+    await buffer.append([event(id="x-1", data={"work_order": "WO-X"})])
+    batch = await cursor.next_batch(10, wait=False)
+    first_seq = batch[0].seq
+    cursor.settle(batch, [Rejected("HTTP 422: unknown plant")])
+    await buffer.commit_now()
+    (entry,) = await buffer.trace("x-1")
+    assert entry.seq == first_seq
+    assert [(s.step, s.sink, s.detail) for s in entry.steps if s.step == "dead_letter"] == [
+        ("dead_letter", "erp", "HTTP 422: unknown plant")
+    ]
+    ((n, letter),) = await buffer.dead_letter_rows()
+    await buffer.requeue([(n, decode_event(letter.body))])
+    batch = await cursor.next_batch(10, wait=False)
+    assert [e.id for e in batch] == ["x-1"] and batch[0].seq > first_seq
+    cursor.settle(batch, [ACKED])
+    await buffer.commit_now()
+    (entry,) = await buffer.trace("WO-X")
+    assert entry.seq == batch[0].seq
+    assert [s.step for s in entry.steps] == ["committed", "dead_letter", "replayed", "acked"]
+    assert entry.steps[2].detail == f"from dead letter {n}"
+    assert entry.delivered is not None
+
+
+async def test_a_resend_from_the_journal_goes_to_every_sink_of_its_lane_under_its_id(buffer: Buffer) -> None:
+    erp = buffer.cursor("erp", ["transaction"])
+    await buffer.append([event(id="lost-1", data={"work_order": "WO-L"})])
+    batch = await erp.next_batch(10, wait=False)
+    erp.settle(batch, [ACKED])
+    await buffer.commit_now()
+    body = await buffer.journal_body("lost-1")
+    assert body is not None
+    await buffer.requeue([(None, decode_event(body))])
+    again = await erp.next_batch(10, wait=False)
+    assert [e.id for e in again] == ["lost-1"] and again[0].seq > batch[0].seq
+    assert buffer.dead_letter_count == 0
+    (entry,) = await buffer.trace("lost-1")
+    assert [(s.step, s.detail) for s in entry.steps][-1] == ("replayed", "resent from the journal")
+
+
+class _ReferencingReceiver:
+    """A real HTTPS receiver (hypercorn, trustme certificates) that answers with the ERP's references."""
+
+    def __init__(self, style: str) -> None:
+        self.style = style
+        self.seen: list[str] = []
+
+    async def events(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status_code=204)
+        ids = [event["id"] for event in json.loads(await request.body())]
+        self.seen.extend(ids)
+        if self.style == "object":
+            return JSONResponse({"references": {id_: f"ERP-{id_}" for id_ in ids[::2]}})
+        if self.style == "list":
+            return JSONResponse({"references": [{"id": id_, "reference": f"ERP-{id_}"} for id_ in ids[1::2]]})
+        return JSONResponse({"accepted": len(ids)})
+
+
+@pytest.mark.parametrize("style", ["object", "list", "none"])
+async def test_the_https_sink_carries_the_receivers_references_into_the_journal(
+    tmp_path: Path, style: str
+) -> None:
+    certs = Certificates(tmp_path / "certs")
+    peer = _ReferencingReceiver(style)
+    receiver = HttpsReceiver(certs)
+    receiver.app = Starlette(routes=[Route("/events", peer.events, methods=["POST", "OPTIONS"])])
+    buffer = await open_buffer(tmp_path / "buffer.db")
+    config = HttpsSinkConfig(name="erp", url=receiver.url, ca_file=certs.ca_file, timeout="5s")
+    sink = config.build(BuildContext(agent_id="gw", site="plant-01", version="9", data_dir=tmp_path))
+    try:
+        with receiver:
+            running = asyncio.create_task(sink.run())
+            try:
+                cursor = buffer.cursor("erp", ["transaction"])
+                await buffer.append([event(id=f"h-{n}", data={"work_order": "WO-H"}) for n in range(6)])
+                batch = await cursor.next_batch(10, wait=False)
+                cursor.settle(batch, await sink.deliver(batch))
+                await buffer.commit_now()
+            finally:
+                running.cancel()  # closes the sink's connections before the receiver stops
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        assert peer.seen == [f"h-{n}" for n in range(6)]
+        entries = {entry.id: entry for entry in await buffer.trace("WO-H")}
+        referenced = {"object": [0, 2, 4], "list": [1, 3, 5], "none": []}[style]
+        for n in range(6):
+            entry = entries[f"h-{n}"]
+            expected = f"ERP-h-{n}" if n in referenced else None
+            assert entry.reference == expected
+            assert steps_of(entry, "acked") == [("acked", "erp", "ok", expected)]
+            assert entry.delivered is not None
+    finally:
+        await buffer.close()
+
+
+# --- business outcomes --------------------------------------------------------------------------------------
+
+
+async def delivered_events(buffer: Buffer, made: list[CloudEvent]) -> None:
+    """Append ``made`` and have a sink acknowledge every one of them."""
+    cursor = buffer.cursor("erp", ["transaction", "operational"])
+    await buffer.append(made)
+    batch = await cursor.next_batch(1000, wait=False)
+    cursor.settle(batch, [ACKED] * len(batch))
+    await buffer.commit_now()
+
+
+async def test_outcomes_are_recorded_once_and_a_different_later_one_overrides(buffer: Buffer) -> None:
+    await delivered_events(buffer, [event(id=f"o-{n}", data={"work_order": "WO-O"}) for n in range(3)])
+    at = time.time()
+    await buffer.record_outcomes([
+        OutcomeReport("o-0", "posted", reference="4711", at=at),
+        OutcomeReport("o-1", "rejected", reason="period closed", at=at),
+        OutcomeReport("unknown-id", "posted"),
+    ])
+    found = await buffer.journal_entries(["o-0", "o-1", "o-2"])
+    assert (found["o-0"].outcome, found["o-0"].reference, found["o-0"].outcome_at) == ("posted", "4711", at)
+    assert (found["o-1"].outcome, found["o-1"].reason) == ("rejected", "period closed")
+    assert found["o-2"].outcome is None
+    assert [(s.step, s.reference, s.detail) for s in found["o-0"].steps if s.step == "posted"] == [
+        ("posted", "4711", None)
+    ]
+    # The same report again changes nothing; a different one is a new step.
+    await buffer.record_outcomes([OutcomeReport("o-0", "posted", reference="4711", at=at + 5)])
+    await buffer.record_outcomes([OutcomeReport("o-1", "posted", reference="4712", at=at + 9)])
+    found = await buffer.journal_entries(["o-0", "o-1"])
+    assert [s.step for s in found["o-0"].steps].count("posted") == 1 and found["o-0"].outcome_at == at
+    assert (found["o-1"].outcome, found["o-1"].reference, found["o-1"].reason) == ("posted", "4712", None)
+    assert [s.step for s in found["o-1"].steps if s.step in ("posted", "rejected")] == ["rejected", "posted"]
+
+
+async def test_the_outcome_summary_counts_per_type_and_stays_exact_across_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    completed, consumed = "io.plantgate.production.completed", "io.plantgate.material.consumed"
+    try:
+        assert await buffer.outcome_summary() == {}
+        await buffer.append([event(id="not-yet-delivered")])
+        await delivered_events(buffer, [event(id=f"s-{n}") for n in range(5)])
+        first_delivery = (await buffer.journal_entries(["s-0"]))["s-0"].delivered
+        await delivered_events(buffer, [event(id=f"m-{n}", name="material.consumed") for n in range(2)])
+        await buffer.record_outcomes([
+            OutcomeReport("s-0", "posted", reference="1"),
+            OutcomeReport("s-1", "posted", reference="2"),
+            OutcomeReport("s-2", "rejected", reason="no such storage location"),
+            OutcomeReport("m-0", "posted"),
+        ])
+        summary = await buffer.outcome_summary()
+        assert summary[completed] == OutcomeCounts(unconfirmed=2, confirmed=2, rejected=1,
+                                                   oldest_unconfirmed=summary[completed].oldest_unconfirmed)
+        assert summary[consumed].unconfirmed == 1 and summary[consumed].confirmed == 1
+        oldest = summary[completed].oldest_unconfirmed
+        assert oldest is not None and first_delivery is not None and oldest >= first_delivery
+        assert oldest == (await buffer.journal_entries(["s-3"]))["s-3"].delivered
+        # The rejected one is posted after a fix: it moves from rejected to confirmed.
+        await buffer.record_outcomes([OutcomeReport("s-2", "posted", reference="3")])
+        before_restart = await buffer.outcome_summary()
+        assert before_restart[completed].rejected == 0 and before_restart[completed].confirmed == 3
+    finally:
+        await buffer.close()
+    buffer = await open_buffer(path)
+    try:
+        assert await buffer.outcome_summary() == before_restart
+        await buffer.record_outcomes([OutcomeReport(f"s-{n}", "posted") for n in (3, 4)] +
+                                     [OutcomeReport("m-1", "posted")])
+        summary = await buffer.outcome_summary()
+        assert summary[completed] == OutcomeCounts(0, 5, 0, None)
+        assert summary[consumed] == OutcomeCounts(0, 2, 0, None)
+        await buffer.maintain()
+        assert buffer.journal_stats()["entries"] == 8
+    finally:
+        await buffer.close()
+
+
+async def test_journal_stats_show_entries_oldest_size_and_bounds(tmp_path: Path) -> None:
+    buffer = await open_buffer(tmp_path / "buffer.db", journal_retention=3600, journal_max_size_mb=2)
+    try:
+        start = time.time()
+        await buffer.append([event(id=f"st-{n}") for n in range(10)] + [event("telemetry")])
+        await buffer.maintain()
+        stats = buffer.journal_stats()
+        assert stats["enabled"] is True and stats["entries"] == 10
+        assert start <= stats["oldest_committed"] <= time.time()
+        assert 10 * 500 < stats["bytes"] < 10 * 2000
+        assert stats["max_bytes"] == 2 * 1024 * 1024 and stats["retention_seconds"] == 3600
+        assert stats["trimmed"] == 0
     finally:
         await buffer.close()

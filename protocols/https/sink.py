@@ -7,12 +7,17 @@ of CPU per request whatever the body, so throughput comes from batches (one
 request per ``deliver``), not from concurrent requests. The request body is the
 buffer's encoded events joined into a JSON array: nothing is encoded twice.
 
-Outcomes per answer (see also ``retry_after``):
+Outcomes per answer (see also ``retry_after``); every ``RetryLater`` carries a
+``reason`` for the journal's attempt status (``HTTP 503``, ``timeout``,
+``connection refused``, ...):
 
-- 2xx, 409: every event ``ACKED``;
+- 2xx, 409: every event ``ACKED``; a 2xx whose JSON body has ``"references"``
+  (an object ``{event id: reference}`` or a list of ``{"id", "reference"}``)
+  gives ``Delivered(reference=...)`` for the events it names (the delivery
+  journal keeps the reference); any other body is ignored;
 - 429, 503: ``RetryLater(after=Retry-After)`` (seconds or an HTTP date); without
   the header the agent's own backoff;
-- other 5xx, timeouts, connection and TLS errors: ``RETRY`` with no hint, so the
+- other 5xx, timeouts, connection and TLS errors: ``RetryLater`` with no hint, so the
   agent's delivery loop waits its capped (5 s), fully jittered exponential backoff.
   A kept-alive connection that the server closed just as it was reused (no answer,
   reset, closed while writing) is retried once at once on a new connection first;
@@ -52,12 +57,13 @@ from typing import Literal, NamedTuple
 
 import anyio
 import httpx
+import msgspec
 
 from agent.backoff import Backoff
 from agent.config_types import BuildContext
 from agent.events import Lane
 from agent.health import ComponentStatus, ConnectionState
-from agent.sink import ACKED, RETRY, BufferedEvent, Outcome, Rejected, RetryLater
+from agent.sink import ACKED, RETRY, BufferedEvent, Delivered, Outcome, Rejected, RetryLater
 from protocols.https import HttpsSinkConfig, tls_context
 from protocols.https.oauth2 import ClientCredentials, FileToken, TokenUnavailable, describe_error
 
@@ -87,6 +93,7 @@ class _Answer(NamedTuple):
     kind: Literal["acked", "refused", "retry"]
     reason: str = ""
     retry: RetryLater = RETRY
+    references: dict[str, str] | None = None  # event id -> the receiver's reference (a 2xx's "references")
 
 
 _ACKED_ANSWER = _Answer("acked")
@@ -204,7 +211,8 @@ class HttpsSink:
             return []
         outcomes: list[Outcome] = [RETRY] * len(batch)
         bodies = [event.body for event in batch]
-        await self._settle(bodies, 0, len(batch), outcomes, None, _Attempt())
+        attempt = _Attempt([event.id for event in batch])
+        await self._settle(bodies, 0, len(batch), outcomes, None, attempt)
         return outcomes
 
     async def _settle(
@@ -225,6 +233,12 @@ class HttpsSink:
             answer = await self._post(bodies, lo, hi, attempt)
             if answer.kind == "acked":
                 outcomes[lo:hi] = [ACKED] * (hi - lo)
+                if answer.references:
+                    references, ids = answer.references, attempt.ids
+                    for index in range(lo, hi):
+                        reference = references.get(ids[index])
+                        if reference is not None:
+                            outcomes[index] = Delivered(reference=reference)
                 return True
             if answer.kind == "retry":
                 outcomes[lo:] = [answer.retry] * (len(outcomes) - lo)
@@ -236,7 +250,7 @@ class HttpsSink:
         mid = (lo + hi) // 2
         if not await self._settle(bodies, lo, mid, outcomes, None, attempt):
             return False
-        left_accepted = all(outcomes[i] is ACKED for i in range(lo, mid))
+        left_accepted = all(outcomes[i] is ACKED or type(outcomes[i]) is Delivered for i in range(lo, mid))
         return await self._settle(bodies, mid, hi, outcomes, refusal if left_accepted else None, attempt)
 
     async def _post(self, bodies: list[bytes], lo: int, hi: int, attempt: _Attempt) -> _Answer:
@@ -244,7 +258,7 @@ class HttpsSink:
             token = await self._bearer()
         except TokenUnavailable as exc:
             self._set_state("unauthorized", str(exc))
-            return _Answer("retry", retry=RetryLater(after=exc.retry_after))
+            return _Answer("retry", retry=RetryLater(after=exc.retry_after, reason="no token"))
         content = b"[" + b",".join(bodies[lo:hi]) + b"]"
         headers = {"content-type": CONTENT_TYPE}
         if token is not None:
@@ -260,14 +274,18 @@ class HttpsSink:
         except _TRANSPORT_ERRORS as exc:
             self._set_state("reconnecting", f"{self._shown_url}: {describe_error(exc)}")
             self._unreachable.set()
-            return _Answer("retry")
+            return _Answer("retry", retry=RetryLater(reason=_transport_reason(exc)))
         self.requests += 1
         status = response.status_code
         info = self.status.info
         info["http_version"] = response.http_version
         info["last_status"] = str(status)
         info["requests"] = str(self.requests)
-        if 200 <= status < 300 or status == 409:
+        if 200 <= status < 300:
+            self._set_state("connected")
+            references = _references(response.content)
+            return _ACKED_ANSWER if references is None else _Answer("acked", references=references)
+        if status == 409:
             self._set_state("connected")
             return _ACKED_ANSWER
         if status in _REFUSED:
@@ -281,19 +299,19 @@ class HttpsSink:
                 return await self._post(bodies, lo, hi, attempt)
             how = "OAuth2 token" if self._oauth is not None else "bearer token" if token else "no credentials"
             self._set_state("unauthorized", f"HTTP {status} from {self._shown_url} ({how} refused)")
-            return _Answer("retry")
+            return _Answer("retry", retry=RetryLater(reason=f"HTTP {status}"))
         if status in _THROTTLED:
             after = retry_after(response.headers.get("retry-after"))
             hint = f", Retry-After {after:g} s" if after is not None else ""
             state: ConnectionState = "connected" if status == 429 else "reconnecting"
             self._set_state(state, f"HTTP {status} from {self._shown_url}{hint}")
-            return _Answer("retry", retry=RetryLater(after=after))
+            return _Answer("retry", retry=RetryLater(after=after, reason=f"HTTP {status}"))
         if status >= 500:
             self._set_state("reconnecting", f"HTTP {status} from {self._shown_url}")
-            return _Answer("retry")
+            return _Answer("retry", retry=RetryLater(reason=f"HTTP {status}"))
         where = f"HTTP {status} from {self._shown_url}"
         self._set_state("disconnected", f"{where}: the receiver takes no events here; check url")
-        return _Answer("retry")
+        return _Answer("retry", retry=RetryLater(reason=f"HTTP {status}"))
 
     async def _bearer(self) -> str | None:
         if self._oauth is not None:
@@ -329,12 +347,54 @@ class HttpsSink:
 
 
 class _Attempt:
-    """What one ``deliver`` call already tried (the OAuth2 refresh on 401 happens once per call)."""
+    """One ``deliver`` call: its events' ids, and what it already tried (the OAuth2 refresh on 401, once)."""
 
-    __slots__ = ("refreshed",)
+    __slots__ = ("ids", "refreshed")
 
-    def __init__(self) -> None:
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
         self.refreshed = False
+
+
+_references_decoder = msgspec.json.Decoder()
+
+
+def _references(content: bytes) -> dict[str, str] | None:
+    """The receiver's references from a 2xx body ``{"references": ...}``: an object ``{event id: reference}``
+    or a list of ``{"id": ..., "reference": ...}``; None for any other body (most receivers send none)."""
+    if b'"references"' not in content:  # the common case costs a byte search, not a decode
+        return None
+    try:
+        body = _references_decoder.decode(content)
+    except msgspec.DecodeError:
+        return None
+    found = body.get("references") if isinstance(body, dict) else None
+    references: dict[str, str] = {}
+    if isinstance(found, dict):
+        for key, value in found.items():
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                references[key] = str(value)
+    elif isinstance(found, list):
+        for item in found:
+            if isinstance(item, dict):
+                key, value = item.get("id"), item.get("reference")
+                if isinstance(key, str) and isinstance(value, str | int) and not isinstance(value, bool):
+                    references[key] = str(value)
+    return references or None
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """A short attempt status for the journal: ``timeout``, ``connection refused``, else the error's description."""
+    cause: BaseException | None = exc
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, httpx.TimeoutException | TimeoutError):
+            return "timeout"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    return describe_error(exc)
 
 
 def retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -86,6 +86,7 @@ _CONNECT_GRACE = 0.25
 _REFUSED_WAIT = 30.0
 # While an attempt is under way (TCP, TLS, CONNACK), the agent asks again after this long.
 _CONNECTING_RETRY = 0.5
+_NOT_ACKNOWLEDGED = RetryLater(reason="not acknowledged")
 # paho's queue of unacknowledged QoS 1 messages may hold this many beyond the window
 # (the retained status messages): a backstop, the window is the limit.
 _QUEUE_SLACK = 16
@@ -272,10 +273,13 @@ class MqttSink:
             conn = self._conn
             if conn is not None and not conn.closing:
                 await conn.publish_batch(batch, outcomes)
-        if not self.connected:
-            later = RetryLater(after=self.retry_after())
-            outcomes = [later if outcome is RETRY else outcome for outcome in outcomes]
-        return outcomes
+        # The reason is the journal's attempt status: the broker was away, or it did not PUBACK in time.
+        later = (
+            RetryLater(after=self.retry_after(), reason="disconnected")
+            if not self.connected
+            else _NOT_ACKNOWLEDGED
+        )
+        return [later if outcome is RETRY else outcome for outcome in outcomes]
 
     def retry_after(self) -> float:
         """Seconds until a retry can succeed: the next connection attempt, plus a grace for the connect."""
