@@ -358,6 +358,7 @@ async def test_dead_letters_are_replayed_and_purged_from_the_page_with_the_token
                 return bool(found and found["count"] == 2)
 
             await wait_for(replayable, timeout=15, message="the reload makes both replayable")
+            await expect(page.locator("#dead-replayable")).to_contain_text("2 dead letter(s)")
 
             # Without the token the replay is refused, and the page says so.
             await first.locator("input[type=checkbox]").check()

@@ -261,6 +261,12 @@ function renderOverview() {
     ["Last sequence", buffer.last_sequence],
   ]);
   $("dead-count").textContent = buffer.dead_letters ? String(buffer.dead_letters) : "";
+  const fixed = buffer.replayable_dead_letters;
+  const hint = $("dead-replayable");
+  hint.hidden = !(fixed && fixed.count);
+  hint.textContent = fixed && fixed.count
+    ? `${fixed.count} dead letter(s) made before any sink pass the mappings reloaded at ${fixed.mappings_reloaded_at}: they can be replayed now.`
+    : "";
 }
 
 // --- Tags ---------------------------------------------------------------------------------------
