@@ -17,7 +17,9 @@ A handler is ``async def handler(request: Request) -> Response``. Request bodies
 limited to ``max_body_bytes``: a handler reading a body whose declared length is over
 it, or a streamed body growing past it, gets ``413``. Errors (404, 405, 413, 500, and
 any ``HTTPException`` a handler raises) are answered as JSON ``{"error", "detail"}``.
-``require_bearer`` guards a handler with a bearer token read from a file.
+``require_bearer`` guards a handler with a bearer token read from a file;
+``check_any_bearer`` accepts any of several (the buffer admin API reads with the
+admin or the ingest token).
 """
 
 from __future__ import annotations
