@@ -1,4 +1,4 @@
-"""``plantgate`` command line: run, check, browse, demo, buffer, schema.
+"""``plantgate`` command line: run, check, browse, demo, buffer, trace, reconcile, schema.
 
 Errors are one line on stderr (``plantgate: <file>[:<line>]: <key>: <what>``),
 never a traceback, and exit code 2 for bad input. ``check --connect`` exits 1 when
@@ -148,6 +148,43 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--dead-letters", action="store_true", help="delete the dead letters")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(handler=_cmd_buffer_purge)
+
+    trace = commands.add_parser(
+        "trace", help="the journey of one event, or of every event of a work order or lot (the delivery journal)"
+    )
+    trace.add_argument("key", metavar="ID|WORK_ORDER|LOT", help="an event id, a work order or a lot")
+    config_option(trace)
+    trace.add_argument("--json", action="store_true", help="machine-readable output")
+    trace.set_defaults(handler=_cmd_trace)
+
+    reconcile = commands.add_parser(
+        "reconcile", help="compare what the plant delivered with the event ids the ERP holds (CSV or JSON lines)"
+    )
+    reconcile.add_argument(
+        "--against",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the ERP's ids: CSV (the column named id, else the first column) or JSON lines (objects with "
+        '"id", or strings)',
+    )
+    reconcile.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        metavar="TIME",
+        help="delivered at or after TIME (ISO 8601 or Unix seconds; default: all the journal holds)",
+    )
+    reconcile.add_argument(
+        "--to", dest="end", default=None, metavar="TIME", help="delivered before TIME (default: now)"
+    )
+    reconcile.add_argument("--type", default=None, metavar="NAME", help="only this type (production.completed)")
+    reconcile.add_argument(
+        "--resend", action="store_true", help="send what the ERP lacks again at once, under the same ids"
+    )
+    config_option(reconcile)
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
+    reconcile.set_defaults(handler=_cmd_reconcile)
 
     schema = commands.add_parser("schema", help="print a JSON Schema")
     schema.add_argument("what", choices=["events", "config"], help="canonical events, or the config file")
@@ -870,6 +907,292 @@ def _cmd_buffer_purge(args: argparse.Namespace) -> int:
         lanes = ", ".join(f"{lane} {n}" for lane, n in result.lanes.items()) or "nothing pending"
         print(f"removed the backlog of sink {result.sink}: {result.events} event(s) ({lanes})")
     return EXIT_OK
+
+
+# --- trace and reconcile -------------------------------------------------------------------------
+#
+# Like ``plantgate buffer``: a running agent is asked over its HTTP API; a stopped one's file is read
+# directly (read-only for trace and the comparison; under the buffer's lock for ``--resend``). When the
+# running agent does not answer, the file is read all the same (WAL lets a reader in).
+
+
+def _journal_target(args: argparse.Namespace) -> _BufferTarget | int:
+    target = _buffer_target(args)
+    if isinstance(target, int):
+        return target
+    if not target.settings.journal.enabled:
+        return _fail("the delivery journal is off ([journal] enabled = false): nothing to trace or reconcile")
+    return target
+
+
+async def _read_only_buffer(path: Path) -> Any:
+    from buffer import Buffer
+
+    buffer = Buffer(path)
+    await buffer.open(readonly=True)
+    return buffer
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    target = _journal_target(args)
+    if isinstance(target, int):
+        return target
+    entries: list[dict[str, Any]] | None = None
+    if target.live:
+        with contextlib.suppress(_AgentUnreachable):  # a 404 included: the file then says the same
+            answer = target.request("GET", "/v1/trace/" + urllib.parse.quote(args.key, safe=""))
+            entries = answer.get("entries") if isinstance(answer, dict) else None
+    if entries is None:
+
+        async def read() -> list[dict[str, Any]]:
+            buffer = await _read_only_buffer(target.path)
+            try:
+                found: list[dict[str, Any]] = msgspec.to_builtins(await buffer.trace(args.key))
+                return found
+            finally:
+                await buffer.close()
+
+        entries = asyncio.run(read())
+    if args.json:
+        print(json.dumps({"key": args.key, "entries": entries}))
+        return EXIT_OK if entries else EXIT_FAILURE
+    if not entries:
+        return _fail(f"trace: nothing known of {args.key!r} in {target.path} (never seen, or trimmed)", EXIT_FAILURE)
+    for n, entry in enumerate(entries):
+        if n:
+            print()
+        _print_entry(entry)
+    return EXIT_OK
+
+
+def _when(at: float | None) -> str:
+    """Unix seconds as a UTC time to the millisecond, for timelines."""
+    if at is None:
+        return "-"
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _print_entry(entry: dict[str, Any]) -> None:
+    """One event's journey: what it is, what triggered it, each step, and what the ERP did."""
+    keys = [f"{name}={entry[name]}" for name in ("subject", "work_order", "lot") if entry.get(name) is not None]
+    sequence = "-" if entry.get("seq") is None else str(entry["seq"])
+    head = [entry["id"], str(entry["type"]).removeprefix("io.plantgate."), *keys]
+    print("  ".join(head) + f"  lane={entry.get('lane')} sequence={sequence}")
+    where = f"  source {entry.get('source')}"
+    if entry.get("source_time"):
+        where += f", at the source {entry['source_time']}"
+    print(where + f", committed {_when(entry.get('committed'))}")
+    trigger = entry.get("trigger")
+    if trigger:
+        print(f"  trigger: {_trigger_text(trigger)}")
+    steps = entry.get("steps") or []
+    if steps:
+        _print_table(
+            ["  TIME", "STEP", "SINK", "STATUS", "REFERENCE", "DETAIL"],
+            [
+                [
+                    "  " + _when(step.get("at")),
+                    str(step.get("step")),
+                    step.get("sink") or "-",
+                    step.get("status") or "-",
+                    step.get("reference") or "-",
+                    step.get("detail") or "",
+                ]
+                for step in steps
+            ],
+        )
+    outcome = entry.get("outcome")
+    if outcome == "posted":
+        print(f"  ERP: posted, reference {entry.get('reference') or '-'} ({_when(entry.get('outcome_at'))})")
+    elif outcome == "rejected":
+        print(
+            f"  ERP: rejected: {entry.get('reason') or '-'} ({_when(entry.get('outcome_at'))}); "
+            "a dead letter of sink erp until replayed"
+        )
+    elif entry.get("delivered") is not None:
+        print(f"  ERP: no outcome reported yet (delivered {_when(entry.get('delivered'))})")
+    else:
+        print("  not delivered yet")
+
+
+def _trigger_text(trigger: dict[str, Any]) -> str:
+    """A rule's trigger (rule, source, raw values, trigger event) or a source's, on one line."""
+    parts = []
+    if trigger.get("rule"):
+        parts.append(f"rule {trigger['rule']}")
+    if trigger.get("source"):
+        parts.append(f"from {trigger['source']}")
+    if trigger.get("originsource"):
+        parts.append(f"originally {trigger['originsource']}")
+    values = trigger.get("values")
+    if isinstance(values, dict) and values:
+        shown = []
+        for tag, reading in values.items():
+            if isinstance(reading, dict):
+                quality = reading.get("quality")
+                extra = f" ({quality})" if quality and quality != "good" else ""
+                shown.append(f"{tag}={reading.get('value')!r}{extra} at {reading.get('time')}")
+            else:
+                shown.append(f"{tag}=(no reading)")
+        parts.append("values " + ", ".join(shown))
+    if trigger.get("trigger"):
+        parts.append(f"fired by event {trigger['trigger']}")
+    if trigger.get("window_end"):
+        parts.append(f"window ending {trigger['window_end']}")
+    known = ("rule", "source", "originsource", "values", "trigger", "window_end")
+    rest = {k: v for k, v in trigger.items() if k not in known}
+    if rest:
+        parts.append(json.dumps(rest, default=str))
+    return "; ".join(parts)
+
+
+class _HttpJournal:
+    """What reconciliation reads (``agent.lineage.JournalReader``), through the running agent's API."""
+
+    def __init__(self, target: _BufferTarget):
+        self.target = target
+
+    async def window(self, start: float, end: float, type_: str | None) -> list[dict[str, Any]]:
+        import urllib.parse
+
+        query = {"from": repr(start), "to": repr(end), "brief": "1", **({"type": type_} if type_ else {})}
+        answer = self.target.request("GET", "/v1/reconciliation?" + urllib.parse.urlencode(query))
+        events: list[dict[str, Any]] = answer["events"]
+        return events
+
+    async def lookup(self, ids: Any) -> dict[str, dict[str, Any]]:
+        answer = self.target.request("POST", "/v1/reconciliation/lookup", {"ids": list(ids)})
+        known: dict[str, dict[str, Any]] = answer["known"]
+        return known
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from agent.lineage import BufferJournal, Comparison, canonical_type, compare, parse_time, read_ids
+
+    try:
+        start = parse_time(args.start) if args.start is not None else 0.0
+        end = parse_time(args.end) if args.end is not None else time.time()
+    except ValueError as exc:
+        return _fail(f"reconcile: --from/--to: {exc}")
+    try:
+        erp_ids = read_ids(args.against)
+    except ValueError as exc:
+        return _fail(str(exc))
+    target = _journal_target(args)
+    if isinstance(target, int):
+        return target
+    type_ = canonical_type(args.type)
+    result: Comparison | None = None
+    if target.live:
+        with contextlib.suppress(_AgentUnreachable, KeyError, TypeError):
+            result = asyncio.run(compare(_HttpJournal(target), erp_ids, start, end, type_))
+    if result is None:
+
+        async def offline() -> Comparison:
+            buffer = await _read_only_buffer(target.path)
+            try:
+                return await compare(BufferJournal(buffer), erp_ids, start, end, type_)
+            finally:
+                await buffer.close()
+
+        result = asyncio.run(offline())
+    resent: list[str] | None = None
+    failed: list[dict[str, str]] = []
+    if args.resend and result.missing_in_erp:
+        outcome = _resend(target, [event["id"] for event in result.missing_in_erp])
+        if isinstance(outcome, int):
+            return outcome
+        resent, failed = outcome
+    if args.json:
+        answer = result.as_json()
+        if resent is not None:
+            answer["resent"] = resent
+            answer["resend_failed"] = failed
+        print(json.dumps(answer))
+    else:
+        _print_comparison(result, args.against, resent, failed)
+    return EXIT_OK if not (result.missing_in_erp or result.unknown_to_plant) else EXIT_FAILURE
+
+
+def _resend(target: _BufferTarget, ids: list[str]) -> tuple[list[str], list[dict[str, str]]] | int:
+    """Resend ``ids`` from the journal under their ids: on the stopped agent's file, else through its API."""
+    from agent.lineage import MAX_LOOKUP_IDS, resend
+
+    if not target.live:
+        from buffer import Buffer, BufferLocked
+
+        async def offline() -> tuple[list[str], list[dict[str, str]]]:
+            buffer = Buffer(target.path, sinks=target.sinks)
+            await buffer.open()
+            try:
+                for name, lanes in target.sinks.items():
+                    buffer.cursor(name, lanes)  # as at the agent's start: the resent events reach every sink
+                return await resend(buffer, ids)
+            finally:
+                await buffer.close()
+
+        with contextlib.suppress(BufferLocked):
+            done = asyncio.run(offline())
+            return done
+    from buffer import lock_holder
+
+    target.holder = target.holder or lock_holder(target.path) or "?"
+    resent: list[str] = []
+    failed: list[dict[str, str]] = []
+    try:
+        for first in range(0, len(ids), MAX_LOOKUP_IDS):
+            chunk = ids[first : first + MAX_LOOKUP_IDS]
+            answer = target.request("POST", "/v1/reconciliation/resend", {"ids": chunk})
+            resent.extend(answer["resent"])
+            failed.extend(answer["failed"])
+    except (_AgentUnreachable, KeyError, TypeError) as exc:
+        return _fail(target.running(f"its HTTP API did not resend: {exc}"), EXIT_FAILURE)
+    return resent, failed
+
+
+def _print_comparison(result: Any, against: Path, resent: list[str] | None, failed: list[dict[str, str]]) -> None:
+    from agent.lineage import iso
+
+    since = "the start of the journal" if result.start <= 0 else iso(result.start)
+    kind = "" if result.type is None else f" of type {result.type.removeprefix('io.plantgate.')}"
+    print(
+        f"the plant delivered {result.delivered} event(s){kind} from {since} to {iso(result.end)}; "
+        f"{against} holds {result.erp} id(s)"
+    )
+
+    def events(title: str, items: list[dict[str, Any]]) -> None:
+        print()
+        print(f"{title} ({len(items)}):")
+        rows = [
+            [e["id"], str(e.get("type", "")).removeprefix("io.plantgate."), _when(e.get("delivered")),
+             e.get("outcome") or "delivered"]
+            for e in items
+        ]
+        _print_table(["ID", "TYPE", "DELIVERED", "STATE"], rows)
+
+    if result.missing_in_erp:
+        events("missing in the ERP: delivered by the plant, not in the file", result.missing_in_erp)
+    if result.rejected:
+        events("rejected by the ERP (business dead letters: plantgate buffer dead-letters --sink erp)", result.rejected)
+    if result.unknown_to_plant:
+        print()
+        print(f"unknown to the plant: in the file, never delivered by this agent ({len(result.unknown_to_plant)}):")
+        for event_id in result.unknown_to_plant:
+            print(event_id)
+    if not (result.missing_in_erp or result.unknown_to_plant):
+        print("the plant and the ERP agree")
+    if resent is not None:
+        print()
+        print(f"resent {len(resent)} event(s) under their ids" + (f"; {len(failed)} could not be:" if failed else ""))
+        for item in failed:
+            print(f"{item['id']}: {item['reason']}")
+    elif result.missing_in_erp:
+        print()
+        print("send them again under the same ids with --resend")
 
 
 # --- schema --------------------------------------------------------------------------------------
