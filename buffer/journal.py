@@ -427,6 +427,80 @@ async def write_extras(db: aiosqlite.Connection, writes: JournalWrites) -> int:
     return added
 
 
+# --- trimming ----------------------------------------------------------------------------------
+
+TRIM_CHUNK = 5000
+"""Entries trimmed at most per transaction: the writer is held for tens of milliseconds, not seconds."""
+
+_ENTRY_SIZE = (
+    f"{ENTRY_OVERHEAD} + 2 * length(id) + length(type) + length(source) + length(body) "
+    "+ coalesce(length(trigger), 0) + 2 * coalesce(length(work_order), 0) + 2 * coalesce(length(lot), 0) "
+    f"+ CASE WHEN delivered IS NULL THEN 0 ELSE {DELIVERED_OVERHEAD} + length(type) END"
+)
+
+
+@dataclass
+class Trimmed:
+    """What one trim did: entries removed, estimated bytes freed, and whether more is due."""
+
+    entries: int = 0
+    bytes: int = 0
+    more: bool = False
+
+
+async def trim(
+    db: aiosqlite.Connection, older_than: float, excess_bytes: int, changes: TallyChanges
+) -> Trimmed:
+    """Delete the oldest entries (with their steps and ranges) committed before ``older_than``, or while
+    ``excess_bytes`` remain to be freed: at most ``TRIM_CHUNK``, oldest first (by row number)."""
+    done = Trimmed()
+    async with db.execute(f"SELECT n, committed, {_ENTRY_SIZE} FROM journal ORDER BY n LIMIT ?", (TRIM_CHUNK,)) as cur:
+        rows = list(await cur.fetchall())
+    last_n: int | None = None
+    for n, committed, size in rows:
+        if committed >= older_than and excess_bytes <= 0:
+            break
+        last_n = int(n)
+        excess_bytes -= int(size)
+        done.bytes += int(size)
+        done.entries += 1
+    if last_n is None:
+        return done
+    done.more = done.entries == len(rows) == TRIM_CHUNK
+    ids: list[str] = []
+    async with db.execute("DELETE FROM journal WHERE n <= ? RETURNING id, type, delivered, outcome", (last_n,)) as cur:
+        for id_, type_, delivered, outcome in await cur.fetchall():
+            ids.append(id_)
+            if outcome is not None:
+                changes.count_outcome(type_, outcome, -1)
+            elif delivered is not None:
+                changes.add(type_, unconfirmed=-1)
+                changes.recount.add(type_)
+    async with db.execute(
+        "DELETE FROM journal_steps WHERE id IN (SELECT value FROM json_each(?)) "
+        f"RETURNING {STEP_OVERHEAD} + 2 * length(id) + coalesce(length(detail), 0) + coalesce(length(reference), 0)",
+        (msgspec.json.encode(ids).decode(),),
+    ) as cur:
+        done.bytes += sum(int(size) for (size,) in await cur.fetchall())
+    # A range was recorded after the events it covers were committed: one recorded before the oldest
+    # entry left was committed covers trimmed entries only. Ranges are in time order by row number.
+    async with db.execute("SELECT committed FROM journal ORDER BY n LIMIT 1") as cur:
+        row = await cur.fetchone()
+    oldest_left = float(row[0]) if row is not None else float("inf")
+    async with db.execute("SELECT n, at FROM journal_ranges ORDER BY n LIMIT ?", (4 * TRIM_CHUNK,)) as cur:
+        ranges = list(await cur.fetchall())
+    last_range: int | None = None
+    for n, at in ranges:
+        if at >= oldest_left:
+            break
+        last_range = int(n)
+    if last_range is not None:
+        async with db.execute("DELETE FROM journal_ranges WHERE n <= ? RETURNING 1", (last_range,)) as cur:
+            done.bytes += RANGE_BYTES * len(list(await cur.fetchall()))
+        done.more = done.more or last_range == int(ranges[-1][0])
+    return done
+
+
 # --- reads --------------------------------------------------------------------------------------
 
 _ENTRY_COLUMNS = (

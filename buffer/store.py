@@ -565,6 +565,8 @@ class Buffer:
         self._tally = OutcomeTally()
         self._journal_info: dict[str, Any] = {"entries": 0, "oldest_committed": None}  # refreshed by maintain
         self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
+        self._journal_trim_due = False  # maintain() found entries past retention or the size bound
+        self._journal_shrinking = False  # trimming down to 95 % of the size bound
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
         # what is held stays held; a list, even empty, is the agent's config: held events of a
         # type no longer guarded go into their lane.
@@ -1467,12 +1469,16 @@ class Buffer:
                 await self._insert(db, chunk, txn)
                 journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
                 changes: TallyChanges | None = None
+                trimmed_entries = 0
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
+                    changes = TallyChanges()
                     if self.journal_enabled:
-                        changes = TallyChanges()
                         journal_bytes += await self._journal_extras(db, pending, changes)
+                    if self._journal_trim_due:
+                        cut = await self._trim_journal(db, changes)
+                        trimmed_entries, journal_bytes = cut.entries, journal_bytes - cut.bytes
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
@@ -1481,7 +1487,9 @@ class Buffer:
                     await self._evict_telemetry(db, txn)
                 meta: list[tuple[str, float]] = [("last_seq", self._seq)]
                 if journal_bytes:
-                    meta.append(("journal_bytes", self._journal_bytes + journal_bytes))
+                    meta.append(("journal_bytes", max(0, self._journal_bytes + journal_bytes)))
+                if trimmed_entries:
+                    meta.append(("journal_trimmed", self._journal_trimmed + trimmed_entries))
                 await db.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                     meta,
@@ -1495,7 +1503,8 @@ class Buffer:
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)
             pending.journal_done.update(journal_done)
-            self._journal_bytes += journal_bytes
+            self._journal_bytes = max(0, self._journal_bytes + journal_bytes)
+            self._journal_trimmed += trimmed_entries
             if changes is not None:
                 self._tally.apply(changes)
             if last:
@@ -1571,6 +1580,26 @@ class Buffer:
                 added += journal_store.entry_bytes(rows)
                 done[lane] = stop
         return done, added
+
+    async def _trim_journal(self, db: aiosqlite.Connection, changes: TallyChanges) -> journal_store.Trimmed:
+        """One bounded chunk of retention and size trimming; the commit loop comes back while more is due.
+
+        Past ``journal_max_bytes`` it trims down to 95 % of it, so a journal at its bound is
+        trimmed in chunks now and then, not a few rows on every commit.
+        """
+        excess = 0
+        if self._journal_bytes > self.journal_max_bytes or self._journal_shrinking:
+            excess = self._journal_bytes - int(0.95 * self.journal_max_bytes)
+        self._journal_shrinking = excess > 0
+        trimmed = await journal_store.trim(db, time.time() - self.journal_retention, excess, changes)
+        if changes.recount:
+            await changes.settle_oldest(db)
+        self._journal_trim_due = trimmed.more or (excess - trimmed.bytes > 0 and trimmed.entries > 0)
+        if self._journal_trim_due:
+            self._wake.set()
+        elif trimmed.entries:
+            log.debug("Journal trimmed", extra={"entries": trimmed.entries, "bytes": trimmed.bytes})
+        return trimmed
 
     async def _journal_extras(self, db: aiosqlite.Connection, pending: _Pending, changes: TallyChanges) -> int:
         """Dead letters as journal steps (and entries, when made before any sink), then the queued steps.
@@ -1956,6 +1985,13 @@ class Buffer:
             except sqlite3.Error as exc:
                 if is_corruption(exc):
                     self._saw_corruption(exc)
+        # The journal's retention and size bound: trimmed by the commit loop, a bounded chunk at a time.
+        oldest = self._journal_info["oldest_committed"]
+        if self._journal_bytes > self.journal_max_bytes or (
+            oldest is not None and oldest < time.time() - self.journal_retention
+        ):
+            self._journal_trim_due = True
+            self._wake.set()
         # The journal has its own bound (``journal_max_bytes``, trimmed oldest first): its bytes never
         # make the buffer "full", or a month of delivered history would back-pressure the plant's sources.
         # The file may so grow to max_size_mb plus the journal's max_size_mb.

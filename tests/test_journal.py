@@ -543,3 +543,98 @@ async def test_journal_stats_show_entries_oldest_size_and_bounds(tmp_path: Path)
         assert stats["trimmed"] == 0
     finally:
         await buffer.close()
+
+
+# --- retention and size bound -------------------------------------------------------------------------------
+
+
+async def trim_until_done(buffer: Buffer, rounds: int = 50) -> None:
+    """Upkeep (as the agent runs it every second) until nothing is left to trim; bounded."""
+    for _ in range(rounds):
+        await buffer.maintain()
+        await buffer.commit_now()
+        await buffer.maintain()
+        if not buffer._journal_trim_due:
+            return
+    raise AssertionError("the journal was still trimming after the bounded number of rounds")
+
+
+async def test_a_record_outlives_its_buffer_row(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    try:
+        await delivered_events(buffer, [event(id="kept-1", data={"work_order": "WO-K"})])
+        await trim_until_done(buffer)
+    finally:
+        await buffer.close()
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT count(*) FROM lane_transaction").fetchone()[0] == 0  # delivered: gone
+    buffer = await open_buffer(path)
+    try:
+        (entry,) = await buffer.trace("WO-K")
+        assert entry.id == "kept-1" and entry.delivered is not None
+        assert await buffer.journal_body("kept-1") is not None
+    finally:
+        await buffer.close()
+
+
+async def test_retention_trims_entries_their_steps_and_ranges_oldest_first(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path, journal_retention=3600)
+    try:
+        await delivered_events(buffer, [event(id=f"old-{n}", data={"work_order": "WO-OLD"}) for n in range(20)])
+        await buffer.record_outcomes([OutcomeReport("old-0", "posted"), OutcomeReport("old-1", "rejected")])
+        await trim_until_done(buffer)
+        assert len(await buffer.trace("WO-OLD")) == 20  # within retention: kept
+        buffer.journal_retention = 0.0  # now everything committed so far is past retention
+        cutoff = time.time()
+        await trim_until_done(buffer)
+        buffer.journal_retention = time.time() - cutoff + 3600
+        await delivered_events(buffer, [event(id="new-0", data={"work_order": "WO-NEW"})])
+        await trim_until_done(buffer)
+        assert await buffer.trace("WO-OLD") == []
+        assert [entry.id for entry in await buffer.trace("WO-NEW")] == ["new-0"]
+        assert await buffer.outcome_summary() == {
+            "io.plantgate.production.completed": OutcomeCounts(1, 0, 0, (await buffer.trace("new-0"))[0].delivered)
+        }
+        stats = buffer.journal_stats()
+        assert stats["entries"] == 1 and stats["trimmed"] == 20
+    finally:
+        await buffer.close()
+    assert journal_rows(path, "journal") == 1
+    assert journal_rows(path, "journal_steps") == 0  # the outcomes' steps went with their entries
+    assert journal_rows(path, "journal_ranges") == 1  # the new entry's acknowledgement only
+    buffer = await open_buffer(path)
+    try:
+        assert buffer.journal_stats()["trimmed"] == 20  # kept in the file
+    finally:
+        await buffer.close()
+
+
+async def test_the_size_bound_trims_the_oldest_entries_first(tmp_path: Path) -> None:
+    buffer = await open_buffer(tmp_path / "buffer.db", journal_max_size_mb=0.05)  # about 50 entries
+    try:
+        for start in range(0, 300, 30):
+            made = [event(id=f"b-{n}", data={"work_order": "WO-B"}) for n in range(start, start + 30)]
+            await delivered_events(buffer, made)
+            await trim_until_done(buffer)
+            assert buffer.journal_stats()["bytes"] <= buffer.journal_max_bytes
+        kept = [entry.id for entry in await buffer.trace("WO-B")]
+        assert 20 <= len(kept) < 100
+        assert kept == [f"b-{n}" for n in range(300 - len(kept), 300)]  # the newest, in order
+        assert buffer.journal_stats()["trimmed"] == 300 - len(kept)
+    finally:
+        await buffer.close()
+
+
+async def test_the_journal_never_makes_the_buffer_full(tmp_path: Path) -> None:
+    buffer = await open_buffer(tmp_path / "buffer.db", max_size_mb=0.25)
+    try:
+        for start in range(0, 3000, 500):
+            await delivered_events(buffer, [event(id=f"f-{n}") for n in range(start, start + 500)])
+            await buffer.maintain()
+            assert buffer.refusing_writes is None
+        assert buffer.file_bytes > 4 * buffer.max_size_bytes  # the journal's 3,000 entries are in the file ...
+        assert buffer.size_bytes < buffer.max_size_bytes  # ... and not in the buffer's share
+    finally:
+        await buffer.close()
