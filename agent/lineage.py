@@ -4,8 +4,10 @@ The agent builds one ``Lineage``: its routes join the agent's HTTP server, ``run
 is a supervised task (the periodic reconciliation summary), ``status`` is the
 ``lineage`` section of ``/status``, ``refresh_metrics`` runs before a scrape.
 
-Endpoints (access as the buffer admin routes: the ingest token when
-``[http].ingest_token_file`` is set, else only on a loopback listen address):
+Endpoints (access as the buffer admin routes, ``agent.buffer_api.OperatorAccess``: the
+ingest or the admin token; a resend, which changes the buffer, the admin token when
+``[http].admin_token_file`` is set; with no token configured, only on a loopback
+listen address):
 
 ==========================================  ================================================================
 ``GET /v1/trace/{key}``                     every journal entry whose id, work order or lot is ``key``
@@ -44,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from agent.buffer_api import OperatorAccess
 from agent.events import (
     TRANSACTION_TYPES,
     TYPE_PREFIX,
@@ -52,7 +55,7 @@ from agent.events import (
     make_event,
     stable_id,
 )
-from agent.http_server import check_bearer, is_loopback_listen, json_response, read_token_file
+from agent.http_server import json_response
 
 if TYPE_CHECKING:
     from agent.pipeline import Agent
@@ -355,9 +358,7 @@ class Lineage:
         settings = agent.settings
         self.enabled: bool = settings.journal.enabled
         self.interval: float = float(settings.journal.summary_interval)
-        token_file = settings.http.ingest_token_file
-        self._token = read_token_file(settings.data_path(token_file)) if token_file is not None else None
-        self._loopback = is_loopback_listen(settings.http.listen)
+        self.access = OperatorAccess.from_settings(settings)
         self._outcomes: dict[str, Any] = {}  # full type -> OutcomeCounts, refreshed by run and scrapes
         self._journal_stats: dict[str, Any] = {}
         self.reports: Counter[str] = Counter()
@@ -376,17 +377,17 @@ class Lineage:
             Route("/v1/outcomes", self._guarded(self._post_outcomes), methods=["POST"]),
             Route("/v1/reconciliation", self._guarded(self._reconciliation), methods=["GET"]),
             Route("/v1/reconciliation/lookup", self._guarded(self._lookup), methods=["POST"]),
-            Route("/v1/reconciliation/resend", self._guarded(self._resend), methods=["POST"]),
+            Route("/v1/reconciliation/resend", self._guarded(self._resend, "change"), methods=["POST"]),
         ]
 
-    def _guarded(self, handler: Any) -> Any:
+    def _guarded(self, handler: Any, action: Literal["read", "change"] = "read") -> Any:
+        """``handler`` behind the buffer admin's access rules: a resend is a change (the admin token when
+        one is configured); reading, and the middleware's outcomes, take the ingest or the admin token."""
+
         async def guarded(request: Request) -> Response:
-            if self._token is not None:
-                check_bearer(request, self._token)
-            elif not self._loopback:
-                return json_response(
-                    {"error": "needs [http].ingest_token_file on a non-loopback listen address"}, status=403
-                )
+            refused = self.access.check(request, action)
+            if refused is not None:
+                return json_response({"error": refused}, status=403)
             if not self.enabled:
                 return json_response({"error": "the delivery journal is off ([journal] enabled = false)"}, 503)
             response: Response = await handler(request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ data_dir = "{data_dir}"
 listen = "127.0.0.1:0"
 ingest_token_file = "ingest-token"
 
+{admin}
 [journal]
 enabled = {enabled}
 summary_interval = "{interval}"
@@ -105,9 +107,17 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, *, enabled: bool = True, interval: str = "0s") -> AsyncIterator[Running]:
+async def running(
+    tmp_path: Path, *, enabled: bool = True, interval: str = "0s", admin: str | None = None
+) -> AsyncIterator[Running]:
     (tmp_path / "ingest-token").write_text(TOKEN, encoding="utf-8")
-    text = CONFIG.format(data_dir=tmp_path, enabled="true" if enabled else "false", interval=interval)
+    if admin is not None:
+        (tmp_path / "admin-token").write_text(admin, encoding="utf-8")
+    text = CONFIG.format(
+        data_dir=tmp_path, enabled="true" if enabled else "false", interval=interval,
+        admin='admin_token_file = "admin-token"' if admin is not None else "",
+    )  # fmt: skip
+    (tmp_path / "plantgate.toml").write_text(text, encoding="utf-8")
     agent = Agent(parse_settings(text))
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -317,3 +327,80 @@ async def test_journal_off_answers_503(tmp_path: Path) -> None:
         assert response.status_code == 503
         assert (await live.outcomes({"id": "x", "outcome": "posted"})).status_code == 503
         assert live.agent.status()["lineage"]["journal"]["enabled"] is False
+
+
+async def test_a_resend_needs_the_admin_token_when_there_is_one(tmp_path: Path) -> None:
+    async with running(tmp_path, admin="the-admin-token") as live:
+        await live.post_events([completion(1)])
+        await wait_for(lambda: live.delivered("mes-completion-1"), message="delivered")
+        body = {"ids": ["mes-completion-1"]}
+        refused = await live.client.post("/v1/reconciliation/resend", json=body)  # the ingest token
+        assert refused.status_code == 401
+        admin = {"Authorization": "Bearer the-admin-token"}
+        resent = await live.client.post("/v1/reconciliation/resend", json=body, headers=admin)
+        assert resent.json() == {"resent": ["mes-completion-1"], "failed": []}
+        await wait_for(lambda: [e["id"] for e in live.lines()].count("mes-completion-1") == 2, message="resent")
+        assert "replayed" in [s["step"] for s in (await live.trace("mes-completion-1"))[0]["steps"]]
+        unknown = await live.client.post("/v1/reconciliation/resend", json={"ids": ["nope"]}, headers=admin)
+        assert unknown.json()["failed"][0]["id"] == "nope"
+        # Reading and reporting outcomes take either token.
+        assert (await live.client.get("/v1/trace/WO-1", headers=admin)).status_code == 200
+        assert (await live.client.get("/v1/trace/WO-1")).status_code == 200
+        bad = await live.client.post("/v1/reconciliation/lookup", json={"ids": "mes-completion-1"})
+        assert bad.status_code == 400
+
+
+async def plantgate(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "plantgate"), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_command_line_on_a_stopped_agents_file(tmp_path: Path) -> None:
+    async with running(tmp_path) as live:
+        await live.post_events([completion(1), completion(2)])
+        await wait_for(lambda: live.delivered("mes-completion-1", "mes-completion-2"), message="delivered")
+        await live.outcomes({"id": "mes-completion-1", "outcome": "posted", "reference": "4900001"})
+    config = str(tmp_path / "plantgate.toml")
+    code, out, err = await plantgate("trace", "mes-completion-1", "-c", config)
+    assert code == 0, err
+    assert "mes-completion-1  production.completed  subject=WO-1" in out
+    assert "ERP: posted, reference 4900001" in out
+    code, out, _ = await plantgate("trace", "LOT-0", "-c", config, "--json")
+    assert code == 0 and [e["id"] for e in json.loads(out)["entries"]] == ["mes-completion-2"]
+    export = tmp_path / "erp.csv"
+    export.write_text("document,id\n4900001,mes-completion-1\n4900077,mes-unheard-of\n", encoding="utf-8")
+    code, out, _ = await plantgate("reconcile", "--against", str(export), "-c", config, "--json")
+    assert code == 1
+    answer = json.loads(out)
+    assert answer["missing_in_erp"] == ["mes-completion-2"] and answer["unknown_to_plant"] == ["mes-unheard-of"]
+    code, out, _ = await plantgate(
+        "reconcile", "--against", str(export), "-c", config, "--type", "material.consumed", "--json"
+    )
+    assert json.loads(out)["missing_in_erp"] == []  # nothing of that type delivered
+    agree = tmp_path / "agree.jsonl"
+    agree.write_text('"mes-completion-1"\n"mes-completion-2"\n', encoding="utf-8")
+    code, out, _ = await plantgate("reconcile", "--against", str(agree), "-c", config)
+    assert code == 0 and "the plant and the ERP agree" in out
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a"}\n{"id": 5}\n', encoding="utf-8")
+    code, _, err = await plantgate("reconcile", "--against", str(broken), "-c", config)
+    assert code == 2 and "broken.jsonl:2:" in err and "Traceback" not in err
+    code, _, err = await plantgate("reconcile", "--against", str(export), "-c", config, "--from", "someday")
+    assert code == 2 and "--from/--to" in err
+    # Resent offline, under the stopped agent's lock: delivered at the next start.
+    code, out, err = await plantgate("reconcile", "--against", str(export), "-c", config, "--resend", "--json")
+    assert json.loads(out)["resent"] == ["mes-completion-2"], err
+    async with running(tmp_path) as live:
+        await wait_for(lambda: [e["id"] for e in live.lines()].count("mes-completion-2") == 2, message="resent")
+
+
+async def test_command_line_with_the_journal_off(tmp_path: Path) -> None:
+    async with running(tmp_path, enabled=False) as live:
+        await live.post_events([completion(1)])
+    code, _, err = await plantgate("trace", "WO-1", "-c", str(tmp_path / "plantgate.toml"))
+    assert code == 2 and "journal is off" in err
