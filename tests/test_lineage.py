@@ -248,3 +248,53 @@ async def test_compare_agrees_when_the_erp_holds_everything() -> None:
     result = await compare(ListedJournal(delivered, {}), [f"e-{n}" for n in range(5)], 0.0, 10.0, None)
     assert not result.missing_in_erp and not result.unknown_to_plant and not result.rejected
     assert result.delivered == 5
+
+
+# --- the timeline people read ------------------------------------------------------------------------
+
+
+def test_a_rules_event_shows_its_trigger_steps_and_outcome(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import _print_entry
+
+    entry = {
+        "id": "8d0c-4f1e", "type": "io.plantgate.production.completed", "lane": "transaction", "seq": 1842,
+        "committed": 1796464805.131, "source": "plantgate/plant-01/line3-gw/press7", "subject": "4711",
+        "work_order": "4711", "source_time": "2026-12-05T10:00:05.120Z",
+        "trigger": {"source": "press7", "rule": "press7-completion",
+                    "values": {"press7.cycle_done": {"value": True, "time": "2026-12-05T10:00:05.120Z",
+                                                     "quality": "good"},
+                               "press7.batch_qty": {"value": 120, "time": "2026-12-05T10:00:04.900Z",
+                                                    "quality": "uncertain"},
+                               "press7.item": None}},
+        "delivered": 1796464806.402, "outcome": "posted", "outcome_at": 1796464809.918, "reference": "4900012345",
+        "steps": [
+            {"at": 1796464805.131, "step": "committed"},
+            {"at": 1796464805.140, "step": "attempt", "sink": "erp-middleware", "status": "HTTP 503"},
+            {"at": 1796464806.402, "step": "acked", "sink": "erp-middleware", "status": "ok", "reference": "MW-88121"},
+            {"at": 1796464809.918, "step": "posted", "reference": "4900012345"},
+        ],
+    }  # fmt: skip
+    _print_entry(entry)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "8d0c-4f1e  production.completed  subject=4711  work_order=4711  lane=transaction sequence=1842"
+    assert "rule press7-completion; from press7" in lines[2]
+    assert "press7.cycle_done=True at 2026-12-05T10:00:05.120Z" in lines[2]
+    assert "press7.batch_qty=120 (uncertain)" in lines[2] and "press7.item=(no reading)" in lines[2]
+    attempt = next(line for line in lines if " attempt " in line)
+    assert "2026-12-05T10:00:05.140Z" in attempt and "erp-middleware" in attempt and "HTTP 503" in attempt
+    assert "MW-88121" in next(line for line in lines if " acked " in line)
+    assert lines[-1] == "  ERP: posted, reference 4900012345 (2026-12-05T10:00:09.918Z)"
+
+
+def test_a_rejected_and_an_undelivered_event(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import _print_entry
+
+    base = {"id": "e-1", "type": "io.plantgate.material.consumed", "lane": "transaction", "seq": None,
+            "committed": 1796464805.0, "source": "plantgate/p/g/mes", "steps": []}  # fmt: skip
+    _print_entry({**base, "delivered": 1796464806.0, "outcome": "rejected", "reason": "period closed",
+                  "outcome_at": 1796464807.0})  # fmt: skip
+    _print_entry(base)
+    out = capsys.readouterr().out
+    assert "ERP: rejected: period closed" in out and "dead letter of sink erp" in out
+    assert "sequence=-" in out and out.rstrip().endswith("not delivered yet")

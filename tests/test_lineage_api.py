@@ -404,3 +404,40 @@ async def test_command_line_with_the_journal_off(tmp_path: Path) -> None:
         await live.post_events([completion(1)])
     code, _, err = await plantgate("trace", "WO-1", "-c", str(tmp_path / "plantgate.toml"))
     assert code == 2 and "journal is off" in err
+
+
+async def test_windows_missed_while_down_are_summed_up_at_start_at_most_48(tmp_path: Path) -> None:
+    import math
+    import time
+
+    from agent.lineage import MAX_MISSED_WINDOWS, SUMMARY_STATE_KEY
+    from buffer import Buffer
+
+    buffer = Buffer(tmp_path / "buffer.db")
+    await buffer.open()
+    now_boundary = math.floor(time.time())
+    await buffer.save_state(SUMMARY_STATE_KEY, repr(float(now_boundary - 100)))  # down for 100 windows of 1 s
+    await buffer.close()
+
+    async with running(tmp_path, interval="1s") as live:
+
+        def summaries() -> list[dict[str, Any]]:
+            return [e for e in live.lines() if e["type"] == "io.plantgate.reconciliation.summary"]
+
+        await wait_for(lambda: len(summaries()) >= MAX_MISSED_WINDOWS, message=lambda: f"{len(summaries())}")
+        first = summaries()[0]["data"]
+        assert parse_seconds(first["from"]) >= now_boundary - MAX_MISSED_WINDOWS - 1  # the older ones skipped
+        assert first["types"] == {}  # nothing delivered then; still a summary, so no window goes unreported
+    ends = [parse_seconds(e["data"]["to"]) for e in summaries()]
+    assert ends == sorted(set(ends))  # one per window, in order
+
+    async with running(tmp_path, interval="1s") as live:
+        await wait_for(lambda: len(summaries()) > len(ends), message="the next window summed up after a restart")
+    again = [parse_seconds(e["data"]["to"]) for e in summaries()]
+    assert again == sorted(set(again)) and again[: len(ends)] == ends  # a restart repeats no window
+
+
+def parse_seconds(text: str) -> float:
+    from agent.lineage import parse_time
+
+    return parse_time(text)
