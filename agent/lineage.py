@@ -13,7 +13,7 @@ listen address):
 ``GET /v1/trace/{key}``                     every journal entry whose id, work order or lot is ``key``
 ``GET /v1/trace?work_order=W`` / ``?lot=L`` the same, by one key named explicitly
 ``POST /v1/outcomes``                       what the ERP did with events: posted (reference) or rejected
-``GET /v1/reconciliation?from=&to=&type=``  the events delivered in a window, their states and digest
+``GET /v1/reconciliation?from=&to=&type=``  the events delivered (or ``by=committed``) in a window, digest
 ``POST /v1/reconciliation/lookup``          ``{"ids": [...]}``: what the journal knows of these ids
 ``POST /v1/reconciliation/resend``          ``{"ids": [...]}``: send these delivered events again, same ids
 ==========================================  ================================================================
@@ -435,7 +435,10 @@ class Lineage:
         if end < start:
             return json_response({"error": "from is after to"}, 400)
         type_ = canonical_type(query.get("type"))
-        rows = await self.agent.buffer.journal_window(start, end, type_)
+        by = query.get("by", "delivered")
+        if by not in ("delivered", "committed"):
+            return json_response({"error": "by: delivered (first acknowledgement) or committed"}, 400)
+        rows = await self.agent.buffer.journal_window(start, end, type_, by=by)
         entries: dict[str, Any] = {}
         ids = [row[0] for row in rows]
         # brief=1 (plantgate reconcile): ids, types, delivery times and outcomes only, no per-entry read.
@@ -446,6 +449,7 @@ class Lineage:
                 "from": iso(start),
                 "to": iso(end),
                 "type": type_,
+                "by": by,
                 "count": len(rows),
                 "digest": digest(ids),
                 "events": window_json(rows, entries),

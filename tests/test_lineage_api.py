@@ -294,6 +294,9 @@ async def test_reconciliation_window_lists_states_and_digest(live: Running) -> N
     assert empty["count"] == 0 and empty["events"] == []
     bad = await live.client.get("/v1/reconciliation", params={"from": "last tuesday"})
     assert bad.status_code == 400
+    committed = (await live.client.get("/v1/reconciliation", params={**query, "by": "committed"})).json()
+    assert committed["by"] == "committed" and sorted(e["id"] for e in committed["events"]) == sorted(ids)
+    assert (await live.client.get("/v1/reconciliation", params={"by": "sequence"})).status_code == 400
 
 
 async def test_summary_events_sum_up_each_window_once(tmp_path: Path) -> None:
