@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from agent.events import LANES
+from agent.events import LANES, TRANSACTION_TYPES
 from agent.health import CONNECTION_STATES
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -314,7 +314,10 @@ class Metrics:
                 ),
             )
         )
-        self._outcome_types: set[str] = set()
+        self._outcome_types: set[str] = set(TRANSACTION_TYPES)
+        for type_ in TRANSACTION_TYPES:  # exposed from start-up, at 0, like every other series
+            for family in self._outcome_families:
+                family.labels(type_).set(0)
         self._outcome_reports_family = Counter(
             "plantgate_outcome_reports_total",
             "Business outcomes reported to POST /v1/outcomes, by result (recorded, unchanged, unknown id, "
