@@ -572,7 +572,10 @@ class Lineage:
         buffer = self.agent.buffer
         if not self.enabled or not buffer.is_open:
             return
-        self._outcomes = dict(await buffer.outcome_summary())
+        # The ERP confirms postings: operational events (machine states, the agent's own) would read
+        # "unconfirmed" forever, so only transaction types are shown.
+        summary = await buffer.outcome_summary()
+        self._outcomes = {type_: counts for type_, counts in summary.items() if type_ in TRANSACTION_TYPE_NAMES}
         self._journal_stats = dict(buffer.journal_stats())
 
     # --- reconciliation summaries ---------------------------------------------------------------------

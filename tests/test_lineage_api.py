@@ -173,6 +173,7 @@ async def test_posted_is_recorded_with_the_erp_reference_once(live: Running) -> 
     posted = [s for s in entry["steps"] if s["step"] == "posted"]
     assert len(posted) == 1 and posted[0]["reference"] == "4900001"  # the repeat added no step
     status = (await live.client.get("/status")).json()["lineage"]
+    assert list(status["outcomes"]) == [COMPLETED]  # agent.started, delivered too, awaits no ERP outcome
     counts = status["outcomes"][COMPLETED]
     assert counts["confirmed"] == 1 and counts["unconfirmed"] == 1 and counts["rejected"] == 0
     assert counts["oldest_unconfirmed_age_seconds"] is not None
