@@ -56,6 +56,7 @@ from agent.events import (
     stable_id,
 )
 from agent.http_server import json_response
+from buffer import DeadLetter, JournalEntry, OutcomeReport
 
 if TYPE_CHECKING:
     from agent.pipeline import Agent
@@ -493,14 +494,13 @@ class Lineage:
         Per item: ``recorded`` (new or changed), ``unchanged`` (the same report again),
         ``unknown`` (no journal entry: never seen, or trimmed). Returns when durable.
         """
-        from buffer import DeadLetter, OutcomeReport
-
         buffer = self.agent.buffer
         async with self._lock:
             entries = await buffer.journal_entries(list(dict.fromkeys(item.id for item in items)))
             now = time.time()
             reports: list[OutcomeReport] = []
             dead: list[DeadLetter] = []
+            dead_ids: set[str] = set()
             results: list[dict[str, Any]] = []
             latest: dict[str, tuple[str, str | None, str | None]] = {}
             for item in items:
@@ -516,12 +516,13 @@ class Lineage:
                 latest[item.id] = new
                 reports.append(OutcomeReport(item.id, item.outcome, item.reference, new[2], now))
                 result: dict[str, Any] = {"id": item.id, "result": "recorded"}
-                if item.outcome == "rejected" and not _is_dead_letter(entry) and item.id not in {d.id for d in dead}:
+                if item.outcome == "rejected" and not _is_dead_letter(entry) and item.id not in dead_ids:
                     body = await buffer.journal_body(item.id)
                     if body is None:
                         result["detail"] = "the event's body is no longer kept: not a dead letter"
                     else:
                         dead.append(self._business_dead_letter(entry, item, body, now))
+                        dead_ids.add(item.id)
                         result["detail"] = "dead letter"
                 results.append(result)
             futures = []
@@ -546,9 +547,7 @@ class Lineage:
             await self._refresh_outcomes()
         return results
 
-    def _business_dead_letter(self, entry: Any, item: OutcomeItem, body: bytes, now: float) -> Any:
-        from buffer import DeadLetter
-
+    def _business_dead_letter(self, entry: JournalEntry, item: OutcomeItem, body: bytes, now: float) -> DeadLetter:
         delivered_by = sorted({s.sink for s in entry.steps if s.step == "acked" and s.sink})
         return DeadLetter(
             id=entry.id,
@@ -556,7 +555,7 @@ class Lineage:
             reason=REJECTED_PREFIX + (item.reason or "").strip(),
             type=entry.type,
             subject=entry.subject,
-            lane=entry.lane,
+            lane="operational" if entry.lane == "operational" else "transaction",  # the journal keeps no telemetry
             time=now,
             body=body,
             context={
