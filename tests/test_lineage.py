@@ -49,6 +49,12 @@ def test_digest_does_not_depend_on_delivery_order(ids: list[str], rng: object) -
     assert digest(shuffled) == digest(ids)
 
 
+@given(IDS)
+def test_digest_is_the_formula_the_docs_give_the_cloud_side(ids: list[str]) -> None:
+    # docs/lineage.md: hashlib.sha256("\n".join(sorted(ids, key=str.encode)).encode()).hexdigest()
+    assert digest(ids) == hashlib.sha256("\n".join(sorted(ids, key=str.encode)).encode()).hexdigest()
+
+
 def test_digest_differs_when_one_id_is_missing() -> None:
     ids = [f"id-{n}" for n in range(100)]
     assert digest(ids) != digest(ids[:50] + ids[51:])
