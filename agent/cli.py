@@ -360,7 +360,8 @@ def _summary(settings: Any) -> str:
         f"buffer   {settings.data_path(settings.buffer.path)} max_size_mb={settings.buffer.max_size_mb:g} "
         f"telemetry_max_rows={settings.buffer.telemetry_max_rows} synchronous={settings.buffer.synchronous}",
         f"http     {settings.http.listen}"
-        + (f" ingest_token_file={settings.http.ingest_token_file}" if settings.http.ingest_token_file else ""),
+        + (f" ingest_token_file={settings.http.ingest_token_file}" if settings.http.ingest_token_file else "")
+        + (f" admin_token_file={settings.http.admin_token_file}" if settings.http.admin_token_file else ""),
     ]
     context = build_context(settings)
     for key in SOURCES:
@@ -479,11 +480,14 @@ def _risky_settings(settings: Any) -> list[str]:
         for protocol in type(section).model_fields:
             for component in getattr(section, protocol):
                 walk(component, f"{key}.{protocol}.{component.name}")
-    token_file = settings.http.ingest_token_file
-    if token_file is not None:
-        warning = secret_file_warning(settings.data_path(token_file), key="http.ingest_token_file")
-        if warning is not None:
-            found.append(warning)
+    for key, token_file in (
+        ("http.ingest_token_file", settings.http.ingest_token_file),
+        ("http.admin_token_file", settings.http.admin_token_file),
+    ):
+        if token_file is not None:
+            warning = secret_file_warning(settings.data_path(token_file), key=key)
+            if warning is not None:
+                found.append(warning)
     return found
 
 
@@ -629,13 +633,18 @@ class _BufferTarget:
         import urllib.request
 
         headers = {"Accept": "application/json"}
-        token_file = self.settings.http.ingest_token_file
+        # The admin token, when there is one, opens reads and changes alike; the ingest token then
+        # no longer replays or purges.
+        http = self.settings.http
+        which, token_file = (
+            ("admin", http.admin_token_file) if http.admin_token_file else ("ingest", http.ingest_token_file)
+        )
         if token_file is not None:
             token_file = self.settings.data_path(token_file)  # as the agent reads it
             try:
                 token = token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise _AgentUnreachable(f"{token_file}: cannot read the ingest token: {exc.strerror}") from exc
+                raise _AgentUnreachable(f"{token_file}: cannot read the {which} token: {exc.strerror}") from exc
             headers["Authorization"] = f"Bearer {token}"
         data = None
         if body is not None:

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.simulator import PressSimulator
 from tests.peers.mosquitto import MosquittoBroker, MqttCollector, free_port
 from tests.peers.waiting import wait_for
@@ -42,21 +44,26 @@ def plantgate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.parametrize("admin_token", [False, True], ids=["ingest-token", "admin-token"])
 async def test_buffer_commands_work_on_a_live_agent_while_it_delivers(
-    tmp_path: Path, press_server: PressSimulator, mosquitto: MosquittoBroker
+    tmp_path: Path, press_server: PressSimulator, mosquitto: MosquittoBroker, admin_token: bool
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "token").write_text(TOKEN + "\n", encoding="utf-8")
     http_port = free_port()
     config = tmp_path / "plantgate.toml"
-    config.write_text(
-        CONFIG.format(
-            data_dir=data_dir, http_port=http_port, endpoint=press_server.endpoint, mqtt_url=mosquitto.url,
-            prefix=PREFIX,
-        ),
-        encoding="utf-8",
+    text = CONFIG.format(
+        data_dir=data_dir, http_port=http_port, endpoint=press_server.endpoint, mqtt_url=mosquitto.url,
+        prefix=PREFIX,
     )
+    if admin_token:
+        # Replay and purge then take only the admin token: the CLI must send that one.
+        (data_dir / "admin-token").write_text("live-admin-token\n", encoding="utf-8")
+        text = text.replace(
+            'ingest_token_file = "token"', 'ingest_token_file = "token"\nadmin_token_file = "admin-token"'
+        )
+    config.write_text(text, encoding="utf-8")
     cfg = str(config)
     collector = MqttCollector(mosquitto.host, mosquitto.port, COMPLETED).start()
     with (tmp_path / "agent.log").open("ab") as log:
