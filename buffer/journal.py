@@ -4,10 +4,17 @@ It lives in the buffer's SQLite file, in its own tables, and is written in the s
 transaction as the group commit that stores the events (so it survives ``kill -9``
 exactly as they do, at the cost of one ``executemany`` per commit):
 
-- ``journal``: one row per event id (type, lane, current sequence, commit time,
-  source, subject, work order, lot, what triggered it, the first acknowledgement,
-  the business outcome, and the encoded CloudEvent so it can be replayed under the
-  same id after its buffer row is gone);
+- ``journal``: one row per event id: its type, current sequence, commit time,
+  work order and lot (indexed), the rest of what identifies it packed in one
+  ``info`` value (source, subject, source time, original source, trigger: every
+  column bound costs the hot path, about 0.2 us each with Python's sqlite3), then
+  what happens later: the first acknowledgement and the business outcome;
+- ``journal_segments``: the encoded CloudEvents, so an event can be replayed under
+  the same id after its buffer row is gone. They are the very segments the group
+  commit writes into the lane (the same compressed bytes, written a second time,
+  not encoded again): keeping a body per entry would write ten times the bytes. An
+  entry that never was in a lane (held, a dead letter made before any sink) keeps
+  its body in its own row;
 - ``journal_steps``: what happened to one event (a dead letter, a replay, a hold
   and its release, a receiver's reference, a business outcome);
 - ``journal_ranges``: what happened to a whole batch: one row per batch, sink,
@@ -23,64 +30,110 @@ writes with its group commit.
 
 from __future__ import annotations
 
+import hashlib
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiosqlite
 import msgspec
 
-from agent.events import decode_event
+from agent.events import LANE_OF_TYPE, TYPE_PREFIX, decode_event
+from agent.sink import BufferedEvent
 
 RANGE_SPAN = 64
 """The widest run of sequences one ``journal_ranges`` row covers (see the module docstring)."""
 
 JOURNAL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
-    n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, lane TEXT NOT NULL, seq INTEGER,
-    committed REAL NOT NULL, source TEXT NOT NULL, subject TEXT, work_order TEXT, lot TEXT, trigger TEXT,
-    delivered REAL, outcome TEXT, outcome_at REAL, reference TEXT, reason TEXT, body BLOB NOT NULL
+    n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, seq INTEGER, committed REAL NOT NULL,
+    work_order TEXT, lot TEXT, info BLOB NOT NULL, body BLOB NOT NULL DEFAULT x'',
+    delivered REAL, outcome TEXT, outcome_at REAL, reference TEXT, reason TEXT
 );
-CREATE UNIQUE INDEX IF NOT EXISTS journal_id ON journal(id);
 CREATE INDEX IF NOT EXISTS journal_seq ON journal(seq) WHERE seq IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_work_order ON journal(work_order) WHERE work_order IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_lot ON journal(lot) WHERE lot IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_committed ON journal(committed);
 CREATE INDEX IF NOT EXISTS journal_delivered ON journal(delivered) WHERE delivered IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_unconfirmed ON journal(type, delivered)
     WHERE delivered IS NOT NULL AND outcome IS NULL;
 CREATE INDEX IF NOT EXISTS journal_outcome ON journal(type, outcome) WHERE outcome IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal_ids (hash INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (hash, n)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_steps (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
-    reference TEXT, detail TEXT
+    reference TEXT, detail TEXT, seq INTEGER
 );
-CREATE INDEX IF NOT EXISTS journal_steps_id ON journal_steps(id);
+CREATE INDEX IF NOT EXISTS journal_steps_by_id ON journal_steps(id) WHERE seq IS NULL;
+CREATE INDEX IF NOT EXISTS journal_steps_by_seq ON journal_steps(seq) WHERE seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS journal_ranges (
     n INTEGER PRIMARY KEY, lane TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     at REAL NOT NULL, step TEXT NOT NULL, sink TEXT NOT NULL, status TEXT
 );
 CREATE INDEX IF NOT EXISTS journal_ranges_seq ON journal_ranges(lane, first_seq);
+CREATE TABLE IF NOT EXISTS journal_segments (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, events BLOB NOT NULL
+);
 """
 
-JOURNAL_TABLES = ("journal", "journal_steps", "journal_ranges")
 
-# An event's row: written with the segment that stores it. A second row for the same id (a replay,
-# a held event released, the same fact again after the dedupe window) takes the new sequence and body.
-INSERT_ENTRY = (
-    "INSERT INTO journal(id, type, lane, seq, committed, source, subject, work_order, lot, trigger, body) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET seq=excluded.seq, body=excluded.body"
-)
-# A row known before it has a sequence (held, a dead letter made before any sink): never overwrites.
-INSERT_UNSEQUENCED = (
-    "INSERT INTO journal(id, type, lane, seq, committed, source, subject, work_order, lot, trigger, body) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING"
-)
+
+async def migrate(db: aiosqlite.Connection) -> bool:
+    """Before ``JOURNAL_SCHEMA`` runs: a journal of the first, unreleased layout (a column per field,
+    a unique index of ids) is dropped, to start afresh in this one. True when one was."""
+    async with db.execute("PRAGMA table_info(journal)") as cur:
+        columns = {row[1] for row in await cur.fetchall()}
+    if "lane" not in columns:
+        return False
+    for table in ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments"):
+        await db.execute(f"DROP TABLE IF EXISTS {table}")
+    await db.execute("DELETE FROM meta WHERE key LIKE 'journal_%'")
+    return True
+
+JOURNAL_TABLES = ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments")
+
+# An event's row, written with the segment that stores it (an event appended: a fresh id, the dedupe
+# window saw to it; a released or replayed one updates its row instead, see ``resequence``).
+INSERT_ENTRY = "INSERT INTO journal(id, type, seq, committed, work_order, lot, info) VALUES (?,?,?,?,?,?,?)"
+# An entry with its own body: held, or a dead letter made before any sink (not in any segment).
+INSERT_HELD = "INSERT INTO journal(id, type, seq, committed, work_order, lot, info, body) VALUES (?,?,?,?,?,?,?,?)"
+INSERT_SEGMENT = "INSERT OR REPLACE INTO journal_segments(first_seq, last_seq, events) VALUES (?,?,?)"
 INSERT_STEP = "INSERT INTO journal_steps(id, at, step, sink, status, reference, detail) VALUES (?,?,?,?,?,?,?)"
+# A step found by the event's sequence (a receiver's reference: one per event on the delivery path,
+# where an index of random ids would cost a page write per event).
+INSERT_SEQ_STEP = (
+    "INSERT INTO journal_steps(id, at, step, sink, status, reference, detail, seq) VALUES (?,?,?,?,?,?,?,?)"
+)
 INSERT_RANGE = "INSERT INTO journal_ranges(lane, first_seq, last_seq, at, step, sink, status) VALUES (?,?,?,?,?,?,?)"
 
-EntryRow = tuple[str, str, str, int | None, float, str, str | None, str | None, str | None, str | None, bytes]
-"""(id, type, lane, seq, committed, source, subject, work order, lot, trigger JSON, body)."""
+EntryRow = tuple[str, str, int | None, float, str | None, str | None, bytes]
+"""(id, type, seq, committed, work order, lot, info: see ``pack_info``)."""
+HeldRow = tuple[str, str, int | None, float, str | None, str | None, bytes, bytes]
+"""An ``EntryRow`` and the event's body."""
+
+_info_encoder = msgspec.msgpack.Encoder()
+_info_decoder = msgspec.msgpack.Decoder(tuple[str, str | None, float | str | None, str | None, str | None])
+
+
+def pack_info(
+    source: str, subject: str | None, source_time: float | str | None, origin: str | None, trigger: str | None
+) -> bytes:
+    """An entry's ``info``: (source, subject, source time (Unix time, or the event's text), original source,
+    trigger context as JSON)."""
+    return _info_encoder.encode((source, subject, source_time, origin, trigger))
+
+
+def lane_of(type_: str) -> str:
+    """The lane of a full event type ("operational" for one not in the canonical list)."""
+    return LANE_OF_TYPE.get(type_.removeprefix(TYPE_PREFIX), "operational")
+
+
+_LANE_TYPES = {
+    lane: ", ".join(f"'{TYPE_PREFIX}{name}'" for name, of in LANE_OF_TYPE.items() if of == lane)
+    for lane in ("transaction", "operational")
+}
+"""The full types of each journaled lane, as an SQL list (constants of the code, never input)."""
 StepRow = tuple[str, float, str, str | None, str | None, str | None, str | None]
 """(id, at, step, sink, status, reference, detail)."""
 RangeRow = tuple[str, int, int, float, str, str, str | None]
@@ -89,29 +142,108 @@ RangeRow = tuple[str, int, int, float, str, str, str | None]
 
 # What one row costs in the file beyond its variable-length values: the row's other columns and its
 # index entries (calibrated against SQLite's dbstat on a filled journal; see tests/test_journal.py).
-ENTRY_OVERHEAD = 160
+ENTRY_OVERHEAD = 80
+SEGMENT_OVERHEAD = 40
+_PAGE = 4096  # a segment's blob spills into overflow pages: it takes whole pages
+
+
+def segment_bytes(blob_length: int) -> int:
+    """The estimated bytes a copied segment takes (its overflow pages, whole)."""
+    return SEGMENT_OVERHEAD + _PAGE * ((blob_length + _PAGE - 5) // (_PAGE - 4))
 STEP_OVERHEAD = 70
 RANGE_BYTES = 70
 DELIVERED_OVERHEAD = 40  # plus the type: a first delivery adds the entry to two indexes (window, unconfirmed)
 
 
-def entry_bytes(rows: Sequence[EntryRow]) -> int:
+def entry_bytes(rows: Sequence[EntryRow | HeldRow]) -> int:
     """The estimated bytes ``rows`` take in the file (values, their index keys, and per-row overhead)."""
     total = ENTRY_OVERHEAD * len(rows)
     for row in rows:
-        total += 2 * len(row[0]) + len(row[1]) + len(row[5]) + len(row[10])
-        if row[9] is not None:
-            total += len(row[9])
-        if row[7] is not None:
-            total += 2 * len(row[7])
-        if row[8] is not None:
-            total += 2 * len(row[8])
+        total += len(row[0]) + len(row[1]) + len(row[6])
+        if row[4] is not None:
+            total += 2 * len(row[4])
+        if row[5] is not None:
+            total += 2 * len(row[5])
+        if len(row) > 7:
+            total += len(row[7])
     return total
 
 
 def step_bytes(rows: Sequence[StepRow]) -> int:
     """The estimated bytes of per-event step rows."""
     return sum(STEP_OVERHEAD + 2 * len(row[0]) + len(row[6] or "") + len(row[5] or "") for row in rows)
+
+
+# --- finding an id -------------------------------------------------------------------------------
+#
+# Event ids are random (hashes): a B-tree index of them gets every insert on a random page, and
+# every such page is written to the WAL again in each commit: measured, that tripled the cost of
+# a buffer append. So ``journal_ids`` maps a 64-bit hash of the id to the row number, filled in
+# sorted runs (``merge_ids``, every ``MERGE_EVERY`` entries or so) where a run touches each page
+# once; the entries after the last run (``journal_indexed_n`` in ``meta``) are found by a scan of
+# that short tail of row numbers.
+
+MERGE_EVERY = 20_000
+"""Entries appended before their ids are merged into ``journal_ids`` (the tail a lookup scans)."""
+ID_BYTES = 20  # one row of ``journal_ids`` (hash, row number, B-tree overhead)
+
+
+def id_hash(event_id: str) -> int:
+    """The 64-bit (signed, as SQLite stores integers) hash an id is indexed by."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+async def indexed_up_to(db: aiosqlite.Connection) -> int:
+    """The highest row number whose id is in ``journal_ids``."""
+    async with db.execute("SELECT value FROM meta WHERE key = 'journal_indexed_n'") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+async def rows_of(db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, list[int]]:
+    """Row numbers of the entries of ``ids`` (oldest first; more than one only for an id committed again)."""
+    found: dict[str, list[int]] = {}
+    wanted = list(dict.fromkeys(ids))
+    if not wanted:
+        return found
+    merged = await indexed_up_to(db)
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        hashes = msgspec.json.encode([id_hash(event_id) for event_id in chunk]).decode()
+        names = msgspec.json.encode(chunk).decode()
+        async with db.execute(
+            "SELECT j.n, j.id FROM journal_ids x JOIN journal j ON j.n = x.n "
+            "WHERE x.hash IN (SELECT value FROM json_each(?)) AND j.id IN (SELECT value FROM json_each(?))",
+            (hashes, names),
+        ) as cur:
+            for n, event_id in await cur.fetchall():
+                found.setdefault(event_id, []).append(int(n))
+        async with db.execute(
+            "SELECT n, id FROM journal WHERE n > ? AND id IN (SELECT value FROM json_each(?))", (merged, names)
+        ) as cur:
+            for n, event_id in await cur.fetchall():
+                found.setdefault(event_id, []).append(int(n))
+    for numbers in found.values():
+        numbers.sort()
+    return found
+
+
+async def merge_ids(db: aiosqlite.Connection, limit: int = 5 * MERGE_EVERY) -> tuple[int, bool]:
+    """Index the ids of the entries after the last run, in hash order; (how many, whether more are left)."""
+    merged = await indexed_up_to(db)
+    async with db.execute("SELECT n, id FROM journal WHERE n > ? ORDER BY n LIMIT ?", (merged, limit)) as cur:
+        rows = list(await cur.fetchall())
+    if not rows:
+        return 0, False
+    await db.executemany(
+        "INSERT OR IGNORE INTO journal_ids(hash, n) VALUES (?, ?)", sorted((id_hash(i), int(n)) for n, i in rows)
+    )
+    await db.execute(
+        "INSERT INTO meta(key, value) VALUES ('journal_indexed_n', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (int(rows[-1][0]),),
+    )
+    return len(rows), len(rows) == limit
 
 
 class JournalStep(msgspec.Struct, omit_defaults=True):
@@ -205,39 +337,39 @@ def source_trigger(source: str, originsource: str | None) -> dict[str, Any]:
     return trigger
 
 
-def row_of(
-    event: dict[str, Any], lane: str, seq: int | None, body: bytes, committed: float, trigger: dict[str, Any] | None
-) -> EntryRow:
-    """The entry of a decoded event (held, released, replayed): its keys read from the event itself."""
+def row_of(event: dict[str, Any], seq: int, committed: float) -> EntryRow:
+    """The entry of a decoded event released or replayed into its lane (its body goes into its segment)."""
     source = event.get("source")
     subject = event.get("subject")
+    origin = event.get("originsource")
+    when = event.get("time")
     work_order, lot = journal_keys(event.get("data"), subject)
-    return (
-        str(event.get("id", "")),
-        str(event.get("type", "")),
-        lane,
-        seq,
-        committed,
+    info = pack_info(
         source if isinstance(source, str) else "",
         subject if isinstance(subject, str) else None,
-        work_order,
-        lot,
-        trigger_text(trigger),
-        body,
+        when if isinstance(when, str) else None,
+        origin if isinstance(origin, str) else None,
+        None,
     )
+    return (str(event.get("id", "")), str(event.get("type", "")), seq, committed, work_order, lot, info)
 
 
-def unsequenced_row(
-    event_id: str, type_: str, lane: str, body: bytes, committed: float, trigger: dict[str, Any] | None = None
-) -> EntryRow:
-    """The entry of an event known only by its encoded body (a dead letter made before any sink)."""
+def held_row(
+    event_id: str, type_: str, body: bytes, committed: float, trigger: dict[str, Any] | None = None
+) -> HeldRow:
+    """The entry of an event known only by its encoded body (a dead letter made before any sink, a held one)."""
     try:
         event = decode_event(body)
     except msgspec.DecodeError:
         event = {}
     if not isinstance(event, dict):
         event = {}
-    return row_of({**event, "id": event_id, "type": type_}, lane, None, body, committed, trigger)
+    row = row_of({**event, "id": event_id, "type": type_}, 0, committed)
+    info = row[6]
+    if trigger is not None:
+        source, subject, when, origin, _ = _info_decoder.decode(info)
+        info = pack_info(source, subject, when, origin, trigger_text(trigger))
+    return (row[0], row[1], None, committed, row[4], row[5], info, body)
 
 
 class OutcomeTally:
@@ -330,9 +462,9 @@ async def write_delivered(db: aiosqlite.Connection, writes: JournalWrites, chang
     """The first acknowledgement by any sink: one range UPDATE per batch and lane, on the seq index."""
     for at, lane, first, last in writes.delivered:
         async with db.execute(
-            "UPDATE journal SET delivered = ? WHERE seq BETWEEN ? AND ? AND lane = ? AND delivered IS NULL "
-            "RETURNING type, outcome",
-            (at, first, last, lane),
+            "UPDATE journal SET delivered = ? WHERE seq BETWEEN ? AND ? AND delivered IS NULL "
+            f"AND type IN ({_LANE_TYPES[lane]}) RETURNING type, outcome",
+            (at, first, last),
         ) as cur:
             for type_, outcome in await cur.fetchall():
                 changes.bytes += DELIVERED_OVERHEAD + len(type_)
@@ -345,21 +477,25 @@ async def write_delivered(db: aiosqlite.Connection, writes: JournalWrites, chang
 async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeReport], changes: TallyChanges) -> None:
     """Business outcomes: the entry's outcome columns and a step, unless the same was reported already."""
     known: dict[str, list[Any]] = {}
-    ids = list(dict.fromkeys(report.id for report in reports))
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        query = f"SELECT id, type, delivered, outcome, reference, reason FROM journal WHERE id IN ({marks})"
-        async with db.execute(query, chunk) as cur:
-            for id_, *rest in await cur.fetchall():
-                known[id_] = rest
-    updates: list[tuple[str, float, str | None, str | None, str]] = []
+    numbers = {event_id: found[-1] for event_id, found in (await rows_of(db, [r.id for r in reports])).items()}
+    if not numbers:
+        return
+    async with db.execute(
+        "SELECT n, type, delivered, outcome, reference, reason FROM journal "
+        "WHERE n IN (SELECT value FROM json_each(?))",
+        (msgspec.json.encode(list(numbers.values())).decode(),),
+    ) as cur:
+        by_n = {int(n): rest for n, *rest in await cur.fetchall()}
+    for event_id, n in numbers.items():
+        if n in by_n:
+            known[event_id] = [n, *by_n[n]]
+    updates: list[tuple[str, float, str | None, str | None, int]] = []
     steps: list[StepRow] = []
     for report in reports:
         row = known.get(report.id)
         if row is None:
             continue  # unknown here (trimmed, or never journaled): nothing to record
-        type_, delivered, outcome, reference, reason = row
+        n, type_, delivered, outcome, reference, reason = row
         new_reference = report.reference if report.reference is not None else reference
         if outcome == report.outcome and new_reference == reference and reason == report.reason:
             continue  # the same report again
@@ -371,12 +507,12 @@ async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeRepo
         else:
             changes.count_outcome(type_, outcome, -1)
         changes.count_outcome(type_, report.outcome, 1)
-        row[2:] = [report.outcome, new_reference, report.reason]
-        updates.append((report.outcome, at, new_reference, report.reason, report.id))
+        row[3:] = [report.outcome, new_reference, report.reason]
+        updates.append((report.outcome, at, new_reference, report.reason, n))
         steps.append((report.id, at, report.outcome, None, None, report.reference, report.reason))
     if updates:
         await db.executemany(
-            "UPDATE journal SET outcome = ?, outcome_at = ?, reference = ?, reason = ? WHERE id = ?", updates
+            "UPDATE journal SET outcome = ?, outcome_at = ?, reference = ?, reason = ? WHERE n = ?", updates
         )
         await db.executemany(INSERT_STEP, steps)
 
@@ -387,19 +523,27 @@ class JournalWrites:
 
     entries: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
     """Per lane, one row per event appended to that lane, in the same order as the lane's rows."""
-    unsequenced: list[EntryRow] = field(default_factory=list)
+    resequenced: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
+    """Per lane, events released or replayed into it (their entry takes the new sequence), in sequence order."""
+    unsequenced: list[HeldRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
+    seq_steps: list[tuple[str, float, str, str | None, str | None, str | None, str | None, int]] = field(
+        default_factory=list
+    )
     ranges: list[RangeRow] = field(default_factory=list)
     delivered: list[tuple[float, str, int, int]] = field(default_factory=list)  # (at, lane, first seq, last seq)
     outcomes: list[OutcomeReport] = field(default_factory=list)
-    references: list[tuple[str, str]] = field(default_factory=list)  # (a receiver's reference, id)
+    references: list[tuple[str, int]] = field(default_factory=list)  # (a receiver's reference, seq)
 
     def absorb(self, newer: JournalWrites) -> None:
         """Take ``newer``'s rows behind this one's, in order."""
         for lane, rows in newer.entries.items():
             self.entries[lane].extend(rows)
+        for lane, rows in newer.resequenced.items():
+            self.resequenced[lane].extend(rows)
         self.unsequenced.extend(newer.unsequenced)
         self.steps.extend(newer.steps)
+        self.seq_steps.extend(newer.seq_steps)
         self.ranges.extend(newer.ranges)
         self.delivered.extend(newer.delivered)
         self.references.extend(newer.references)
@@ -411,20 +555,52 @@ async def write_extras(db: aiosqlite.Connection, writes: JournalWrites) -> int:
 
     Returns the estimated bytes added.
     """
-    added = 0
-    if writes.unsequenced:
-        await db.executemany(INSERT_UNSEQUENCED, writes.unsequenced)
-        added += entry_bytes(writes.unsequenced)
+    added = await insert_unsequenced(db, writes.unsequenced)
     if writes.steps:
         await db.executemany(INSERT_STEP, writes.steps)
         added += step_bytes(writes.steps)
+    if writes.seq_steps:
+        await db.executemany(INSERT_SEQ_STEP, writes.seq_steps)
+        added += step_bytes([step[:7] for step in writes.seq_steps])
     if writes.ranges:
         await db.executemany(INSERT_RANGE, writes.ranges)
         added += RANGE_BYTES * len(writes.ranges)
     if writes.references:
         # The first receiver's reference is the entry's own until the ERP reports its own.
-        await db.executemany("UPDATE journal SET reference = ? WHERE id = ? AND reference IS NULL", writes.references)
+        await db.executemany(
+            "UPDATE journal SET reference = ? WHERE seq = ? AND reference IS NULL", writes.references
+        )
     return added
+
+
+async def insert_unsequenced(db: aiosqlite.Connection, rows: Sequence[HeldRow]) -> int:
+    """Entries known before they have a sequence (held, a dead letter made before any sink), unless the
+    journal has the id already (a replay held again, a business dead letter); returns the bytes added."""
+    if not rows:
+        return 0
+    known = await rows_of(db, [row[0] for row in rows])
+    fresh: dict[str, HeldRow] = {}
+    for row in rows:
+        if row[0] not in known:
+            fresh.setdefault(row[0], row)
+    if fresh:
+        await db.executemany(INSERT_HELD, list(fresh.values()))
+    return entry_bytes(list(fresh.values()))
+
+
+async def resequence(db: aiosqlite.Connection, rows: Sequence[EntryRow]) -> int:
+    """Events released or replayed into a lane: their entry takes the new sequence (its body is in the new
+    segment now); an id the journal does not know (trimmed) gets a new entry. Returns the bytes added."""
+    if not rows:
+        return 0
+    known = await rows_of(db, [row[0] for row in rows])
+    updates = [(row[2], known[row[0]][-1]) for row in rows if row[0] in known]
+    if updates:
+        await db.executemany("UPDATE journal SET seq = ?, body = x'' WHERE n = ?", updates)
+    fresh = [row for row in rows if row[0] not in known]
+    if fresh:
+        await db.executemany(INSERT_ENTRY, fresh)
+    return entry_bytes(fresh)
 
 
 # --- trimming ----------------------------------------------------------------------------------
@@ -433,8 +609,8 @@ TRIM_CHUNK = 5000
 """Entries trimmed at most per transaction: the writer is held for tens of milliseconds, not seconds."""
 
 _ENTRY_SIZE = (
-    f"{ENTRY_OVERHEAD} + 2 * length(id) + length(type) + length(source) + length(body) "
-    "+ coalesce(length(trigger), 0) + 2 * coalesce(length(work_order), 0) + 2 * coalesce(length(lot), 0) "
+    f"{ENTRY_OVERHEAD} + length(id) + length(type) + length(info) + length(body) "
+    "+ 2 * coalesce(length(work_order), 0) + 2 * coalesce(length(lot), 0) "
     f"+ CASE WHEN delivered IS NULL THEN 0 ELSE {DELIVERED_OVERHEAD} + length(type) END"
 )
 
@@ -451,8 +627,8 @@ class Trimmed:
 async def trim(
     db: aiosqlite.Connection, older_than: float, excess_bytes: int, changes: TallyChanges
 ) -> Trimmed:
-    """Delete the oldest entries (with their steps and ranges) committed before ``older_than``, or while
-    ``excess_bytes`` remain to be freed: at most ``TRIM_CHUNK``, oldest first (by row number)."""
+    """Delete the oldest entries (with their steps, ids, segments and ranges) committed before
+    ``older_than``, or while ``excess_bytes`` remain to be freed: at most ``TRIM_CHUNK``, oldest first."""
     done = Trimmed()
     async with db.execute(f"SELECT n, committed, {_ENTRY_SIZE} FROM journal ORDER BY n LIMIT ?", (TRIM_CHUNK,)) as cur:
         rows = list(await cur.fetchall())
@@ -464,24 +640,52 @@ async def trim(
         excess_bytes -= int(size)
         done.bytes += int(size)
         done.entries += 1
-    if last_n is None:
-        return done
-    done.more = done.entries == len(rows) == TRIM_CHUNK
-    ids: list[str] = []
-    async with db.execute("DELETE FROM journal WHERE n <= ? RETURNING id, type, delivered, outcome", (last_n,)) as cur:
-        for id_, type_, delivered, outcome in await cur.fetchall():
-            ids.append(id_)
-            if outcome is not None:
-                changes.count_outcome(type_, outcome, -1)
-            elif delivered is not None:
-                changes.add(type_, unconfirmed=-1)
-                changes.recount.add(type_)
+    if last_n is not None:
+        done.more = done.entries == len(rows) == TRIM_CHUNK
+        ids: list[str] = []
+        seqs: list[int] = []
+        keys: list[tuple[int, int]] = []
+        async with db.execute(
+            "DELETE FROM journal WHERE n <= ? RETURNING n, id, seq, type, delivered, outcome", (last_n,)
+        ) as cur:
+            for n, id_, seq, type_, delivered, outcome in await cur.fetchall():
+                ids.append(id_)
+                keys.append((id_hash(id_), int(n)))
+                if seq is not None:
+                    seqs.append(int(seq))
+                if outcome is not None:
+                    changes.count_outcome(type_, outcome, -1)
+                elif delivered is not None:
+                    changes.add(type_, unconfirmed=-1)
+                    changes.recount.add(type_)
+        keys.sort()  # in index order: each page of journal_ids touched once
+        await db.executemany("DELETE FROM journal_ids WHERE hash = ? AND n = ?", keys)
+        async with db.execute("SELECT max(n) FROM journal") as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            # Emptied: SQLite numbers the next row 1 again, so the index's run starts over too.
+            await db.execute("DELETE FROM meta WHERE key = 'journal_indexed_n'")
+        step_size = f"{STEP_OVERHEAD} + 2 * length(id) + coalesce(length(detail), 0) + coalesce(length(reference), 0)"
+        for query, values in (
+            (f"DELETE FROM journal_steps WHERE seq IS NULL AND id IN (SELECT value FROM json_each(?)) "
+             f"RETURNING {step_size}", ids),
+            (f"DELETE FROM journal_steps WHERE seq IN (SELECT value FROM json_each(?)) RETURNING {step_size}", seqs),
+        ):  # fmt: skip
+            async with db.execute(query, (msgspec.json.encode(values).decode(),)) as cur:
+                done.bytes += sum(int(row[0]) for row in await cur.fetchall())
+    # Segments no entry left needs: every one before the lowest sequence still journaled.
+    async with db.execute("SELECT min(seq) FROM journal WHERE seq IS NOT NULL") as cur:
+        row = await cur.fetchone()
+    lowest = int(row[0]) if row is not None and row[0] is not None else 2**62
+    segment_chunk = TRIM_CHUNK // 100
     async with db.execute(
-        "DELETE FROM journal_steps WHERE id IN (SELECT value FROM json_each(?)) "
-        f"RETURNING {STEP_OVERHEAD} + 2 * length(id) + coalesce(length(detail), 0) + coalesce(length(reference), 0)",
-        (msgspec.json.encode(ids).decode(),),
+        "DELETE FROM journal_segments WHERE first_seq IN (SELECT first_seq FROM journal_segments "
+        f"WHERE last_seq < ? ORDER BY first_seq LIMIT {segment_chunk}) RETURNING length(events)",
+        (lowest,),
     ) as cur:
-        done.bytes += sum(int(size) for (size,) in await cur.fetchall())
+        segments = list(await cur.fetchall())
+    done.bytes += sum(segment_bytes(int(row[0])) for row in segments)
+    done.more = done.more or len(segments) == segment_chunk
     # A range was recorded after the events it covers were committed: one recorded before the oldest
     # entry left was committed covers trimmed entries only. Ranges are in time order by row number.
     async with db.execute("SELECT committed FROM journal ORDER BY n LIMIT 1") as cur:
@@ -503,10 +707,7 @@ async def trim(
 
 # --- reads --------------------------------------------------------------------------------------
 
-_ENTRY_COLUMNS = (
-    "id, type, lane, seq, committed, source, subject, work_order, lot, trigger, delivered, outcome, outcome_at, "
-    "reference, reason, body"
-)
+_ENTRY_COLUMNS = "id, type, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason"
 
 
 async def has_journal(db: aiosqlite.Connection) -> bool:
@@ -527,32 +728,26 @@ def _trigger_of(text: str | None) -> dict[str, Any] | None:
 
 
 def _entry_of(row: Sequence[Any]) -> JournalEntry:
-    (id_, type_, lane, seq, committed, source, subject, work_order, lot, trigger, delivered, outcome, outcome_at,
-     reference, reason, body) = row
-    source_time: str | None = None
-    stored = _trigger_of(trigger)
+    id_, type_, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason = row
     try:
-        event = decode_event(body)
+        source, subject, source_time, origin, trigger = _info_decoder.decode(info)
     except msgspec.DecodeError:
-        event = {}
-    if isinstance(event, dict):
-        value = event.get("time")
-        source_time = value if isinstance(value, str) else None
-        if stored is None and source:
-            # An event a source made itself: not stored per event (the hot path), read back from the event.
-            origin = event.get("originsource")
-            stored = source_trigger(source, origin if isinstance(origin, str) else None)
+        source, subject, source_time, origin, trigger = "", None, None, None, None
+    stored = _trigger_of(trigger)
+    if stored is None and source:
+        # An event a source made itself: no trigger stored per event (the hot path), made up from its source.
+        stored = source_trigger(source, origin)
     return JournalEntry(
         id=id_,
         type=type_,
-        lane=lane,
+        lane=lane_of(type_),
         seq=None if seq is None else int(seq),
         committed=float(committed),
         source=source,
         subject=subject,
         work_order=work_order,
         lot=lot,
-        source_time=source_time,
+        source_time=_time_text(source_time),
         trigger=stored,
         delivered=delivered,
         outcome=outcome,
@@ -563,85 +758,134 @@ def _entry_of(row: Sequence[Any]) -> JournalEntry:
     )
 
 
-async def _with_steps(
-    db: aiosqlite.Connection, entries: list[JournalEntry], where: str, params: tuple[Any, ...]
-) -> None:
-    """Add the per-event steps and the batch ranges to ``entries`` (chosen by ``where`` on the journal)."""
-    by_id = {entry.id: entry for entry in entries}
-    query = (
-        "SELECT s.id, s.at, s.step, s.sink, s.status, s.reference, s.detail FROM journal_steps s "
-        f"WHERE s.id IN (SELECT j.id FROM journal j WHERE {where}) ORDER BY s.n"
-    )
-    async with db.execute(query, params) as cur:
-        async for id_, at, step, sink, status, reference, detail in cur:
-            entry = by_id.get(id_)
-            if entry is not None:
-                entry.steps.append(JournalStep(float(at), step, sink, status, reference, detail))
-    # Ranges: an index probe per entry over the few ranges that may start within RANGE_SPAN before it.
-    query = (
-        "SELECT j.id, r.at, r.step, r.sink, r.status FROM journal j JOIN journal_ranges r "
-        "ON r.lane = j.lane AND r.first_seq BETWEEN j.seq - ? AND j.seq AND r.last_seq >= j.seq "
-        f"WHERE ({where}) AND j.seq IS NOT NULL ORDER BY r.n"
-    )
-    async with db.execute(query, (RANGE_SPAN, *params)) as cur:
-        async for id_, at, step, sink, status in cur:
-            entry = by_id.get(id_)
-            if entry is not None:
-                entry.steps.append(JournalStep(float(at), step, sink, status))
-    for entry in entries:
+async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[tuple[int, JournalEntry]]:
+    """The entries at these row numbers, oldest first, with their steps and batch ranges."""
+    if not numbers:
+        return []
+    chosen = msgspec.json.encode(sorted(set(numbers))).decode()
+    where = "j.n IN (SELECT value FROM json_each(?))"
+    async with db.execute(f"SELECT j.n, {_ENTRY_COLUMNS} FROM journal j WHERE {where} ORDER BY j.n", (chosen,)) as cur:
+        found = [(int(row[0]), _entry_of(row[1:])) for row in await cur.fetchall()]
+    by_n = dict(found)
+    steps = "s.at, s.step, s.sink, s.status, s.reference, s.detail"
+    for query in (
+        # Steps of one event by its id, and the ones found by its sequence (a receiver's references).
+        f"SELECT j.n, {steps} FROM journal j JOIN journal_steps s ON s.id = j.id AND s.seq IS NULL WHERE {where}",
+        f"SELECT j.n, {steps} FROM journal j JOIN journal_steps s ON s.seq = j.seq WHERE {where} AND j.seq IS NOT NULL",
+        # Ranges, per lane: an index probe per entry over the few ranges that may start within RANGE_SPAN
+        # before it.
+        *(
+            "SELECT j.n, r.at, r.step, r.sink, r.status, NULL, NULL FROM journal j JOIN journal_ranges r "
+            f"ON r.lane = '{lane}' AND r.first_seq BETWEEN j.seq - {RANGE_SPAN} AND j.seq AND r.last_seq >= j.seq "
+            f"WHERE {where} AND j.seq IS NOT NULL AND j.type IN ({types})"
+            for lane, types in _LANE_TYPES.items()
+        ),
+    ):
+        async with db.execute(query, (chosen,)) as cur:
+            for n, at, step, sink, status, reference, detail in await cur.fetchall():
+                by_n[int(n)].steps.append(JournalStep(float(at), step, sink, status, reference, detail))
+    for _, entry in found:
         entry.steps.sort(key=lambda step: step.at)
+    return found
 
 
 async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[JournalEntry]:
     """Every entry whose id, work order or lot is ``key``, oldest first, with its steps."""
-    where = (
-        "j.n IN (SELECT n FROM (SELECT n FROM journal WHERE id = ? UNION SELECT n FROM journal WHERE work_order = ? "
-        "UNION SELECT n FROM journal WHERE lot = ?) ORDER BY n LIMIT ?)"
-    )
-    params = (key, key, key, limit)
-    async with db.execute(f"SELECT {_ENTRY_COLUMNS} FROM journal j WHERE {where} ORDER BY j.n", params) as cur:
-        entries = [_entry_of(row) for row in await cur.fetchall()]
-    if entries:
-        await _with_steps(db, entries, where, params)
-    return entries
+    numbers = (await rows_of(db, [key])).get(key, [])
+    async with db.execute(
+        "SELECT n FROM (SELECT n FROM journal WHERE work_order = ? UNION SELECT n FROM journal WHERE lot = ?) "
+        "ORDER BY n LIMIT ?",
+        (key, key, limit),
+    ) as cur:
+        numbers.extend(int(row[0]) for row in await cur.fetchall())
+    return [entry for _, entry in await _entries_at(db, sorted(set(numbers))[:limit])]
 
 
 async def entries_of(db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, JournalEntry]:
-    """The entries of ``ids`` (those the journal knows), with their steps."""
+    """The entries of ``ids`` (those the journal knows), with their steps; the newest for an id committed twice."""
+    numbers = [found[-1] for found in (await rows_of(db, ids)).values()]
     found: dict[str, JournalEntry] = {}
-    unique = list(dict.fromkeys(ids))
-    for start in range(0, len(unique), 500):  # within SQLite's limit on bound parameters
-        chunk = tuple(unique[start : start + 500])
-        marks = ",".join("?" * len(chunk))
-        where = f"j.id IN ({marks})"
-        async with db.execute(f"SELECT {_ENTRY_COLUMNS} FROM journal j WHERE {where}", chunk) as cur:
-            entries = [_entry_of(row) for row in await cur.fetchall()]
-        if entries:
-            await _with_steps(db, entries, where, chunk)
-        found.update((entry.id, entry) for entry in entries)
+    for start in range(0, len(numbers), 1000):
+        found.update((entry.id, entry) for _, entry in await _entries_at(db, numbers[start : start + 1000]))
     return found
 
 
+def _time_text(value: Any) -> str | None:
+    """An event's ``time`` as stored: Unix time (appended events) or its own text (decoded ones)."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
+    return value if isinstance(value, str) else None
+
+
+_segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
+
+
 async def body_of(db: aiosqlite.Connection, event_id: str) -> bytes | None:
-    """The stored CloudEvent bytes of ``event_id``, or None."""
-    async with db.execute("SELECT body FROM journal WHERE id = ?", (event_id,)) as cur:
+    """The stored CloudEvent bytes of ``event_id`` (from its row, else from its segment), or None."""
+    numbers = (await rows_of(db, [event_id])).get(event_id)
+    if not numbers:
+        return None
+    async with db.execute("SELECT seq, body FROM journal WHERE n = ?", (numbers[-1],)) as cur:
         row = await cur.fetchone()
-    return None if row is None else bytes(row[0])
+    if row is None:
+        return None
+    seq, body = row
+    if body or seq is None:
+        return bytes(body) if body else None
+    async with db.execute(
+        "SELECT events FROM journal_segments WHERE first_seq <= ? ORDER BY first_seq DESC LIMIT 1", (seq,)
+    ) as cur:
+        found = await cur.fetchone()
+    if found is None:
+        return None
+    blob = bytes(found[0])
+    if blob and blob[0] == 0x78:  # zlib (see buffer.store.pack_segment)
+        blob = zlib.decompress(blob)
+    for event in _segment_decoder.decode(blob):
+        if event.seq == seq:
+            return event.body
+    return None
 
 
 async def window(
     db: aiosqlite.Connection, start: float, end: float, type_: str | None = None, *, by: str = "delivered"
 ) -> list[tuple[str, str, float | None, str | None]]:
     """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in that order."""
-    if by not in ("delivered", "committed"):
+    if by == "delivered":
+        query = "SELECT id, type, delivered, outcome FROM journal WHERE delivered >= ? AND delivered < ?"
+        params: tuple[Any, ...] = (start, end)
+        order = " ORDER BY delivered, n"
+    elif by == "committed":
+        # Rows are numbered in commit order: the window is a run of row numbers, found by two binary searches
+        # (an index of commit times would cost every append).
+        query = "SELECT id, type, delivered, outcome FROM journal WHERE n >= ? AND n < ?"
+        params = (await _first_committed_at(db, start), await _first_committed_at(db, end))
+        order = " ORDER BY n"
+    else:
         raise ValueError("by: must be 'delivered' or 'committed'")
-    query = f"SELECT id, type, delivered, outcome FROM journal WHERE {by} >= ? AND {by} < ?"
-    params: tuple[Any, ...] = (start, end)
     if type_ is not None:
         query += " AND type = ?"
         params = (*params, type_)
-    async with db.execute(query + f" ORDER BY {by}, n", params) as cur:
+    async with db.execute(query + order, params) as cur:
         return [(str(i), str(t), d, o) for i, t, d, o in await cur.fetchall()]
+
+
+async def _first_committed_at(db: aiosqlite.Connection, at: float) -> int:
+    """The lowest row number committed at or after ``at`` (one past the last row when none is)."""
+    async with db.execute("SELECT min(n), max(n) FROM journal") as cur:
+        row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return 0
+    low, high = int(row[0]), int(row[1]) + 1
+    while low < high:
+        middle = (low + high) // 2
+        async with db.execute("SELECT n, committed FROM journal WHERE n >= ? ORDER BY n LIMIT 1", (middle,)) as cur:
+            found = await cur.fetchone()
+        if found is None or found[1] >= at:
+            high = middle
+        else:
+            low = int(found[0]) + 1
+    return low
 
 
 def now_or(at: float) -> float:

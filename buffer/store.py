@@ -63,19 +63,22 @@ from agent.sink import ACKED, BufferedEvent, Delivered, Outcome, Rejected, Retry
 from buffer import journal as journal_store
 from buffer.journal import (
     INSERT_ENTRY,
+    INSERT_SEGMENT,
     JOURNAL_SCHEMA,
     RANGE_SPAN,
     EntryRow,
+    HeldRow,
     JournalEntry,
     JournalWrites,
     OutcomeCounts,
     OutcomeReport,
     OutcomeTally,
     TallyChanges,
+    held_row,
     journal_keys,
+    pack_info,
     row_of,
     trigger_text,
-    unsequenced_row,
 )
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,7 @@ DEDUPE_WINDOW = 86_400.0
 DEDUPE_MAX_IDS = 200_000
 """Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
 _DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
+_JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal ids are merged into their index
 
 
 def pack_segment(events: Sequence[BufferedEvent]) -> bytes:
@@ -309,8 +313,9 @@ class _Pending:
     released: list[tuple[str, str, float]] = field(default_factory=list)  # (work order, after type, time)
     released_before: float = 0.0  # sequencing: forget releases older than this
     journal: JournalWrites = field(default_factory=JournalWrites)
-    journal_done: dict[str, int] = field(default_factory=lambda: {"transaction": 0, "operational": 0})
-    """Journal entries of each lane already committed (with the segments of their events)."""
+    journal_done: dict[str, int] = field(default_factory=dict)
+    """Journal entries of each lane already committed (with the segments of their events); ``re:<lane>``
+    for the entries that take a new sequence (released, replayed)."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
 
@@ -431,7 +436,7 @@ class _Settled:
 
     def __init__(self) -> None:
         self.ranges: list[list[Any]] = []  # [lane, first, last, step, status]
-        self.referenced: list[tuple[str, str]] = []  # (id, the receiver's reference): a step each
+        self.referenced: list[tuple[str, str, int, str]] = []  # (id, the receiver's reference, seq, lane)
         self.runs: list[list[Any]] = []  # [lane, first, last] acknowledged, unbroken in their lane: delivered
         self._open: dict[str, list[Any] | None] = {}  # lane -> its open range
         self._run: dict[str, list[Any] | None] = {}  # lane -> its open acknowledged run
@@ -445,7 +450,7 @@ class _Settled:
             if reference is None:
                 step, status = "acked", "ok"
             else:
-                self.referenced.append((event.id, reference))
+                self.referenced.append((event.id, reference, seq, lane))
             run = self._run.get(lane)
             if run is None:
                 run = [lane, seq, seq]
@@ -497,28 +502,24 @@ def _replay_detail(n: int | None) -> str:
 
 
 def _entry_seq(row: EntryRow) -> int:
-    return -1 if row[3] is None else row[3]
+    return -1 if row[2] is None else row[2]
 
 
 def _entry_row(
-    event: CloudEvent, seq: int | None, body: bytes, now: float, contexts: Mapping[str, dict[str, Any]] | None
+    event: CloudEvent, seq: int | None, now: float, contexts: Mapping[str, dict[str, Any]] | None
 ) -> EntryRow:
-    """An appended event's journal entry; a source's own event stores no trigger (read back from its body)."""
+    """An appended event's journal entry (its body is in its segment). No trigger is stored for a source's
+    own event: it is made up from the event's source when read."""
     work_order, lot = journal_keys(event.data, event.subject)
     context = contexts.get(event.id) if contexts else None
-    return (
-        event.id,
-        event.type,
-        event.lane,
-        seq,
-        now,
+    info = pack_info(
         event.source,
         event.subject,
-        work_order,
-        lot,
+        event.time.timestamp(),
+        event.originsource,
         None if context is None else trigger_text(context),
-        body,
     )
+    return (event.id, event.type, seq, now, work_order, lot, info)
 
 
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
@@ -566,6 +567,9 @@ class Buffer:
         self._journal_info: dict[str, Any] = {"entries": 0, "oldest_committed": None}  # refreshed by maintain
         self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
         self._journal_trim_due = False  # maintain() found entries past retention or the size bound
+        self._journal_unindexed = 0  # entries appended since their ids were last merged into ``journal_ids``
+        self._journal_merge_due = False  # maintain(): ids waiting too long for their merge
+        self._journal_merge_checked = 0.0
         self._journal_shrinking = False  # trimming down to 95 % of the size bound
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
         # what is held stays held; a list, even empty, is the agent's config: held events of a
@@ -723,6 +727,7 @@ class Buffer:
             await db.execute(f"PRAGMA max_page_count={int(self._page_limit)}")
         await db.executescript(_SCHEMA)
         # Also with the journal off: a file that had one keeps it readable, and an old file gains it here.
+        await journal_store.migrate(db)
         await db.executescript(JOURNAL_SCHEMA)
         async with db.execute("PRAGMA table_info(cursors)") as cur:
             columns = {row[1] for row in await cur.fetchall()}
@@ -766,6 +771,9 @@ class Buffer:
         if await journal_store.has_journal(db):
             await self._tally.load(db)
             await self._refresh_journal_info(db)
+            async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
+                row = await cur.fetchone()
+            self._journal_unindexed = max(0, (int(row[0]) if row else 0) - await journal_store.indexed_up_to(db))
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -1107,7 +1115,7 @@ class Buffer:
                 body = encode(event)
                 rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, body, now))
                 if journal is not None:
-                    journal[lane].append(_entry_row(event, seq, body, now, contexts))
+                    journal[lane].append(_entry_row(event, seq, now, contexts))
                 continue
             seq += 1
             event.sequence = f"{seq:020d}"  # format_sequence, inlined on the hot path
@@ -1160,8 +1168,8 @@ class Buffer:
                     self._held.setdefault(work_order, []).append(held)
                     pending.held_add.append(held)
                     if journal is not None:
-                        row = _entry_row(event, None, held.body, now, contexts)
-                        journal.unsequenced.append(row)
+                        row = _entry_row(event, None, now, contexts)
+                        journal.unsequenced.append((*row, held.body))
                         journal.steps.append((event_id, now, "held", None, None, None, f"work order {work_order}"))
                     continue
             self._seq += 1
@@ -1169,7 +1177,7 @@ class Buffer:
             body = encode_event(event)
             rows[lane].append(BufferedEvent(self._seq, lane, type_, event_id, body, now))
             if journal is not None and lane != "telemetry":
-                journal.entries[lane].append(_entry_row(event, self._seq, body, now, contexts))
+                journal.entries[lane].append(_entry_row(event, self._seq, now, contexts))
             if type_ in releasing:
                 work_order = work_order_of(event.data, event.subject)
                 if work_order is not None:
@@ -1224,7 +1232,7 @@ class Buffer:
         if not self.journal_enabled or lane == "telemetry":
             return
         journal = self._pending.journal
-        journal.entries[lane].append(row_of(event, lane, seq, body, now, None))
+        journal.resequenced[lane].append(row_of(event, seq, now))
         journal.steps.append((str(event["id"]), now, step, None, None, None, detail))
 
     def _journal_settled(self, sink: str, settled: _Settled) -> None:
@@ -1237,8 +1245,10 @@ class Buffer:
             (lane, first, last, now, step, sink, status) for lane, first, last, step, status in settled.ranges
         )
         if settled.referenced:
-            journal.steps.extend((id_, now, "acked", sink, "ok", ref, None) for id_, ref in settled.referenced)
-            journal.references.extend((ref, id_) for id_, ref in settled.referenced)
+            journal.seq_steps.extend(
+                (id_, now, "acked", sink, "ok", ref, None, seq) for id_, ref, seq, _ in settled.referenced
+            )
+            journal.references.extend((ref, seq) for _, ref, seq, _ in settled.referenced)
         journal.delivered.extend((now, lane, first, last) for lane, first, last in settled.runs)
         self._pending.count += 1
         self._wake.set()
@@ -1466,8 +1476,9 @@ class Buffer:
             written: set[tuple[str, Lane]] = set()
             journal_done: dict[str, int] = {}
             try:
-                await self._insert(db, chunk, txn)
+                segment_bytes = await self._insert(db, chunk, txn)
                 journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
+                journal_bytes += segment_bytes
                 changes: TallyChanges | None = None
                 trimmed_entries = 0
                 if last:
@@ -1479,6 +1490,8 @@ class Buffer:
                     if self._journal_trim_due:
                         cut = await self._trim_journal(db, changes)
                         trimmed_entries, journal_bytes = cut.entries, journal_bytes - cut.bytes
+                    if self._journal_unindexed >= journal_store.MERGE_EVERY or self._journal_merge_due:
+                        journal_bytes += await self._merge_journal_ids(db)
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
@@ -1536,8 +1549,10 @@ class Buffer:
             self.evictions.extend(_evictions_of(evicted))
             self.on_eviction.set()
 
-    async def _insert(self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]], txn: _Txn) -> None:
+    async def _insert(self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]], txn: _Txn) -> int:
+        """The chunk's segments; returns the estimated bytes the journal's copies of them take."""
         now = time.time()
+        journal_bytes = 0
         for lane, events in chunk.items():
             if not events:
                 continue
@@ -1548,11 +1563,17 @@ class Buffer:
             await db.executemany(
                 f"INSERT INTO {_TABLE[lane]}(first_seq, last_seq, count, enqueued, events) VALUES (?,?,?,?,?)", rows
             )
-            self._written_since_size_check += sum(len(row[4]) for row in rows)
+            written = sum(len(row[4]) for row in rows)
+            self._written_since_size_check += written
+            if self.journal_enabled and lane != "telemetry":
+                # The journal keeps the bodies: the same compressed bytes, written once more.
+                await db.executemany(INSERT_SEGMENT, [(row[0], row[1], row[4]) for row in rows])
+                journal_bytes += sum(journal_store.segment_bytes(len(row[4])) for row in rows)
             txn.inserted[lane] = events
             if lane == "telemetry":
                 # Counted before eviction so the cap holds right after the commit that crosses it.
                 txn.telemetry_delta += len(events)
+        return journal_bytes
 
     async def _insert_journal(
         self, db: aiosqlite.Connection, pending: _Pending, chunk: dict[Lane, list[BufferedEvent]], last: bool
@@ -1563,23 +1584,38 @@ class Buffer:
         """
         done: dict[str, int] = {}
         added = 0
-        for lane, entries in pending.journal.entries.items():
-            start = pending.journal_done[lane]
-            if start >= len(entries):
-                continue
-            events = chunk.get(lane)  # type: ignore[call-overload]
-            if last:
-                stop = len(entries)
-            elif events:
-                stop = bisect.bisect_right(entries, events[-1].seq, lo=start, key=_entry_seq)
-            else:
-                continue
-            if stop > start:
-                rows = entries[start:stop]
-                await db.executemany(INSERT_ENTRY, rows)
-                added += journal_store.entry_bytes(rows)
-                done[lane] = stop
+        journal = pending.journal
+        for kind, lists in (("", journal.entries), ("re:", journal.resequenced)):
+            for lane, entries in lists.items():
+                start = pending.journal_done.get(kind + lane, 0)
+                if start >= len(entries):
+                    continue
+                events = chunk.get(lane)  # type: ignore[call-overload]
+                if last:
+                    stop = len(entries)
+                elif events:
+                    stop = bisect.bisect_right(entries, events[-1].seq, lo=start, key=_entry_seq)
+                else:
+                    continue
+                if stop > start:
+                    rows = entries[start:stop]
+                    if kind:
+                        added += await journal_store.resequence(db, rows)
+                    else:
+                        await db.executemany(INSERT_ENTRY, rows)
+                        added += journal_store.entry_bytes(rows)
+                        self._journal_unindexed += len(rows)
+                    done[kind + lane] = stop
         return done, added
+
+    async def _merge_journal_ids(self, db: aiosqlite.Connection) -> int:
+        """Index the ids of the newest entries (see ``buffer.journal``); returns the bytes the index grew by."""
+        merged, more = await journal_store.merge_ids(db)
+        self._journal_unindexed = journal_store.MERGE_EVERY if more else 0
+        self._journal_merge_due = more
+        if more:
+            self._wake.set()
+        return merged * journal_store.ID_BYTES
 
     async def _trim_journal(self, db: aiosqlite.Connection, changes: TallyChanges) -> journal_store.Trimmed:
         """One bounded chunk of retention and size trimming; the commit loop comes back while more is due.
@@ -1609,20 +1645,18 @@ class Buffer:
         journal = pending.journal
         added = 0
         if pending.dead:
-            unsequenced: list[EntryRow] = []
+            unsequenced: list[HeldRow] = []
             steps: list[journal_store.StepRow] = []
             for dead in pending.dead:
                 if dead.lane == "telemetry":
                     continue
                 if dead.sink == NO_SINK:
                     unsequenced.append(
-                        unsequenced_row(dead.id, dead.type, dead.lane, dead.body, dead.time, dead.context)
+                        held_row(dead.id, dead.type, dead.body, dead.time, dead.context)
                     )
                 sink = None if dead.sink == NO_SINK else dead.sink
                 steps.append((dead.id, dead.time, "dead_letter", sink, None, None, dead.reason))
-            if unsequenced:
-                await db.executemany(journal_store.INSERT_UNSEQUENCED, unsequenced)
-                added += journal_store.entry_bytes(unsequenced)
+            added += await journal_store.insert_unsequenced(db, unsequenced)
             if steps:
                 await db.executemany(journal_store.INSERT_STEP, steps)
                 added += journal_store.step_bytes(steps)
@@ -1985,6 +2019,12 @@ class Buffer:
             except sqlite3.Error as exc:
                 if is_corruption(exc):
                     self._saw_corruption(exc)
+        now = time.time()
+        if self._journal_unindexed and now - self._journal_merge_checked >= _JOURNAL_MERGE_INTERVAL:
+            # A quiet agent merges its few new ids now and then, so a lookup's tail scan stays short.
+            self._journal_merge_checked = now
+            self._journal_merge_due = True
+            self._wake.set()
         # The journal's retention and size bound: trimmed by the commit loop, a bounded chunk at a time.
         oldest = self._journal_info["oldest_committed"]
         if self._journal_bytes > self.journal_max_bytes or (

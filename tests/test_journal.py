@@ -26,7 +26,7 @@ from agent.config_types import BuildContext
 from agent.events import CloudEvent, Lane, Sample, TelemetrySamples, decode_event, encode_event, make_event
 from agent.sink import ACKED, Delivered, Rejected, RetryLater
 from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, OutcomeReport
-from buffer.journal import RANGE_SPAN
+from buffer.journal import MERGE_EVERY, RANGE_SPAN
 from protocols.https import HttpsSinkConfig
 from tests.peers.https_server import Certificates, HttpsReceiver
 
@@ -538,7 +538,7 @@ async def test_journal_stats_show_entries_oldest_size_and_bounds(tmp_path: Path)
         stats = buffer.journal_stats()
         assert stats["enabled"] is True and stats["entries"] == 10
         assert start <= stats["oldest_committed"] <= time.time()
-        assert 10 * 500 < stats["bytes"] < 10 * 2000
+        assert 10 * 150 < stats["bytes"] < 10 * 1500
         assert stats["max_bytes"] == 2 * 1024 * 1024 and stats["retention_seconds"] == 3600
         assert stats["trimmed"] == 0
     finally:
@@ -620,7 +620,7 @@ async def test_the_size_bound_trims_the_oldest_entries_first(tmp_path: Path) -> 
             await trim_until_done(buffer)
             assert buffer.journal_stats()["bytes"] <= buffer.journal_max_bytes
         kept = [entry.id for entry in await buffer.trace("WO-B")]
-        assert 20 <= len(kept) < 100
+        assert 20 <= len(kept) < 250
         assert kept == [f"b-{n}" for n in range(300 - len(kept), 300)]  # the newest, in order
         assert buffer.journal_stats()["trimmed"] == 300 - len(kept)
     finally:
@@ -634,7 +634,32 @@ async def test_the_journal_never_makes_the_buffer_full(tmp_path: Path) -> None:
             await delivered_events(buffer, [event(id=f"f-{n}") for n in range(start, start + 500)])
             await buffer.maintain()
             assert buffer.refusing_writes is None
-        assert buffer.file_bytes > 4 * buffer.max_size_bytes  # the journal's 3,000 entries are in the file ...
+        assert buffer.file_bytes > 3 * buffer.max_size_bytes  # the journal's 3,000 entries are in the file ...
         assert buffer.size_bytes < buffer.max_size_bytes  # ... and not in the buffer's share
     finally:
         await buffer.close()
+
+
+async def test_ids_are_found_before_and_after_their_index_is_merged_and_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    total = MERGE_EVERY + MERGE_EVERY // 2
+    try:
+        for start in range(0, total, 5000):
+            made = [event(id=f"m-{n}", data={"work_order": f"WO-M{n % 7}"}) for n in range(start, start + 5000)]
+            await buffer.append(made)
+        probes = [f"m-{n}" for n in (0, 1, MERGE_EVERY - 1, MERGE_EVERY, total - 1)]
+        for id_ in probes:
+            assert [entry.id for entry in await buffer.trace(id_)] == [id_]
+        found = await buffer.journal_entries([*probes, "m-missing"])
+        assert sorted(found) == sorted(probes)
+        assert await buffer.journal_body(f"m-{MERGE_EVERY}") is not None
+    finally:
+        await buffer.close()
+    reader = Buffer(path)
+    await reader.open(readonly=True)
+    try:
+        assert [entry.id for entry in await reader.trace(f"m-{total - 1}")] == [f"m-{total - 1}"]
+        assert len(await reader.trace("WO-M3", limit=10_000)) == len(range(3, total, 7))
+    finally:
+        await reader.close()
