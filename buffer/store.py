@@ -564,6 +564,7 @@ class Buffer:
         self.journal_max_bytes = int(journal_max_size_mb * 1024 * 1024)
         self._journal_bytes = 0  # estimated bytes of the journal's tables (kept in ``meta`` with each commit)
         self._tally = OutcomeTally()
+        self._tally_loaded = False
         self._journal_info: dict[str, Any] = {"entries": 0, "oldest_committed": None}  # refreshed by maintain
         self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
         self._journal_trim_due = False  # maintain() found entries past retention or the size bound
@@ -769,7 +770,11 @@ class Buffer:
         self._journal_bytes = stored.get("journal_bytes", 0)
         self._journal_trimmed = stored.get("journal_trimmed", 0)
         if await journal_store.has_journal(db):
-            await self._tally.load(db)
+            if self._db is not None:
+                # The agent's counts, kept from here on. A read-only look (plantgate trace) leaves them
+                # to the first outcome_summary(): an index scan it mostly does not need.
+                await self._tally.load(db)
+                self._tally_loaded = True
             await self._refresh_journal_info(db)
             async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
                 row = await cur.fetchone()
@@ -780,7 +785,8 @@ class Buffer:
                 if row and row[0] is not None:
                     seq = max(seq, int(row[0]))
         self._seq = seq
-        await self._load_dedupe(db)
+        if self._db is not None:  # a read-only look appends nothing: no need for the ids to dedupe against
+            await self._load_dedupe(db)
         async with db.execute("SELECT coalesce(sum(count), 0) FROM lane_telemetry") as cur:
             row = await cur.fetchone()
             self._telemetry_rows = int(row[0]) if row else 0
@@ -2239,6 +2245,10 @@ class Buffer:
 
     async def outcome_summary(self) -> dict[str, OutcomeCounts]:
         """Per full type: delivered but not yet confirmed, confirmed, rejected, oldest unconfirmed (in memory)."""
+        if not self._tally_loaded and self._reader is not None:
+            if await journal_store.has_journal(self._reader):
+                await self._tally.load(self._reader)
+            self._tally_loaded = True
         return {
             type_: OutcomeCounts(c.unconfirmed, c.confirmed, c.rejected, c.oldest_unconfirmed)
             for type_, c in sorted(self._tally.counts.items())
