@@ -2268,16 +2268,18 @@ class Buffer:
         }
 
     async def _refresh_journal_info(self, db: aiosqlite.Connection) -> None:
-        # Rows are trimmed oldest first (lowest row number) and an id re-journaled keeps its row:
-        # the row numbers in use are one run, so two rowid lookups count them.
-        async with db.execute(
-            "SELECT min(n), max(n), (SELECT committed FROM journal ORDER BY n LIMIT 1) FROM journal"
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
+        # Rows are trimmed oldest first (lowest row number) and an id released or replayed keeps its row:
+        # the row numbers in use are one run, so two rowid lookups count them (one statement with a
+        # subquery beside min() and max() would scan the table).
+        ends: list[Any] = []
+        for query in ("SELECT n, committed FROM journal ORDER BY n LIMIT 1", "SELECT max(n) FROM journal"):
+            async with db.execute(query) as cur:
+                ends.append(await cur.fetchone())
+        first, last = ends
+        if first is None or last is None or last[0] is None:
             self._journal_info = {"entries": 0, "oldest_committed": None}
         else:
-            self._journal_info = {"entries": int(row[1]) - int(row[0]) + 1, "oldest_committed": row[2]}
+            self._journal_info = {"entries": int(last[0]) - int(first[0]) + 1, "oldest_committed": first[1]}
 
     async def _journal_read(self, read: Awaitable[_T]) -> _T:
         try:
