@@ -660,6 +660,53 @@ async def test_ids_are_found_before_and_after_their_index_is_merged_and_after_a_
     await reader.open(readonly=True)
     try:
         assert [entry.id for entry in await reader.trace(f"m-{total - 1}")] == [f"m-{total - 1}"]
-        assert len(await reader.trace("WO-M3", limit=10_000)) == len(range(3, total, 7))
+        assert len(await reader.trace("WO-M3", limit=20_000)) == len(range(3, total, 7))
     finally:
         await reader.close()
+
+
+async def test_an_index_of_ids_hashed_another_way_is_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    try:
+        await buffer.append([event(id=f"h2-{n}") for n in range(50)])
+        await buffer.maintain()  # the first upkeep merges the new ids into their index
+        await buffer.commit_now()
+    finally:
+        await buffer.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM journal_ids").fetchone()[0] == 50
+        db.execute("UPDATE journal_ids SET hash = hash + 1")  # as another hash would have made them
+        db.execute("UPDATE meta SET value = 'another' WHERE key = 'journal_id_hash'")
+    buffer = await open_buffer(path)
+    try:
+        assert [entry.id for entry in await buffer.trace("h2-7")] == ["h2-7"]
+        await buffer.maintain()
+        await buffer.commit_now()
+        assert [entry.id for entry in await buffer.trace("h2-49")] == ["h2-49"]
+    finally:
+        await buffer.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM journal_ids").fetchone()[0] == 50
+
+
+async def test_a_journal_of_the_first_layout_is_started_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    buffer.cursor("cloud", ["transaction"])
+    await buffer.append([event(id="kept-in-lane")])
+    await buffer.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE journal")
+        db.execute("CREATE TABLE journal (n INTEGER PRIMARY KEY, id TEXT NOT NULL, lane TEXT NOT NULL)")
+        db.execute("INSERT INTO journal(id, lane) VALUES ('old-layout', 'transaction')")
+    buffer = await open_buffer(path)
+    try:
+        cursor = buffer.cursor("cloud", ["transaction"])
+        await buffer.append([event(id="new-layout", data={"work_order": "WO-N"})])
+        # The buffer itself is untouched: the event appended before is still there for its sink.
+        assert [e.id for e in await cursor.next_batch(10, wait=False)] == ["kept-in-lane", "new-layout"]
+        assert [entry.id for entry in await buffer.trace("WO-N")] == ["new-layout"]
+        assert await buffer.trace("old-layout") == []
+    finally:
+        await buffer.close()
