@@ -270,7 +270,7 @@ async def _run_agent(settings: Any, config_path: Path | None = None) -> int:
     stop = asyncio.Event()
     _on_signals(stop)
     try:
-        agent = Agent(settings)
+        agent = Agent(settings, config_path=config_path)
         reloads: set[asyncio.Task[None]] = set()
         if config_path is not None:
             _on_reload(agent, settings, config_path, reloads)

@@ -459,9 +459,10 @@ async def run_demo(*, seconds: float | None, data_dir: Path | None = None, simul
     try:
         mqtt = broker_answers()
         config_text = simulators.config(directory, mqtt)
-        (directory / "plantgate.toml").write_text(config_text, encoding="utf-8")
+        config_path = directory / "plantgate.toml"
+        config_path.write_text(config_text, encoding="utf-8")
         settings: Settings = parse_settings(config_text)
-        agent = Agent(settings)
+        agent = Agent(settings, config_path=config_path)
         view = LiveView(agent, simulators.receiver, console_url, tty=sys.stdout.isatty())
         print(f"data in {directory}")
         print(f"  press (OPC UA) {simulators.press.endpoint}, filler (Modbus) {simulators.filler.endpoint}, "

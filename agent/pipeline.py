@@ -83,8 +83,13 @@ class Agent:
         serve_http: bool = True,
         drain_timeout: float = 10.0,
         batch_max: int | None = None,
+        config_path: Path | None = None,
     ):
         self.settings = settings
+        self.config_path = config_path
+        """The file the settings came from (shown by the console), when known."""
+        self.taps: list[EventTap] = []
+        """Called with every group of events accepted into the buffer (the demo's live view, the console)."""
         self.sources = list(sources) if sources is not None else build_sources(settings)
         self.sinks = list(sinks) if sinks is not None else build_sinks(settings)
         self.rules = Rules(settings)
@@ -134,8 +139,6 @@ class Agent:
         )
         self.drain_timeout = drain_timeout
         self.batch_max = batch_max
-        self.taps: list[EventTap] = []
-        """Called with every group of events accepted into the buffer (the demo's live view)."""
         self.state = "starting"
         self.started_at = time.time()
         self._lanes_taken: set[Lane] = {lane for sink in self.sinks for lane in sink.lanes}

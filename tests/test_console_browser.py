@@ -271,6 +271,7 @@ async def test_the_pages_follow_the_plant_live_without_a_reload(
             "connected"
         )
         await expect(page.locator("#agent-facts")).to_contain_text("gw-console at plant-console")
+        await expect(page.locator("#agent-facts")).to_contain_text(str(agent.config))  # the file it runs from
         # A node the press does not have is named with its node id and the server's status code.
         await expect(page.locator('#sources tr[data-source="press7"] td.degraded')).to_contain_text(
             re.compile(r"ns=2;s=Press7\.OilPressure.*Bad")

@@ -259,7 +259,7 @@ class Console:
     async def overview(self, request: Request) -> Response:
         agent = self.agent
         settings = agent.settings
-        config_path = getattr(agent, "config_path", None)  # known when the agent is told its file
+        config_path = agent.config_path  # known when the agent is told its file (plantgate run)
         latest = agent.rules.latest_readings()
         last_value: dict[str, datetime] = {}
         for tag, reading in latest.items():
