@@ -296,6 +296,8 @@ async def test_the_console_json_shows_sources_tags_rules_events_and_dead_letters
         assert set(newest) == {"id", "type", "subject", "time", "source", "sequence", "lane"}
         assert newest["id"] == "mes-ok-1", "newest first"
         assert "mes-old-1" not in {e["id"] for e in lanes["transaction"]}, "a dead letter was never accepted"
+        started = [e for e in lanes["operational"] if e["type"] == "io.plantgate.agent.started"]
+        assert started, "events from before the console's first request are listed too"
 
         whole = await run.get_json("/v1/console/event", id=last["id"])
         assert whole["specversion"] == "1.0" and whole["id"] == last["id"]
