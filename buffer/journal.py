@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -50,7 +50,7 @@ JOURNAL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, seq INTEGER, committed REAL NOT NULL,
     work_order TEXT, lot TEXT, info BLOB NOT NULL, body BLOB NOT NULL DEFAULT x'',
-    delivered REAL, outcome TEXT, outcome_at REAL, reference TEXT, reason TEXT
+    delivered REAL, outcome TEXT, outcome_at REAL, reference TEXT, reason TEXT, released REAL
 );
 CREATE INDEX IF NOT EXISTS journal_seq ON journal(seq) WHERE seq IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_work_order ON journal(work_order) WHERE work_order IS NOT NULL;
@@ -61,11 +61,10 @@ CREATE INDEX IF NOT EXISTS journal_unconfirmed ON journal(type, delivered)
 CREATE INDEX IF NOT EXISTS journal_outcome ON journal(type, outcome) WHERE outcome IS NOT NULL;
 CREATE TABLE IF NOT EXISTS journal_ids (hash INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (hash, n)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_steps (
-    n INTEGER PRIMARY KEY, id TEXT NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
-    reference TEXT, detail TEXT, seq INTEGER
+    n INTEGER PRIMARY KEY, entry INTEGER NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
+    reference TEXT, detail TEXT
 );
-CREATE INDEX IF NOT EXISTS journal_steps_by_id ON journal_steps(id) WHERE seq IS NULL;
-CREATE INDEX IF NOT EXISTS journal_steps_by_seq ON journal_steps(seq) WHERE seq IS NOT NULL;
+CREATE INDEX IF NOT EXISTS journal_steps_entry ON journal_steps(entry);
 CREATE TABLE IF NOT EXISTS journal_ranges (
     n INTEGER PRIMARY KEY, lane TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     at REAL NOT NULL, step TEXT NOT NULL, sink TEXT NOT NULL, status TEXT
@@ -88,6 +87,13 @@ async def migrate(db: aiosqlite.Connection) -> bool:
     is emptied, to be merged again. True when the journal was dropped."""
     async with db.execute("PRAGMA table_info(journal)") as cur:
         columns = {row[1] for row in await cur.fetchall()}
+    async with db.execute("PRAGMA table_info(journal_steps)") as cur:
+        step_columns = {row[1] for row in await cur.fetchall()}
+    if step_columns and "entry" not in step_columns:
+        # Steps of an earlier, unreleased layout (found by id): started afresh, keyed by their entry.
+        await db.execute("DROP TABLE journal_steps")
+    if columns and "lane" not in columns and "released" not in columns:
+        await db.execute("ALTER TABLE journal ADD COLUMN released REAL")
     async with db.execute("SELECT value FROM meta WHERE key = 'journal_id_hash'") as cur:
         row = await cur.fetchone()
     if columns and (row is None or row[0] != ID_HASH) and "lane" not in columns:
@@ -113,11 +119,10 @@ INSERT_ENTRY = "INSERT INTO journal(id, type, seq, committed, work_order, lot, i
 # An entry with its own body: held, or a dead letter made before any sink (not in any segment).
 INSERT_HELD = "INSERT INTO journal(id, type, seq, committed, work_order, lot, info, body) VALUES (?,?,?,?,?,?,?,?)"
 INSERT_SEGMENT = "INSERT OR REPLACE INTO journal_segments(first_seq, last_seq, events) VALUES (?,?,?)"
-INSERT_STEP = "INSERT INTO journal_steps(id, at, step, sink, status, reference, detail) VALUES (?,?,?,?,?,?,?)"
-# A step found by the event's sequence (a receiver's reference: one per event on the delivery path,
-# where an index of random ids would cost a page write per event).
-INSERT_SEQ_STEP = (
-    "INSERT INTO journal_steps(id, at, step, sink, status, reference, detail, seq) VALUES (?,?,?,?,?,?,?,?)"
+# Steps are keyed by their entry's row number, not its id: an index of random ids would cost a page
+# write per step (each held event has two), an index of row numbers is written at its end.
+INSERT_STEP = (
+    "INSERT INTO journal_steps(entry, at, step, sink, status, reference, detail) VALUES (?,?,?,?,?,?,?)"
 )
 INSERT_RANGE = "INSERT INTO journal_ranges(lane, first_seq, last_seq, at, step, sink, status) VALUES (?,?,?,?,?,?,?)"
 
@@ -194,7 +199,7 @@ def entry_bytes(rows: Sequence[EntryRow | HeldRow]) -> int:
 
 def step_bytes(rows: Sequence[StepRow]) -> int:
     """The estimated bytes of per-event step rows."""
-    return sum(STEP_OVERHEAD + 2 * len(row[0]) + len(row[6] or "") + len(row[5] or "") for row in rows)
+    return sum(STEP_OVERHEAD + len(row[6] or "") + len(row[5] or "") for row in rows)
 
 
 # --- finding an id -------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def step_bytes(rows: Sequence[StepRow]) -> int:
 # once; the entries after the last run (``journal_indexed_n`` in ``meta``) are found by a scan of
 # that short tail of row numbers.
 
-MERGE_EVERY = 50_000
+MERGE_EVERY = 20_000
 """Entries appended before their ids are merged into ``journal_ids`` (the tail a lookup scans)."""
 ID_BYTES = 20  # one row of ``journal_ids`` (hash, row number, B-tree overhead)
 
@@ -225,13 +230,54 @@ async def indexed_up_to(db: aiosqlite.Connection) -> int:
     return int(row[0]) if row is not None else 0
 
 
-async def rows_of(db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, list[int]]:
-    """Row numbers of the entries of ``ids`` (oldest first; more than one only for an id committed again)."""
+class RecentRows:
+    """The writer's own map of the entries not merged into ``journal_ids`` yet: id -> row number.
+
+    So the writer (a held event's existence, a release, an outcome) and the agent's own traces
+    never scan that tail. Filled as the writer inserts (the rows of one ``executemany`` are
+    numbered one after the other, after the highest number so far), loaded at open, and pruned
+    once a merge has committed.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    async def load(self, db: aiosqlite.Connection) -> None:
+        merged = await indexed_up_to(db)
+        async with db.execute("SELECT n, id FROM journal WHERE n > ?", (merged,)) as cur:
+            self.rows = {str(event_id): int(n) for n, event_id in await cur.fetchall()}
+
+    async def insert(self, db: aiosqlite.Connection, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``executemany(statement, rows)`` of new entries, noting their row numbers."""
+        async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
+            row = await cur.fetchone()
+        base = int(row[0]) + 1 if row is not None else 1
+        await db.executemany(statement, rows)
+        self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
+
+    def merged(self, upto: int) -> None:
+        """A merge up to row ``upto`` committed: those are found through ``journal_ids`` now."""
+        self.rows = {event_id: n for event_id, n in self.rows.items() if n > upto}
+
+
+async def rows_of(
+    db: aiosqlite.Connection, ids: Sequence[str], recent: RecentRows | None = None
+) -> dict[str, list[int]]:
+    """Row numbers of the entries of ``ids`` (oldest first; more than one only for an id committed again).
+
+    ``recent``: the writer's map of the rows not merged yet; without it (a read-only look) that tail is
+    scanned. A number ``recent`` has whose row did not commit yet finds nothing when read.
+    """
     found: dict[str, list[int]] = {}
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return found
     merged = await indexed_up_to(db)
+    if recent is not None:
+        for event_id in wanted:
+            n = recent.rows.get(event_id)
+            if n is not None and n > merged:
+                found[event_id] = [n]
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         hashes = msgspec.json.encode([id_hash(event_id) for event_id in chunk]).decode()
@@ -243,6 +289,8 @@ async def rows_of(db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, lis
         ) as cur:
             for n, event_id in await cur.fetchall():
                 found.setdefault(event_id, []).append(int(n))
+        if recent is not None:
+            continue
         async with db.execute(
             "SELECT n, id FROM journal WHERE n > ? AND id IN (SELECT value FROM json_each(?))", (merged, names)
         ) as cur:
@@ -253,13 +301,16 @@ async def rows_of(db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, lis
     return found
 
 
-async def merge_ids(db: aiosqlite.Connection, limit: int = 5 * MERGE_EVERY) -> tuple[int, bool]:
-    """Index the ids of the entries after the last run, in hash order; (how many, whether more are left)."""
+async def merge_ids(db: aiosqlite.Connection, limit: int = 5 * MERGE_EVERY) -> tuple[int, bool, int]:
+    """Index the ids of the entries after the last run, in hash order.
+
+    Returns how many, whether more are left, and the highest row number now indexed.
+    """
     merged = await indexed_up_to(db)
     async with db.execute("SELECT n, id FROM journal WHERE n > ? ORDER BY n LIMIT ?", (merged, limit)) as cur:
         rows = list(await cur.fetchall())
     if not rows:
-        return 0, False
+        return 0, False, merged
     await db.executemany(
         "INSERT OR IGNORE INTO journal_ids(hash, n) VALUES (?, ?)", sorted((id_hash(i), int(n)) for n, i in rows)
     )
@@ -268,7 +319,7 @@ async def merge_ids(db: aiosqlite.Connection, limit: int = 5 * MERGE_EVERY) -> t
         "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
         (int(rows[-1][0]),),
     )
-    return len(rows), len(rows) == limit
+    return len(rows), len(rows) == limit, int(rows[-1][0])
 
 
 class JournalStep(msgspec.Struct, omit_defaults=True):
@@ -499,10 +550,13 @@ async def write_delivered(db: aiosqlite.Connection, writes: JournalWrites, chang
                         changes.delivered_at[type_] = at
 
 
-async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeReport], changes: TallyChanges) -> None:
+async def write_outcomes(
+    db: aiosqlite.Connection, reports: Sequence[OutcomeReport], changes: TallyChanges, recent: RecentRows | None
+) -> None:
     """Business outcomes: the entry's outcome columns and a step, unless the same was reported already."""
     known: dict[str, list[Any]] = {}
-    numbers = {event_id: found[-1] for event_id, found in (await rows_of(db, [r.id for r in reports])).items()}
+    found_rows = await rows_of(db, [r.id for r in reports], recent)
+    numbers = {event_id: found[-1] for event_id, found in found_rows.items()}
     if not numbers:
         return
     async with db.execute(
@@ -515,7 +569,7 @@ async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeRepo
         if n in by_n:
             known[event_id] = [n, *by_n[n]]
     updates: list[tuple[str, float, str | None, str | None, int]] = []
-    steps: list[StepRow] = []
+    steps: list[tuple[int, float, str, None, None, str | None, str | None]] = []
     for report in reports:
         row = known.get(report.id)
         if row is None:
@@ -534,7 +588,7 @@ async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeRepo
         changes.count_outcome(type_, report.outcome, 1)
         row[3:] = [report.outcome, new_reference, report.reason]
         updates.append((report.outcome, at, new_reference, report.reason, n))
-        steps.append((report.id, at, report.outcome, None, None, report.reference, report.reason))
+        steps.append((n, at, report.outcome, None, None, report.reference, report.reason))
     if updates:
         await db.executemany(
             "UPDATE journal SET outcome = ?, outcome_at = ?, reference = ?, reason = ? WHERE n = ?", updates
@@ -550,6 +604,7 @@ class JournalWrites:
     """Per lane, one row per event appended to that lane, in the same order as the lane's rows."""
     resequenced: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
     """Per lane, events released or replayed into it (their entry takes the new sequence), in sequence order."""
+    released: dict[str, float] = field(default_factory=dict)  # held events released: id -> when
     unsequenced: list[HeldRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     seq_steps: list[tuple[str, float, str, str | None, str | None, str | None, str | None, int]] = field(
@@ -566,6 +621,7 @@ class JournalWrites:
             self.entries[lane].extend(rows)
         for lane, rows in newer.resequenced.items():
             self.resequenced[lane].extend(rows)
+        self.released.update(newer.released)
         self.unsequenced.extend(newer.unsequenced)
         self.steps.extend(newer.steps)
         self.seq_steps.extend(newer.seq_steps)
@@ -575,18 +631,14 @@ class JournalWrites:
         self.outcomes.extend(newer.outcomes)
 
 
-async def write_extras(db: aiosqlite.Connection, writes: JournalWrites) -> int:
-    """Everything but the sequenced entries (those go with their segments): one ``executemany`` each.
-
-    Returns the estimated bytes added.
+async def write_extras(
+    db: aiosqlite.Connection, writes: JournalWrites, recent: RecentRows, steps: Sequence[StepRow] = ()
+) -> int:
+    """Everything but the sequenced entries (those go with their segments): one ``executemany`` each;
+    ``steps`` first among the steps (the dead letters'). Returns the estimated bytes added.
     """
-    added = await insert_unsequenced(db, writes.unsequenced)
-    if writes.steps:
-        await db.executemany(INSERT_STEP, writes.steps)
-        added += step_bytes(writes.steps)
-    if writes.seq_steps:
-        await db.executemany(INSERT_SEQ_STEP, writes.seq_steps)
-        added += step_bytes([step[:7] for step in writes.seq_steps])
+    added = await insert_unsequenced(db, writes.unsequenced, recent)
+    added += await insert_steps(db, [*steps, *writes.steps], writes.seq_steps, recent)
     if writes.ranges:
         await db.executemany(INSERT_RANGE, writes.ranges)
         added += RANGE_BYTES * len(writes.ranges)
@@ -598,33 +650,65 @@ async def write_extras(db: aiosqlite.Connection, writes: JournalWrites) -> int:
     return added
 
 
-async def insert_unsequenced(db: aiosqlite.Connection, rows: Sequence[HeldRow]) -> int:
+async def insert_steps(
+    db: aiosqlite.Connection,
+    by_id: Sequence[StepRow],
+    by_seq: Sequence[tuple[str, float, str, str | None, str | None, str | None, str | None, int]],
+    recent: RecentRows,
+) -> int:
+    """Steps of one event, found by its id or by its sequence, keyed by its entry; returns the bytes added.
+
+    A step of an id the journal does not know (trimmed) is dropped.
+    """
+    rows: list[tuple[int, float, str, str | None, str | None, str | None, str | None]] = []
+    if by_id:
+        numbers = await rows_of(db, [step[0] for step in by_id], recent)
+        rows.extend((numbers[step[0]][-1], *step[1:]) for step in by_id if step[0] in numbers)
+    if by_seq:
+        async with db.execute(
+            "SELECT seq, n FROM journal WHERE seq IN (SELECT value FROM json_each(?))",
+            (msgspec.json.encode([step[7] for step in by_seq]).decode(),),
+        ) as cur:
+            entry_of = {int(seq): int(n) for seq, n in await cur.fetchall()}
+        rows.extend((entry_of[step[7]], *step[1:7]) for step in by_seq if step[7] in entry_of)
+    if not rows:
+        return 0
+    await db.executemany(INSERT_STEP, rows)
+    return sum(STEP_OVERHEAD + len(row[6] or "") + len(row[5] or "") for row in rows)
+
+
+async def insert_unsequenced(db: aiosqlite.Connection, rows: Sequence[HeldRow], recent: RecentRows) -> int:
     """Entries known before they have a sequence (held, a dead letter made before any sink), unless the
     journal has the id already (a replay held again, a business dead letter); returns the bytes added."""
     if not rows:
         return 0
-    known = await rows_of(db, [row[0] for row in rows])
+    known = await rows_of(db, [row[0] for row in rows], recent)
     fresh: dict[str, HeldRow] = {}
     for row in rows:
         if row[0] not in known:
             fresh.setdefault(row[0], row)
     if fresh:
-        await db.executemany(INSERT_HELD, list(fresh.values()))
+        await recent.insert(db, INSERT_HELD, list(fresh.values()))
     return entry_bytes(list(fresh.values()))
 
 
-async def resequence(db: aiosqlite.Connection, rows: Sequence[EntryRow]) -> int:
+async def resequence(
+    db: aiosqlite.Connection, rows: Sequence[EntryRow], recent: RecentRows, released: Mapping[str, float]
+) -> int:
     """Events released or replayed into a lane: their entry takes the new sequence (its body is in the new
     segment now); an id the journal does not know (trimmed) gets a new entry. Returns the bytes added."""
     if not rows:
         return 0
-    known = await rows_of(db, [row[0] for row in rows])
-    updates = [(row[2], known[row[0]][-1]) for row in rows if row[0] in known]
+    known = await rows_of(db, [row[0] for row in rows], recent)
+    updates = [(row[2], released.get(row[0]), known[row[0]][-1]) for row in rows if row[0] in known]
     if updates:
-        await db.executemany("UPDATE journal SET seq = ?, body = x'' WHERE n = ?", updates)
+        # A held event released: the time, for its trace (its held and released steps are made up from it).
+        await db.executemany(
+            "UPDATE journal SET seq = ?, body = x'', released = coalesce(?, released) WHERE n = ?", updates
+        )
     fresh = [row for row in rows if row[0] not in known]
     if fresh:
-        await db.executemany(INSERT_ENTRY, fresh)
+        await recent.insert(db, INSERT_ENTRY, fresh)
     return entry_bytes(fresh)
 
 
@@ -647,6 +731,7 @@ class Trimmed:
     entries: int = 0
     bytes: int = 0
     more: bool = False
+    ids: list[str] = field(default_factory=list)  # the entries' ids
 
 
 async def trim(
@@ -667,7 +752,7 @@ async def trim(
         done.entries += 1
     if last_n is not None:
         done.more = done.entries == len(rows) == TRIM_CHUNK
-        ids: list[str] = []
+        ids = done.ids
         seqs: list[int] = []
         keys: list[tuple[int, int]] = []
         async with db.execute(
@@ -690,14 +775,12 @@ async def trim(
         if row is None or row[0] is None:
             # Emptied: SQLite numbers the next row 1 again, so the index's run starts over too.
             await db.execute("DELETE FROM meta WHERE key = 'journal_indexed_n'")
-        step_size = f"{STEP_OVERHEAD} + 2 * length(id) + coalesce(length(detail), 0) + coalesce(length(reference), 0)"
-        for query, values in (
-            (f"DELETE FROM journal_steps WHERE seq IS NULL AND id IN (SELECT value FROM json_each(?)) "
-             f"RETURNING {step_size}", ids),
-            (f"DELETE FROM journal_steps WHERE seq IN (SELECT value FROM json_each(?)) RETURNING {step_size}", seqs),
-        ):  # fmt: skip
-            async with db.execute(query, (msgspec.json.encode(values).decode(),)) as cur:
-                done.bytes += sum(int(row[0]) for row in await cur.fetchall())
+        async with db.execute(
+            "DELETE FROM journal_steps WHERE entry <= ? "
+            f"RETURNING {STEP_OVERHEAD} + coalesce(length(detail), 0) + coalesce(length(reference), 0)",
+            (last_n,),
+        ) as cur:
+            done.bytes += sum(int(row[0]) for row in await cur.fetchall())
     # Segments no entry left needs: every one before the lowest sequence still journaled.
     async with db.execute("SELECT min(seq) FROM journal WHERE seq IS NOT NULL") as cur:
         row = await cur.fetchone()
@@ -732,7 +815,10 @@ async def trim(
 
 # --- reads --------------------------------------------------------------------------------------
 
-_ENTRY_COLUMNS = "id, type, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason"
+_ENTRY_COLUMNS = (
+    "id, type, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason, released, "
+    "length(body)"
+)
 
 
 async def has_journal(db: aiosqlite.Connection) -> bool:
@@ -753,7 +839,8 @@ def _trigger_of(text: str | None) -> dict[str, Any] | None:
 
 
 def _entry_of(row: Sequence[Any]) -> JournalEntry:
-    id_, type_, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason = row
+    (id_, type_, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason, released,
+     body_length) = row
     try:
         source, subject, source_time, origin, trigger = _info_decoder.decode(info)
     except msgspec.DecodeError:
@@ -762,7 +849,7 @@ def _entry_of(row: Sequence[Any]) -> JournalEntry:
     if stored is None and source:
         # An event a source made itself: no trigger stored per event (the hot path), made up from its source.
         stored = source_trigger(source, origin)
-    return JournalEntry(
+    entry = JournalEntry(
         id=id_,
         type=type_,
         lane=lane_of(type_),
@@ -781,6 +868,12 @@ def _entry_of(row: Sequence[Any]) -> JournalEntry:
         reason=reason,
         steps=[JournalStep(at=float(committed), step="committed")],
     )
+    if released is not None or (seq is None and not body_length):
+        # Held by the sequencing guard (still, or until ``released``): steps made up from the row.
+        entry.steps.append(JournalStep(at=float(committed), step="held", detail=f"work order {work_order}"))
+        if released is not None:
+            entry.steps.append(JournalStep(at=float(released), step="released"))
+    return entry
 
 
 async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[tuple[int, JournalEntry]]:
@@ -794,9 +887,7 @@ async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[
     by_n = dict(found)
     steps = "s.at, s.step, s.sink, s.status, s.reference, s.detail"
     for query in (
-        # Steps of one event by its id, and the ones found by its sequence (a receiver's references).
-        f"SELECT j.n, {steps} FROM journal j JOIN journal_steps s ON s.id = j.id AND s.seq IS NULL WHERE {where}",
-        f"SELECT j.n, {steps} FROM journal j JOIN journal_steps s ON s.seq = j.seq WHERE {where} AND j.seq IS NOT NULL",
+        f"SELECT j.n, {steps} FROM journal j JOIN journal_steps s ON s.entry = j.n WHERE {where}",
         # Ranges, per lane: an index probe per entry over the few ranges that may start within RANGE_SPAN
         # before it.
         *(
@@ -814,9 +905,11 @@ async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[
     return found
 
 
-async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[JournalEntry]:
+async def trace(
+    db: aiosqlite.Connection, key: str, limit: int = 1000, recent: RecentRows | None = None
+) -> list[JournalEntry]:
     """Every entry whose id, work order or lot is ``key``, oldest first, with its steps."""
-    numbers = (await rows_of(db, [key])).get(key, [])
+    numbers = (await rows_of(db, [key], recent)).get(key, [])
     async with db.execute(
         "SELECT n FROM (SELECT n FROM journal WHERE work_order = ? UNION SELECT n FROM journal WHERE lot = ?) "
         "ORDER BY n LIMIT ?",
@@ -826,9 +919,11 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
     return [entry for _, entry in await _entries_at(db, sorted(set(numbers))[:limit])]
 
 
-async def entries_of(db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, JournalEntry]:
+async def entries_of(
+    db: aiosqlite.Connection, ids: Sequence[str], recent: RecentRows | None = None
+) -> dict[str, JournalEntry]:
     """The entries of ``ids`` (those the journal knows), with their steps; the newest for an id committed twice."""
-    numbers = [found[-1] for found in (await rows_of(db, ids)).values()]
+    numbers = [found[-1] for found in (await rows_of(db, ids, recent)).values()]
     found: dict[str, JournalEntry] = {}
     for start in range(0, len(numbers), 1000):
         found.update((entry.id, entry) for _, entry in await _entries_at(db, numbers[start : start + 1000]))
@@ -845,9 +940,9 @@ def _time_text(value: Any) -> str | None:
 _segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
 
 
-async def body_of(db: aiosqlite.Connection, event_id: str) -> bytes | None:
+async def body_of(db: aiosqlite.Connection, event_id: str, recent: RecentRows | None = None) -> bytes | None:
     """The stored CloudEvent bytes of ``event_id`` (from its row, else from its segment), or None."""
-    numbers = (await rows_of(db, [event_id])).get(event_id)
+    numbers = (await rows_of(db, [event_id], recent)).get(event_id)
     if not numbers:
         return None
     async with db.execute("SELECT seq, body FROM journal WHERE n = ?", (numbers[-1],)) as cur:

@@ -73,6 +73,7 @@ from buffer.journal import (
     OutcomeCounts,
     OutcomeReport,
     OutcomeTally,
+    RecentRows,
     TallyChanges,
     held_row,
     journal_keys,
@@ -565,6 +566,7 @@ class Buffer:
         self._journal_bytes = 0  # estimated bytes of the journal's tables (kept in ``meta`` with each commit)
         self._tally = OutcomeTally()
         self._tally_loaded = False
+        self._journal_recent = RecentRows()  # the writer's map of the entries not in ``journal_ids`` yet
         self._journal_info: dict[str, Any] = {"entries": 0, "oldest_committed": None}  # refreshed by maintain
         self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
         self._journal_trim_due = False  # maintain() found entries past retention or the size bound
@@ -776,9 +778,9 @@ class Buffer:
                 await self._tally.load(db)
                 self._tally_loaded = True
             await self._refresh_journal_info(db)
-            async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
-                row = await cur.fetchone()
-            self._journal_unindexed = max(0, (int(row[0]) if row else 0) - await journal_store.indexed_up_to(db))
+            if self._db is not None:
+                await self._journal_recent.load(db)
+                self._journal_unindexed = len(self._journal_recent.rows)
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -984,6 +986,7 @@ class Buffer:
             self._size_bytes = 0
             self._journal_bytes = 0  # the journal stays with the moved file
             self._tally = OutcomeTally()
+            self._journal_recent = RecentRows()
             self._journal_info = {"entries": 0, "oldest_committed": None}
             if info is not None:
                 self.quarantined = info
@@ -1174,9 +1177,8 @@ class Buffer:
                     self._held.setdefault(work_order, []).append(held)
                     pending.held_add.append(held)
                     if journal is not None:
-                        row = _entry_row(event, None, now, contexts)
-                        journal.unsequenced.append((*row, held.body))
-                        journal.steps.append((event_id, now, "held", None, None, None, f"work order {work_order}"))
+                        # No body (the held table has it until release): no step either, see ``released``.
+                        journal.unsequenced.append((*_entry_row(event, None, now, contexts), b""))
                     continue
             self._seq += 1
             event.sequence = f"{self._seq:020d}"
@@ -1229,17 +1231,27 @@ class Buffer:
         self._pending.rows[entry.lane].append(BufferedEvent(self._seq, entry.lane, entry.type, entry.id, body, now))
         self._pending.held_drop.append(entry.id)
         self._pending.count += 1
-        self._journal_sequenced(event, entry.lane, self._seq, body, now, "released")
+        self._journal_sequenced(event, entry.lane, self._seq, body, now, None)
+        if self.journal_enabled and entry.lane != "telemetry":
+            self._pending.journal.released[entry.id] = now
 
     def _journal_sequenced(
-        self, event: dict[str, Any], lane: Lane, seq: int, body: bytes, now: float, step: str, detail: str | None = None
+        self,
+        event: dict[str, Any],
+        lane: Lane,
+        seq: int,
+        body: bytes,
+        now: float,
+        step: str | None,
+        detail: str | None = None,
     ) -> None:
         """A decoded event went into its lane (released, replayed): its entry takes the sequence, plus a step."""
         if not self.journal_enabled or lane == "telemetry":
             return
         journal = self._pending.journal
         journal.resequenced[lane].append(row_of(event, seq, now))
-        journal.steps.append((str(event["id"]), now, step, None, None, None, detail))
+        if step is not None:
+            journal.steps.append((str(event["id"]), now, step, None, None, None, detail))
 
     def _journal_settled(self, sink: str, settled: _Settled) -> None:
         """A batch's attempts and acknowledgements, as journal rows for the next commit."""
@@ -1487,6 +1499,8 @@ class Buffer:
                 journal_bytes += segment_bytes
                 changes: TallyChanges | None = None
                 trimmed_entries = 0
+                trimmed_ids: list[str] = []
+                merged_upto = 0
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
@@ -1496,8 +1510,10 @@ class Buffer:
                     if self._journal_trim_due:
                         cut = await self._trim_journal(db, changes)
                         trimmed_entries, journal_bytes = cut.entries, journal_bytes - cut.bytes
+                        trimmed_ids = cut.ids
                     if self._journal_unindexed >= journal_store.MERGE_EVERY or self._journal_merge_due:
-                        journal_bytes += await self._merge_journal_ids(db)
+                        index_bytes, merged_upto = await self._merge_journal_ids(db)
+                        journal_bytes += index_bytes
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
@@ -1526,6 +1542,10 @@ class Buffer:
             self._journal_trimmed += trimmed_entries
             if changes is not None:
                 self._tally.apply(changes)
+            if merged_upto:
+                self._journal_recent.merged(merged_upto)
+            for event_id in trimmed_ids:
+                self._journal_recent.rows.pop(event_id, None)
             if last:
                 self._dedupe_settings_saved = True
                 if trimmed:
@@ -1606,22 +1626,28 @@ class Buffer:
                 if stop > start:
                     rows = entries[start:stop]
                     if kind:
-                        added += await journal_store.resequence(db, rows)
+                        added += await journal_store.resequence(
+                            db, rows, self._journal_recent, pending.journal.released
+                        )
                     else:
-                        await db.executemany(INSERT_ENTRY, rows)
+                        await self._journal_recent.insert(db, INSERT_ENTRY, rows)
                         added += journal_store.entry_bytes(rows)
                         self._journal_unindexed += len(rows)
                     done[kind + lane] = stop
         return done, added
 
-    async def _merge_journal_ids(self, db: aiosqlite.Connection) -> int:
-        """Index the ids of the newest entries (see ``buffer.journal``); returns the bytes the index grew by."""
-        merged, more = await journal_store.merge_ids(db)
+    async def _merge_journal_ids(self, db: aiosqlite.Connection) -> tuple[int, int]:
+        """Index the ids of the newest entries (see ``buffer.journal``).
+
+        Returns the bytes the index grew by and the highest row number indexed (for ``RecentRows``
+        once the transaction committed).
+        """
+        merged, more, upto = await journal_store.merge_ids(db)
         self._journal_unindexed = journal_store.MERGE_EVERY if more else 0
         self._journal_merge_due = more
         if more:
             self._wake.set()
-        return merged * journal_store.ID_BYTES
+        return merged * journal_store.ID_BYTES, upto
 
     async def _trim_journal(self, db: aiosqlite.Connection, changes: TallyChanges) -> journal_store.Trimmed:
         """One bounded chunk of retention and size trimming; the commit loop comes back while more is due.
@@ -1650,9 +1676,9 @@ class Buffer:
         """
         journal = pending.journal
         added = 0
+        steps: list[journal_store.StepRow] = []
         if pending.dead:
             unsequenced: list[HeldRow] = []
-            steps: list[journal_store.StepRow] = []
             for dead in pending.dead:
                 if dead.lane == "telemetry":
                     continue
@@ -1662,17 +1688,16 @@ class Buffer:
                     )
                 sink = None if dead.sink == NO_SINK else dead.sink
                 steps.append((dead.id, dead.time, "dead_letter", sink, None, None, dead.reason))
-            added += await journal_store.insert_unsequenced(db, unsequenced)
-            if steps:
-                await db.executemany(journal_store.INSERT_STEP, steps)
-                added += journal_store.step_bytes(steps)
-        added += await journal_store.write_extras(db, journal)
+            added += await journal_store.insert_unsequenced(db, unsequenced, self._journal_recent)
+        # The steps go in once every entry of this commit is (held ones included), to be found by id.
+        added += await journal_store.write_extras(db, journal, self._journal_recent, steps)
         if journal.delivered:
             await journal_store.write_delivered(db, journal, changes)
         if journal.outcomes:
-            await journal_store.write_outcomes(db, journal.outcomes, changes)
-            added += journal_store.step_bytes([(r.id, 0.0, r.outcome, None, None, r.reference, r.reason)
-                                               for r in journal.outcomes])
+            await journal_store.write_outcomes(db, journal.outcomes, changes, self._journal_recent)
+            added += journal_store.step_bytes(
+                [(r.id, 0.0, r.outcome, None, None, r.reference, r.reason) for r in journal.outcomes]
+            )
         if changes.recount:
             await changes.settle_oldest(db)
         return added + changes.bytes
@@ -2200,21 +2225,21 @@ class Buffer:
         db = await self._journal_reader()
         if db is None:
             return []
-        return await self._journal_read(journal_store.trace(db, key, limit))
+        return await self._journal_read(journal_store.trace(db, key, limit, self._recent_rows()))
 
     async def journal_entries(self, ids: Sequence[str]) -> dict[str, JournalEntry]:
         """The journal entries of ``ids`` that the journal knows, with their steps."""
         db = await self._journal_reader()
         if db is None:
             return {}
-        return await self._journal_read(journal_store.entries_of(db, ids))
+        return await self._journal_read(journal_store.entries_of(db, ids, self._recent_rows()))
 
     async def journal_body(self, id: str) -> bytes | None:
         """The CloudEvent bytes the journal keeps for ``id`` (to replay it under its id), or None."""
         db = await self._journal_reader()
         if db is None:
             return None
-        return await self._journal_read(journal_store.body_of(db, id))
+        return await self._journal_read(journal_store.body_of(db, id, self._recent_rows()))
 
     async def journal_window(
         self, start: float, end: float, type: str | None = None, *, by: str = "delivered"
@@ -2280,6 +2305,10 @@ class Buffer:
             self._journal_info = {"entries": 0, "oldest_committed": None}
         else:
             self._journal_info = {"entries": int(last[0]) - int(first[0]) + 1, "oldest_committed": first[1]}
+
+    def _recent_rows(self) -> RecentRows | None:
+        """The writer's map of the newest entries; None for a read-only look (that scans the tail instead)."""
+        return self._journal_recent if self._db is not None else None
 
     async def _journal_read(self, read: Awaitable[_T]) -> _T:
         try:
