@@ -8,15 +8,17 @@ exactly as they do, at the cost of one ``executemany`` per commit):
   work order and lot (indexed), the rest of what identifies it packed in one
   ``info`` value (source, subject, source time, original source, trigger: every
   column bound costs the hot path, about 0.2 us each with Python's sqlite3), then
-  what happens later: the first acknowledgement and the business outcome;
+  what happens later: the first acknowledgement, the business outcome, and for an
+  event the sequencing guard held, when it was released;
+- ``journal_ids``: a hash of each id -> its row, filled in sorted runs (see
+  "finding an id" below: a B-tree of random ids would cost a page write per event);
 - ``journal_segments``: the encoded CloudEvents, so an event can be replayed under
   the same id after its buffer row is gone. They are the very segments the group
   commit writes into the lane (the same compressed bytes, written a second time,
-  not encoded again): keeping a body per entry would write ten times the bytes. An
-  entry that never was in a lane (held, a dead letter made before any sink) keeps
-  its body in its own row;
-- ``journal_steps``: what happened to one event (a dead letter, a replay, a hold
-  and its release, a receiver's reference, a business outcome);
+  not encoded again): keeping a body per entry would write ten times the bytes. A
+  dead letter made before any sink keeps its body in its own row;
+- ``journal_steps``: what happened to one event (a dead letter, a replay, a
+  receiver's reference, a business outcome), keyed by its entry's row number;
 - ``journal_ranges``: what happened to a whole batch: one row per batch, sink,
   lane and step (``attempt``, ``acked``) covering a run of sequences of that lane.
 
