@@ -2,8 +2,8 @@
 
 Scenarios (all by default, in this order): ``ingest`` (a), ``drain`` (b), ``e2e`` (c),
 ``idle`` (d), ``tags`` (e), ``modbus`` (f), ``barcode`` (g), ``mes`` (h), ``https`` (i),
-``rules`` (j), ``sequencing`` (k); the letters work as names too. Each writes ``bench/results/<name>.json``
-(``<name>.quick.json`` with ``--quick``) with every raw figure and the machine.
+``rules`` (j), ``sequencing`` (k), ``journal`` (l); the letters work as names too. Each writes
+``bench/results/<name>.json`` (``<name>.quick.json`` with ``--quick``) with every raw figure and the machine.
 Exit status: 0 when every scenario ran (targets missed or not), 1 when one failed to
 run, 1 with ``--strict`` when a target was missed.
 """
@@ -19,7 +19,9 @@ from typing import Any
 
 from bench.common import Row, ScenarioResult, SystemCpu, loadavg, machine_info
 
-SCENARIOS = ("ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https", "rules", "sequencing")
+SCENARIOS = (
+    "ingest", "drain", "e2e", "idle", "tags", "modbus", "barcode", "mes", "https", "rules", "sequencing", "journal"
+)
 ALIASES = {
     "a": "ingest",
     "b": "drain",
@@ -32,10 +34,15 @@ ALIASES = {
     "i": "https",
     "j": "rules",
     "k": "sequencing",
+    "l": "journal",
 }
 
 
 def _runner(name: str, args: argparse.Namespace) -> Callable[[], ScenarioResult]:
+    if name == "journal":
+        from bench import journal
+
+        return lambda: journal.run(quick=args.quick)
     if name == "ingest":
         from bench import ingest
 

@@ -62,7 +62,7 @@ from agent.files import private_directory
 from agent.sink import ACKED, BufferedEvent, Delivered, Outcome, Rejected, RetryLater
 from buffer import journal as journal_store
 from buffer.journal import (
-    INSERT_ENTRY,
+    INSERT_ENTRIES,
     INSERT_SEGMENT,
     JOURNAL_SCHEMA,
     RANGE_SPAN,
@@ -141,6 +141,9 @@ DEDUPE_WINDOW = 86_400.0
 DEDUPE_MAX_IDS = 200_000
 """Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
 _DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
+_JOURNAL_UNSTAGE_IDLE = 4  # staged rows (a commit's entries each) per idle transaction
+_JOURNAL_QUIET_AFTER = 0.5  # seconds without work before the writer unstages (a burst is not slowed by it)
+_JOURNAL_STAGED_MAX = 100_000  # entries staged beyond which they are unstaged between commits anyway
 _JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal ids are merged into their index
 
 
@@ -574,6 +577,11 @@ class Buffer:
         self._journal_merge_due = False  # maintain(): ids waiting too long for their merge
         self._journal_merge_checked = 0.0
         self._journal_shrinking = False  # trimming down to 95 % of the size bound
+        self._journal_staged = 0  # entries committed in ``journal_staged``, not in ``journal`` yet
+        self._journal_staged_from: int | None = None  # the lowest sequence among them
+        self._journal_idle_due = False  # the next commit unstages a bounded part
+        self._journal_busy_at = 0.0  # monotonic time of the last commit with work in it
+        self._journal_quiet = False  # no work for a while (maintain): unstage until there is some again
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
         # what is held stays held; a list, even empty, is the agent's config: held events of a
         # type no longer guarded go into their lane.
@@ -781,6 +789,11 @@ class Buffer:
             if self._db is not None:
                 await self._journal_recent.load(db)
                 self._journal_unindexed = len(self._journal_recent.rows)
+                # Staged by a run that ended before its idle moment (killed): into the journal at the
+                # first commit (a read waits for it).
+                self._journal_staged, self._journal_staged_from = await journal_store.staged_summary(db)
+                if self._journal_staged:
+                    self._pending.journal.unstage = True
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -988,6 +1001,7 @@ class Buffer:
             self._tally = OutcomeTally()
             self._journal_recent = RecentRows()
             self._journal_info = {"entries": 0, "oldest_committed": None}
+            self._journal_staged, self._journal_staged_from = 0, None
             if info is not None:
                 self.quarantined = info
                 self.quarantines.append(info)
@@ -1416,6 +1430,18 @@ class Buffer:
             if pending.count:
                 for event in self._new_data.values():
                     event.set()
+            if pending.count:
+                self._journal_busy_at = time.monotonic()
+                self._journal_quiet = False
+            if (
+                self._journal_staged
+                and not self._pending.count
+                and not self._closing
+                and (self._journal_quiet or self._journal_staged > _JOURNAL_STAGED_MAX)
+            ):
+                # Quiet (or too much staged): staged entries into the journal, a bounded part per transaction.
+                self._journal_idle_due = True
+                self._wake.set()
             if self._written_since_size_check >= self._size_check_bytes:
                 # A burst (a webhook at full speed) must not overshoot max_size_mb by a second's worth.
                 try:
@@ -1486,6 +1512,9 @@ class Buffer:
         db = self._db
         assert db is not None
         chunks = self._chunks(pending)
+        # Entries straight into the journal when this commit needs them there (or closes), else staged.
+        direct = self.journal_enabled and self._journal_needs_rows(pending)
+        idle_unstage, self._journal_idle_due = not direct and self._journal_idle_due, False
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
             txn = _Txn()
@@ -1493,9 +1522,16 @@ class Buffer:
             await db.execute("BEGIN IMMEDIATE")
             written: set[tuple[str, Lane]] = set()
             journal_done: dict[str, int] = {}
+            unstaged: journal_store.Unstaged | None = None
+            staged: tuple[int, int | None] = (0, None)
             try:
                 segment_bytes = await self._insert(db, chunk, txn)
-                journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
+                if (direct or idle_unstage) and index == 0 and self._journal_staged:
+                    unstaged = await journal_store.unstage(
+                        db, self._journal_recent, _JOURNAL_UNSTAGE_IDLE if idle_unstage else None
+                    )
+                    segment_bytes += unstaged.bytes
+                journal_done, journal_bytes, staged = await self._insert_journal(db, pending, chunk, last, direct)
                 journal_bytes += segment_bytes
                 changes: TallyChanges | None = None
                 trimmed_entries = 0
@@ -1538,6 +1574,14 @@ class Buffer:
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)
             pending.journal_done.update(journal_done)
+            if unstaged is not None:
+                self._journal_unindexed += unstaged.entries
+                self._journal_staged = max(0, self._journal_staged - unstaged.entries)
+                self._journal_staged_from = unstaged.left_from if self._journal_staged else None
+            if staged[0]:
+                self._journal_staged += staged[0]
+                if self._journal_staged_from is None and staged[1] is not None:
+                    self._journal_staged_from = staged[1]
             self._journal_bytes = max(0, self._journal_bytes + journal_bytes)
             self._journal_trimmed += trimmed_entries
             if changes is not None:
@@ -1602,14 +1646,23 @@ class Buffer:
         return journal_bytes
 
     async def _insert_journal(
-        self, db: aiosqlite.Connection, pending: _Pending, chunk: dict[Lane, list[BufferedEvent]], last: bool
-    ) -> tuple[dict[str, int], int]:
-        """The journal entries of the events in ``chunk``: in the transaction of their segments.
+        self,
+        db: aiosqlite.Connection,
+        pending: _Pending,
+        chunk: dict[Lane, list[BufferedEvent]],
+        last: bool,
+        direct: bool,
+    ) -> tuple[dict[str, int], int, tuple[int, int | None]]:
+        """The journal entries of the events in ``chunk``: in the transaction of their segments, into the
+        journal (``direct``) or staged (see ``buffer.journal.stage``).
 
-        Returns how many entries of each lane are written once it commits, and their estimated bytes.
+        Returns how many entries of each lane are written once it commits, their estimated bytes (of those
+        written into the journal), and how many were staged with the lowest sequence among them.
         """
         done: dict[str, int] = {}
         added = 0
+        staged = 0
+        staged_from: int | None = None
         journal = pending.journal
         for kind, lists in (("", journal.entries), ("re:", journal.resequenced)):
             for lane, entries in lists.items():
@@ -1629,12 +1682,43 @@ class Buffer:
                         added += await journal_store.resequence(
                             db, rows, self._journal_recent, pending.journal.released
                         )
-                    else:
-                        await self._journal_recent.insert(db, INSERT_ENTRY, rows)
+                    elif direct:
+                        await self._journal_recent.insert(db, INSERT_ENTRIES, rows)
                         added += journal_store.entry_bytes(rows)
                         self._journal_unindexed += len(rows)
+                    else:
+                        added += await journal_store.stage(db, rows)
+                        staged += len(rows)
+                        first = rows[0][2]
+                        if first is not None and (staged_from is None or first < staged_from):
+                            staged_from = first
                     done[kind + lane] = stop
-        return done, added
+        return done, added, (staged, staged_from)
+
+    def _journal_needs_rows(self, pending: _Pending) -> bool:
+        """Whether this commit must have every entry in the journal itself, not staged: it closes, a read
+        waits, or it writes something about entries (found by id, or by a sequence that may be staged)."""
+        journal = pending.journal
+        if (
+            self._closing
+            or journal.unstage
+            or journal.unsequenced
+            or journal.steps
+            or journal.outcomes
+            or pending.dead
+            or self._journal_trim_due
+            or self._journal_merge_due  # the merge indexes every entry: none left staged
+            or any(journal.resequenced.values())
+        ):
+            return True
+        lowest = self._journal_staged_from
+        if lowest is None:
+            return False
+        return (
+            any(last >= lowest for _, _, _, last in journal.delivered)
+            or any(seq >= lowest for _, seq in journal.references)
+            or any(step[7] >= lowest for step in journal.seq_steps)
+        )
 
     async def _merge_journal_ids(self, db: aiosqlite.Connection) -> tuple[int, int]:
         """Index the ids of the newest entries (see ``buffer.journal``).
@@ -2050,8 +2134,18 @@ class Buffer:
             except sqlite3.Error as exc:
                 if is_corruption(exc):
                     self._saw_corruption(exc)
+        if (
+            self._journal_staged
+            and not self._journal_quiet
+            and time.monotonic() - self._journal_busy_at >= _JOURNAL_QUIET_AFTER
+        ):
+            self._journal_quiet = True
+            self._journal_idle_due = True
+            self._wake.set()
         now = time.time()
-        if self._journal_unindexed and now - self._journal_merge_checked >= _JOURNAL_MERGE_INTERVAL:
+        if (
+            self._journal_unindexed or self._journal_staged
+        ) and now - self._journal_merge_checked >= _JOURNAL_MERGE_INTERVAL:
             # A quiet agent merges its few new ids now and then, so a lookup's tail scan stays short.
             self._journal_merge_checked = now
             self._journal_merge_due = True
@@ -2220,8 +2314,15 @@ class Buffer:
             return None
         return db
 
+    async def _journal_unstaged(self) -> None:
+        """Staged entries into the journal before a read (see ``buffer.journal.stage``)."""
+        if self._journal_staged and self._commit_task is not None and not self._closing:
+            self._pending.journal.unstage = True
+            await self._queued(self._pending)
+
     async def trace(self, key: str, limit: int = 1000) -> list[JournalEntry]:
         """Every journal entry whose id, work order or lot is ``key``, oldest first, with its steps."""
+        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return []
@@ -2229,6 +2330,7 @@ class Buffer:
 
     async def journal_entries(self, ids: Sequence[str]) -> dict[str, JournalEntry]:
         """The journal entries of ``ids`` that the journal knows, with their steps."""
+        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return {}
@@ -2236,6 +2338,7 @@ class Buffer:
 
     async def journal_body(self, id: str) -> bytes | None:
         """The CloudEvent bytes the journal keeps for ``id`` (to replay it under its id), or None."""
+        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return None
@@ -2248,10 +2351,11 @@ class Buffer:
 
         ``by`` is ``delivered`` (the first acknowledgement) or ``committed``.
         """
+        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return []
-        return await self._journal_read(journal_store.window(db, start, end, type, by=by))
+        return await self._journal_read(journal_store.window(db, start, end, type, by=by, staged=self._db is None))
 
     def record_outcomes(self, reports: Sequence[OutcomeReport]) -> asyncio.Future[None]:
         """What the ERP did with events: each entry's outcome columns and a step, in the next group commit.
@@ -2284,7 +2388,7 @@ class Buffer:
         """The journal for ``/status``: entries, the oldest's commit time, estimated bytes, bounds, trimmed so far."""
         return {
             "enabled": self.journal_enabled,
-            "entries": self._journal_info["entries"],
+            "entries": self._journal_info["entries"] + self._journal_staged,
             "oldest_committed": self._journal_info["oldest_committed"],
             "bytes": self._journal_bytes,
             "max_bytes": self.journal_max_bytes,
@@ -2302,7 +2406,8 @@ class Buffer:
                 ends.append(await cur.fetchone())
         first, last = ends
         if first is None or last is None or last[0] is None:
-            self._journal_info = {"entries": 0, "oldest_committed": None}
+            oldest = await journal_store.oldest_staged(db) if self._journal_staged else None
+            self._journal_info = {"entries": 0, "oldest_committed": oldest}
         else:
             self._journal_info = {"entries": int(last[0]) - int(first[0]) + 1, "oldest_committed": first[1]}
 
