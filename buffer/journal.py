@@ -136,6 +136,10 @@ EntryRow = tuple[str, str, int | None, float, str | None, str | None, str]
 """(id, type, seq, committed, work order, lot, info: see ``pack_info``)."""
 HeldRow = tuple[str, str, int | None, float, str | None, str | None, str, bytes]
 """An ``EntryRow`` and the event's body."""
+FlatRow = tuple[str, str, int | None, float, str | None, str | None, str, str | None, float, str | None, str | None]
+"""An appended event's entry as the hot path makes it: (id, type, seq, committed, work order, lot, then the
+``info`` fields unpacked: source, subject, source time, original source, trigger text), packed by SQLite
+(``INSERT_FLAT``) when it becomes an entry, not per event in Python."""
 
 _InfoTuple = tuple[str, str | None, float | str | None, str | None, str | None]
 _info_encoder = msgspec.json.Encoder()
@@ -167,6 +171,38 @@ INSERT_ENTRIES = (
     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)"
 )
 _rows_encoder = msgspec.json.Encoder()
+# ``FlatRow``s in one statement, ``info`` made by SQLite from the fields (numbers keep their JSON text:
+# the source time reads back exactly as ``pack_info`` would have written it).
+INSERT_FLAT = (
+    "INSERT INTO journal(id, type, seq, committed, work_order, lot, info) "
+    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
+    "json_array(value->6, value->7, value->8, value->9, value->10) FROM json_each(?)"
+)
+
+
+def entry_of_flat(row: FlatRow) -> EntryRow:
+    """A ``FlatRow`` as an ``EntryRow`` (its ``info`` packed here)."""
+    return (row[0], row[1], row[2], row[3], row[4], row[5], pack_info(row[6], row[7], row[8], row[9], row[10]))
+
+
+def flat_bytes(rows: Sequence[FlatRow]) -> int:
+    """The estimated bytes ``FlatRow``s take in the file as entries (see ``entry_bytes``)."""
+    count = len(rows)
+    if not count:
+        return 0
+    step = max(1, count // 16)
+    sample = rows[::step]
+    total = 0
+    for row in sample:
+        total += ENTRY_OVERHEAD + 40 + len(row[0]) + len(row[1]) + len(row[6])
+        for value in (row[7], row[9], row[10]):
+            if value is not None:
+                total += len(value) + 3
+        if row[4] is not None:
+            total += 2 * len(row[4])
+        if row[5] is not None:
+            total += 2 * len(row[5])
+    return total * count // len(sample)
 
 
 def lane_of(type_: str) -> str:
@@ -279,18 +315,19 @@ class RecentRows:
         async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
             row = await cur.fetchone()
         base = int(row[0]) + 1 if row is not None else 1
-        if statement == INSERT_ENTRIES:
+        if statement in (INSERT_ENTRIES, INSERT_FLAT):
             await db.execute(statement, (_rows_encoder.encode(rows).decode(),))
         else:
             await db.executemany(statement, rows)
         self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
 
-    async def insert_text(self, db: aiosqlite.Connection, text: str, ids: Sequence[str]) -> None:
-        """``INSERT_ENTRIES`` of rows already in their JSON text (staged), noting their row numbers."""
+    async def insert_text(self, db: aiosqlite.Connection, statement: str, text: str, ids: Sequence[str]) -> None:
+        """``statement`` (``INSERT_FLAT`` or ``INSERT_ENTRIES``) of rows already in their JSON text (staged),
+        noting their row numbers."""
         async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
             row = await cur.fetchone()
         base = int(row[0]) + 1 if row is not None else 1
-        await db.execute(INSERT_ENTRIES, (text,))
+        await db.execute(statement, (text,))
         self.rows.update(zip(ids, range(base, base + len(ids)), strict=True))
 
     def merged(self, upto: int) -> None:
@@ -307,10 +344,15 @@ class RecentRows:
 # loop turns staged rows into entries when the writer is idle, or first thing in a commit that needs
 # them (an acknowledgement of a staged sequence, a step, an outcome, a trim) or before a read.
 
-_staged_ids = msgspec.json.Decoder(list[tuple[str, Any, Any, Any, Any, Any, Any]])
+_staged_decoder = msgspec.json.Decoder(list[list[Any]])
 
 
-async def stage(db: aiosqlite.Connection, rows: Sequence[EntryRow]) -> int:
+def _staged_text(blob: bytes) -> bytes:
+    """A staged row's JSON (compressed by zlib, or plain)."""
+    return zlib.decompress(blob) if blob[:1] == b"\x78" else blob
+
+
+async def stage(db: aiosqlite.Connection, rows: Sequence[FlatRow]) -> int:
     """A commit's sequenced entries (in sequence order), as one staged row; returns its estimated bytes."""
     blob = zlib.compress(_rows_encoder.encode(rows), 1)
     await db.execute(
@@ -338,11 +380,16 @@ async def unstage(db: aiosqlite.Connection, recent: RecentRows, limit: int | Non
     if not staged:
         return done
     for _, blob in staged:
-        text = zlib.decompress(blob)
-        rows = _staged_ids.decode(text)
-        await recent.insert_text(db, text.decode(), [row[0] for row in rows])
+        text = _staged_text(blob)
+        rows = _staged_decoder.decode(text)
+        if rows and len(rows[0]) == 7:  # staged as ``EntryRow``s (their info packed already)
+            await recent.insert_text(db, INSERT_ENTRIES, text.decode(), [row[0] for row in rows])
+            done.bytes += entry_bytes(rows)  # type: ignore[arg-type]
+        else:
+            await recent.insert_text(db, INSERT_FLAT, text.decode(), [row[0] for row in rows])
+            done.bytes += flat_bytes(rows)  # type: ignore[arg-type]
         done.entries += len(rows)
-        done.bytes += entry_bytes(rows) - segment_bytes(len(blob))
+        done.bytes -= segment_bytes(len(blob))
     await db.execute("DELETE FROM journal_staged WHERE n <= ?", (int(staged[-1][0]),))
     if limit is not None:
         async with db.execute("SELECT min(first_seq) FROM journal_staged") as cur:
@@ -357,7 +404,7 @@ async def oldest_staged(db: aiosqlite.Connection) -> float | None:
         row = await cur.fetchone()
     if row is None:
         return None
-    rows = _staged_ids.decode(zlib.decompress(row[0]))
+    rows = _staged_decoder.decode(_staged_text(row[0]))
     return float(rows[0][3]) if rows else None
 
 
@@ -367,15 +414,16 @@ async def _has_staged_table(db: aiosqlite.Connection) -> bool:
     return row is not None and bool(row[0])
 
 
-async def staged_rows(db: aiosqlite.Connection) -> list[tuple[str, Any, Any, Any, Any, Any, Any]]:
-    """Every staged entry row, in commit order: what a read-only look (the agent stopped, maybe killed
-    before its idle moment) reads beside the journal; the agent itself unstages before it reads."""
+async def staged_rows(db: aiosqlite.Connection) -> list[EntryRow]:
+    """Every staged entry, in commit order: what a read-only look (the agent stopped, maybe killed
+    before its quiet moment) reads beside the journal; the agent itself unstages before it reads."""
     if not await _has_staged_table(db):
         return []
-    rows: list[tuple[str, Any, Any, Any, Any, Any, Any]] = []
+    rows: list[EntryRow] = []
     async with db.execute("SELECT rows FROM journal_staged ORDER BY n") as cur:
         for (blob,) in await cur.fetchall():
-            rows.extend(_staged_ids.decode(zlib.decompress(blob)))
+            for row in _staged_decoder.decode(_staged_text(blob)):
+                rows.append(tuple(row) if len(row) == 7 else entry_of_flat(tuple(row)))
     return rows
 
 
@@ -732,7 +780,7 @@ async def write_outcomes(
 class JournalWrites:
     """Journal rows waiting for the next group commit (beside the segments they describe)."""
 
-    entries: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
+    entries: dict[str, list[FlatRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
     """Per lane, one row per event appended to that lane, in the same order as the lane's rows."""
     resequenced: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
     """Per lane, events released or replayed into it (their entry takes the new sequence), in sequence order."""
@@ -752,8 +800,8 @@ class JournalWrites:
         """Take ``newer``'s rows behind this one's, in order."""
         for lane, rows in newer.entries.items():
             self.entries[lane].extend(rows)
-        for lane, rows in newer.resequenced.items():
-            self.resequenced[lane].extend(rows)
+        for lane, moved in newer.resequenced.items():
+            self.resequenced[lane].extend(moved)
         self.released.update(newer.released)
         self.unsequenced.extend(newer.unsequenced)
         self.steps.extend(newer.steps)
@@ -1039,9 +1087,7 @@ async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[
     return found
 
 
-async def _staged_entries(
-    db: aiosqlite.Connection, rows: Sequence[tuple[str, Any, Any, Any, Any, Any, Any]]
-) -> list[JournalEntry]:
+async def _staged_entries(db: aiosqlite.Connection, rows: Sequence[EntryRow]) -> list[JournalEntry]:
     """Entries of staged rows, with their steps: a staged entry has no step of its own yet, nor a
     delivery (the commit that records one unstages first), only the batch ranges of its sequence."""
     entries = [_entry_of((*row, None, None, None, None, None, None, 0)) for row in rows]

@@ -62,11 +62,12 @@ from agent.files import private_directory
 from agent.sink import ACKED, BufferedEvent, Delivered, Outcome, Rejected, RetryLater
 from buffer import journal as journal_store
 from buffer.journal import (
-    INSERT_ENTRIES,
+    INSERT_FLAT,
     INSERT_SEGMENT,
     JOURNAL_SCHEMA,
     RANGE_SPAN,
     EntryRow,
+    FlatRow,
     HeldRow,
     JournalEntry,
     JournalWrites,
@@ -77,7 +78,6 @@ from buffer.journal import (
     TallyChanges,
     held_row,
     journal_keys,
-    pack_info,
     row_of,
     trigger_text,
 )
@@ -505,25 +505,30 @@ def _replay_detail(n: int | None) -> str:
     return "resent from the journal" if n is None else f"from dead letter {n}"
 
 
-def _entry_seq(row: EntryRow) -> int:
+def _entry_seq(row: EntryRow | FlatRow) -> int:
     return -1 if row[2] is None else row[2]
 
 
 def _entry_row(
     event: CloudEvent, seq: int | None, now: float, contexts: Mapping[str, dict[str, Any]] | None
-) -> EntryRow:
+) -> FlatRow:
     """An appended event's journal entry (its body is in its segment). No trigger is stored for a source's
     own event: it is made up from the event's source when read."""
     work_order, lot = journal_keys(event.data, event.subject)
     context = contexts.get(event.id) if contexts else None
-    info = pack_info(
+    return (
+        event.id,
+        event.type,
+        seq,
+        now,
+        work_order,
+        lot,
         event.source,
         event.subject,
         event.time.timestamp(),
         event.originsource,
         None if context is None else trigger_text(context),
     )
-    return (event.id, event.type, seq, now, work_order, lot, info)
 
 
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
@@ -1192,7 +1197,8 @@ class Buffer:
                     pending.held_add.append(held)
                     if journal is not None:
                         # No body (the held table has it until release): no step either, see ``released``.
-                        journal.unsequenced.append((*_entry_row(event, None, now, contexts), b""))
+                        row = journal_store.entry_of_flat(_entry_row(event, None, now, contexts))
+                        journal.unsequenced.append((*row, b""))
                     continue
             self._seq += 1
             event.sequence = f"{self._seq:020d}"
@@ -1677,14 +1683,14 @@ class Buffer:
                 else:
                     continue
                 if stop > start:
-                    rows = entries[start:stop]
+                    rows: Any = entries[start:stop]  # EntryRows (kind "re:"), else FlatRows
                     if kind:
                         added += await journal_store.resequence(
                             db, rows, self._journal_recent, pending.journal.released
                         )
                     elif direct:
-                        await self._journal_recent.insert(db, INSERT_ENTRIES, rows)
-                        added += journal_store.entry_bytes(rows)
+                        await self._journal_recent.insert(db, INSERT_FLAT, rows)
+                        added += journal_store.flat_bytes(rows)
                         self._journal_unindexed += len(rows)
                     else:
                         added += await journal_store.stage(db, rows)
