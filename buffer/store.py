@@ -142,6 +142,7 @@ DEDUPE_MAX_IDS = 200_000
 """Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
 _DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
 _JOURNAL_UNSTAGE_IDLE = 4  # staged rows (a commit's entries each) per idle transaction
+_JOURNAL_UNSTAGE_BACKLOG = 20_000  # staged entries beyond which a commit that needs them unstages in parts first
 _JOURNAL_QUIET_AFTER = 0.5  # seconds without work before the writer unstages (a burst is not slowed by it)
 _JOURNAL_STAGED_MAX = 100_000  # entries staged beyond which they are unstaged between commits anyway
 _JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal ids are merged into their index
@@ -1521,6 +1522,8 @@ class Buffer:
         # Entries straight into the journal when this commit needs them there (or closes), else staged.
         direct = self.journal_enabled and self._journal_needs_rows(pending)
         idle_unstage, self._journal_idle_due = not direct and self._journal_idle_due, False
+        if direct:
+            await self._unstage_backlog(db)
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
             txn = _Txn()
@@ -1700,6 +1703,29 @@ class Buffer:
                             staged_from = first
                     done[kind + lane] = stop
         return done, added, (staged, staged_from)
+
+    async def _unstage_backlog(self, db: aiosqlite.Connection) -> None:
+        """A large staged backlog into the journal in bounded transactions of their own, before the commit
+        that needs it (one transaction for all of it spills SQLite's page cache: measured, a third slower)."""
+        while self._journal_staged > _JOURNAL_UNSTAGE_BACKLOG:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                done = await journal_store.unstage(db, self._journal_recent, _JOURNAL_UNSTAGE_IDLE)
+                journal_bytes = max(0, self._journal_bytes + done.bytes)
+                await db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('journal_bytes', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (journal_bytes,),
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                raise
+            self._journal_bytes = journal_bytes
+            self._journal_unindexed += done.entries
+            self._journal_staged = max(0, self._journal_staged - done.entries) if done.entries else 0
+            self._journal_staged_from = done.left_from if self._journal_staged else None
 
     def _journal_needs_rows(self, pending: _Pending) -> bool:
         """Whether this commit must have every entry in the journal itself, not staged: it closes, a read

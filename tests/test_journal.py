@@ -763,3 +763,28 @@ async def test_a_read_waits_for_the_staged_entries_and_the_agent_journals_them_b
     finally:
         await buffer.close()
     assert staged_and_entries(path) == (0, 70)
+
+
+async def test_a_large_staged_backlog_is_journaled_in_parts_before_the_commit_that_needs_it(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    try:
+        cursor = buffer.cursor("cloud", ["transaction"])
+        await asyncio.gather(
+            *(
+                buffer.append([event(id=f"bl-{g}-{n}", data={"work_order": f"WO-BL{n % 2}"}) for n in range(500)])
+                for g in range(50)
+            )
+        )
+        staged, entries = staged_and_entries(path)
+        assert (staged, entries) == (25_000, 0)  # nothing asked for them yet: all staged
+        # An acknowledgement of staged sequences: every entry goes into the journal first, then it is recorded.
+        batch = await cursor.next_batch(10, wait=False)
+        cursor.settle(batch, [ACKED] * len(batch))
+        await buffer.commit_now()
+        assert staged_and_entries(path) == (0, 25_000)
+        found = await buffer.journal_entries([e.id for e in batch])
+        assert len(found) == 10 and all(entry.delivered is not None for entry in found.values())
+        assert len(await buffer.trace("WO-BL1", limit=20_000)) == 12_500
+    finally:
+        await buffer.close()
