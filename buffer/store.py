@@ -1739,7 +1739,6 @@ class Buffer:
             or journal.outcomes
             or pending.dead
             or self._journal_trim_due
-            or self._journal_merge_due  # the merge indexes every entry: none left staged
             or any(journal.resequenced.values())
         ):
             return True
@@ -2175,9 +2174,7 @@ class Buffer:
             self._journal_idle_due = True
             self._wake.set()
         now = time.time()
-        if (
-            self._journal_unindexed or self._journal_staged
-        ) and now - self._journal_merge_checked >= _JOURNAL_MERGE_INTERVAL:
+        if self._journal_unindexed and now - self._journal_merge_checked >= _JOURNAL_MERGE_INTERVAL:
             # A quiet agent merges its few new ids now and then, so a lookup's tail scan stays short.
             self._journal_merge_checked = now
             self._journal_merge_due = True

@@ -671,6 +671,7 @@ async def test_an_index_of_ids_hashed_another_way_is_made_again(tmp_path: Path) 
     buffer = await open_buffer(path)
     try:
         await buffer.append([event(id=f"h2-{n}") for n in range(50)])
+        assert [entry.id for entry in await buffer.trace("h2-0")] == ["h2-0"]  # staged entries journaled
         await buffer.maintain()  # the first upkeep merges the new ids into their index
         await buffer.commit_now()
     finally:
