@@ -20,7 +20,10 @@ exactly as they do, at the cost of one ``executemany`` per commit):
 - ``journal_steps``: what happened to one event (a dead letter, a replay, a
   receiver's reference, a business outcome), keyed by its entry's row number;
 - ``journal_ranges``: what happened to a whole batch: one row per batch, sink,
-  lane and step (``attempt``, ``acked``) covering a run of sequences of that lane.
+  lane and step (``attempt``, ``acked``) covering a run of sequences of that lane;
+- ``journal_staged``: the entries of a commit that nothing asked about yet, as one
+  compressed row per commit (see "staging" below): they become ``journal`` rows when
+  the writer is quiet, or first thing in a commit or read that needs them.
 
 A range never spans more than ``RANGE_SPAN`` sequences (a batch whose events are
 further apart is cut into several rows), so the ranges covering one sequence are
