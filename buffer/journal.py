@@ -35,6 +35,7 @@ writes with its group commit.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -315,13 +316,23 @@ class RecentRows:
     async def insert(self, db: aiosqlite.Connection, statement: str, rows: Sequence[Sequence[Any]]) -> None:
         """``executemany(statement, rows)`` of new entries (``INSERT_ENTRIES``: the rows in one JSON
         array, one statement), noting their row numbers."""
+        if not rows:
+            return
+        if statement in (INSERT_ENTRIES, INSERT_FLAT):
+            # One statement: the last row number it gave tells them all (no query before it: every call
+            # to the database thread costs the commit more than the rows of a small group do).
+            cursor = await db.execute(statement, (_rows_encoder.encode(rows).decode(),))
+            last = cursor.lastrowid
+            await cursor.close()
+            if last is not None:
+                base = last - len(rows) + 1
+                self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
+                return
+            raise sqlite3.OperationalError("journal entries inserted without a row number")
         async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
             row = await cur.fetchone()
         base = int(row[0]) + 1 if row is not None else 1
-        if statement in (INSERT_ENTRIES, INSERT_FLAT):
-            await db.execute(statement, (_rows_encoder.encode(rows).decode(),))
-        else:
-            await db.executemany(statement, rows)
+        await db.executemany(statement, rows)
         self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
 
     async def insert_text(self, db: aiosqlite.Connection, statement: str, text: str, ids: Sequence[str]) -> None:
