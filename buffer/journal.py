@@ -20,10 +20,7 @@ exactly as they do, at the cost of one ``executemany`` per commit):
 - ``journal_steps``: what happened to one event (a dead letter, a replay, a
   receiver's reference, a business outcome), keyed by its entry's row number;
 - ``journal_ranges``: what happened to a whole batch: one row per batch, sink,
-  lane and step (``attempt``, ``acked``) covering a run of sequences of that lane;
-- ``journal_staged``: the entries of a commit that nothing asked about yet, as one
-  compressed row per commit (see "staging" below): they become ``journal`` rows when
-  the writer is quiet, or first thing in a commit or read that needs them.
+  lane and step (``attempt``, ``acked``) covering a run of sequences of that lane.
 
 A range never spans more than ``RANGE_SPAN`` sequences (a batch whose events are
 further apart is cut into several rows), so the ranges covering one sequence are
@@ -35,7 +32,6 @@ writes with its group commit.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -79,9 +75,6 @@ CREATE INDEX IF NOT EXISTS journal_ranges_seq ON journal_ranges(lane, first_seq)
 CREATE TABLE IF NOT EXISTS journal_segments (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, events BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS journal_staged (
-    n INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL, rows BLOB NOT NULL
-);
 """
 
 
@@ -115,13 +108,12 @@ async def migrate(db: aiosqlite.Connection) -> bool:
     )
     if "lane" not in columns:
         return False
-    for table in ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments", "journal_staged"):
+    for table in ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments"):
         await db.execute(f"DROP TABLE IF EXISTS {table}")
     await db.execute("DELETE FROM meta WHERE key LIKE 'journal_%'")
     return True
 
 JOURNAL_TABLES = ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments")
-"""The tables every journal has (``journal_staged`` came later: a file without it has nothing staged)."""
 
 # An event's row, written with the segment that stores it (an event appended: a fresh id, the dedupe
 # window saw to it; a released or replayed one updates its row instead, see ``resequence``).
@@ -136,77 +128,21 @@ INSERT_STEP = (
 )
 INSERT_RANGE = "INSERT INTO journal_ranges(lane, first_seq, last_seq, at, step, sink, status) VALUES (?,?,?,?,?,?,?)"
 
-EntryRow = tuple[str, str, int | None, float, str | None, str | None, str]
+EntryRow = tuple[str, str, int | None, float, str | None, str | None, bytes]
 """(id, type, seq, committed, work order, lot, info: see ``pack_info``)."""
-HeldRow = tuple[str, str, int | None, float, str | None, str | None, str, bytes]
+HeldRow = tuple[str, str, int | None, float, str | None, str | None, bytes, bytes]
 """An ``EntryRow`` and the event's body."""
-FlatRow = tuple[str, str, int | None, float, str | None, str | None, str, str | None, float, str | None, str | None]
-"""An appended event's entry as the hot path makes it: (id, type, seq, committed, work order, lot, then the
-``info`` fields unpacked: source, subject, source time, original source, trigger text), packed by SQLite
-(``INSERT_FLAT``) when it becomes an entry, not per event in Python."""
 
-_InfoTuple = tuple[str, str | None, float | str | None, str | None, str | None]
-_info_encoder = msgspec.json.Encoder()
-_info_json_decoder = msgspec.json.Decoder(_InfoTuple)
-_info_msgpack_decoder = msgspec.msgpack.Decoder(_InfoTuple)  # entries written before info was JSON text
+_info_encoder = msgspec.msgpack.Encoder()
+_info_decoder = msgspec.msgpack.Decoder(tuple[str, str | None, float | str | None, str | None, str | None])
 
 
 def pack_info(
     source: str, subject: str | None, source_time: float | str | None, origin: str | None, trigger: str | None
-) -> str:
+) -> bytes:
     """An entry's ``info``: (source, subject, source time (Unix time, or the event's text), original source,
-    trigger context as JSON), as JSON text: a commit's rows travel to SQLite as one JSON array (see
-    ``insert_entries``), where a binary value could not go."""
-    return _info_encoder.encode((source, subject, source_time, origin, trigger)).decode()
-
-
-def unpack_info(info: str | bytes) -> _InfoTuple:
-    """``pack_info``'s tuple back, from JSON text or from the msgpack of earlier entries."""
-    if isinstance(info, str):
-        return _info_json_decoder.decode(info)
-    return _info_msgpack_decoder.decode(info)
-
-
-# A commit's sequenced entries in one statement: the rows as one JSON array, taken apart by SQLite
-# itself. ``executemany`` binds every row from Python and gives the GIL back and forth per row with
-# the event loop's thread: measured, that made the journal cost more than the whole buffer append.
-INSERT_ENTRIES = (
-    "INSERT INTO journal(id, type, seq, committed, work_order, lot, info) "
-    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)"
-)
-_rows_encoder = msgspec.json.Encoder()
-# ``FlatRow``s in one statement, ``info`` made by SQLite from the fields (numbers keep their JSON text:
-# the source time reads back exactly as ``pack_info`` would have written it).
-INSERT_FLAT = (
-    "INSERT INTO journal(id, type, seq, committed, work_order, lot, info) "
-    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
-    "json_array(value->6, value->7, value->8, value->9, value->10) FROM json_each(?)"
-)
-
-
-def entry_of_flat(row: FlatRow) -> EntryRow:
-    """A ``FlatRow`` as an ``EntryRow`` (its ``info`` packed here)."""
-    return (row[0], row[1], row[2], row[3], row[4], row[5], pack_info(row[6], row[7], row[8], row[9], row[10]))
-
-
-def flat_bytes(rows: Sequence[FlatRow]) -> int:
-    """The estimated bytes ``FlatRow``s take in the file as entries (see ``entry_bytes``)."""
-    count = len(rows)
-    if not count:
-        return 0
-    step = max(1, count // 16)
-    sample = rows[::step]
-    total = 0
-    for row in sample:
-        total += ENTRY_OVERHEAD + 40 + len(row[0]) + len(row[1]) + len(row[6])
-        for value in (row[7], row[9], row[10]):
-            if value is not None:
-                total += len(value) + 3
-        if row[4] is not None:
-            total += 2 * len(row[4])
-        if row[5] is not None:
-            total += 2 * len(row[5])
-    return total * count // len(sample)
+    trigger context as JSON)."""
+    return _info_encoder.encode((source, subject, source_time, origin, trigger))
 
 
 def lane_of(type_: str) -> str:
@@ -314,142 +250,16 @@ class RecentRows:
             self.rows = {str(event_id): int(n) for n, event_id in await cur.fetchall()}
 
     async def insert(self, db: aiosqlite.Connection, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        """``executemany(statement, rows)`` of new entries (``INSERT_ENTRIES``: the rows in one JSON
-        array, one statement), noting their row numbers."""
-        if not rows:
-            return
-        if statement in (INSERT_ENTRIES, INSERT_FLAT):
-            # One statement: the last row number it gave tells them all (no query before it: every call
-            # to the database thread costs the commit more than the rows of a small group do).
-            cursor = await db.execute(statement, (_rows_encoder.encode(rows).decode(),))
-            last = cursor.lastrowid
-            await cursor.close()
-            if last is not None:
-                base = last - len(rows) + 1
-                self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
-                return
-            raise sqlite3.OperationalError("journal entries inserted without a row number")
+        """``executemany(statement, rows)`` of new entries, noting their row numbers."""
         async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
             row = await cur.fetchone()
         base = int(row[0]) + 1 if row is not None else 1
         await db.executemany(statement, rows)
         self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
 
-    async def insert_text(self, db: aiosqlite.Connection, statement: str, text: str, ids: Sequence[str]) -> None:
-        """``statement`` (``INSERT_FLAT`` or ``INSERT_ENTRIES``) of rows already in their JSON text (staged),
-        noting their row numbers."""
-        async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
-            row = await cur.fetchone()
-        base = int(row[0]) + 1 if row is not None else 1
-        await db.execute(statement, (text,))
-        self.rows.update(zip(ids, range(base, base + len(ids)), strict=True))
-
     def merged(self, upto: int) -> None:
         """A merge up to row ``upto`` committed: those are found through ``journal_ids`` now."""
         self.rows = {event_id: n for event_id, n in self.rows.items() if n > upto}
-
-
-# --- staging: entries off the ingest path ------------------------------------------------------
-#
-# A row per event costs the group commit more than the events themselves (the insert, its indexes,
-# the WAL bytes: measured, the durable ingest rate fell to a third). So a commit that nothing else
-# in the journal needs writes its entries as ONE compressed row of ``journal_staged`` (in the same
-# transaction as their segments: they survive ``kill -9`` exactly as the events do), and the commit
-# loop turns staged rows into entries when the writer is idle, or first thing in a commit that needs
-# them (an acknowledgement of a staged sequence, a step, an outcome, a trim) or before a read.
-
-_staged_decoder = msgspec.json.Decoder(list[list[Any]])
-
-
-def _staged_text(blob: bytes) -> bytes:
-    """A staged row's JSON (compressed by zlib, or plain)."""
-    return zlib.decompress(blob) if blob[:1] == b"\x78" else blob
-
-
-async def stage(db: aiosqlite.Connection, rows: Sequence[FlatRow]) -> int:
-    """A commit's sequenced entries (in sequence order), as one staged row; returns its estimated bytes."""
-    blob = zlib.compress(_rows_encoder.encode(rows), 1)
-    await db.execute(
-        "INSERT INTO journal_staged(first_seq, count, rows) VALUES (?, ?, ?)", (rows[0][2], len(rows), blob)
-    )
-    return segment_bytes(len(blob))
-
-
-@dataclass
-class Unstaged:
-    """What one ``unstage`` did: entries written, the estimated bytes that added (their entries, less the
-    staged rows), and the lowest sequence left staged."""
-
-    entries: int = 0
-    bytes: int = 0
-    left_from: int | None = None
-
-
-async def unstage(db: aiosqlite.Connection, recent: RecentRows, limit: int | None = None) -> Unstaged:
-    """Staged rows (all, or the ``limit`` oldest) into entries, in the order they were staged."""
-    done = Unstaged()
-    query = "SELECT n, rows FROM journal_staged ORDER BY n" + ("" if limit is None else f" LIMIT {int(limit)}")
-    async with db.execute(query) as cur:
-        staged = list(await cur.fetchall())
-    if not staged:
-        return done
-    for _, blob in staged:
-        text = _staged_text(blob)
-        rows = _staged_decoder.decode(text)
-        if rows and len(rows[0]) == 7:  # staged as ``EntryRow``s (their info packed already)
-            await recent.insert_text(db, INSERT_ENTRIES, text.decode(), [row[0] for row in rows])
-            done.bytes += entry_bytes(rows)  # type: ignore[arg-type]
-        else:
-            await recent.insert_text(db, INSERT_FLAT, text.decode(), [row[0] for row in rows])
-            done.bytes += flat_bytes(rows)  # type: ignore[arg-type]
-        done.entries += len(rows)
-        done.bytes -= segment_bytes(len(blob))
-    await db.execute("DELETE FROM journal_staged WHERE n <= ?", (int(staged[-1][0]),))
-    if limit is not None:
-        async with db.execute("SELECT min(first_seq) FROM journal_staged") as cur:
-            row = await cur.fetchone()
-        done.left_from = None if row is None or row[0] is None else int(row[0])
-    return done
-
-
-async def oldest_staged(db: aiosqlite.Connection) -> float | None:
-    """The commit time of the oldest staged entry, or None."""
-    async with db.execute("SELECT rows FROM journal_staged ORDER BY n LIMIT 1") as cur:
-        row = await cur.fetchone()
-    if row is None:
-        return None
-    rows = _staged_decoder.decode(_staged_text(row[0]))
-    return float(rows[0][3]) if rows else None
-
-
-async def _has_staged_table(db: aiosqlite.Connection) -> bool:
-    async with db.execute("SELECT count(*) FROM sqlite_master WHERE type='table' AND name='journal_staged'") as cur:
-        row = await cur.fetchone()
-    return row is not None and bool(row[0])
-
-
-async def staged_rows(db: aiosqlite.Connection) -> list[EntryRow]:
-    """Every staged entry, in commit order: what a read-only look (the agent stopped, maybe killed
-    before its quiet moment) reads beside the journal; the agent itself unstages before it reads."""
-    if not await _has_staged_table(db):
-        return []
-    rows: list[EntryRow] = []
-    async with db.execute("SELECT rows FROM journal_staged ORDER BY n") as cur:
-        for (blob,) in await cur.fetchall():
-            for row in _staged_decoder.decode(_staged_text(blob)):
-                rows.append(tuple(row) if len(row) == 7 else entry_of_flat(tuple(row)))
-    return rows
-
-
-async def staged_summary(db: aiosqlite.Connection) -> tuple[int, int | None]:
-    """Entries staged in the file and the lowest sequence among them (0, None: none, or no such table)."""
-    if not await _has_staged_table(db):
-        return 0, None
-    async with db.execute("SELECT coalesce(sum(count), 0), min(first_seq) FROM journal_staged") as cur:
-        row = await cur.fetchone()
-    if row is None:
-        return 0, None
-    return int(row[0]), None if row[1] is None else int(row[1])
 
 
 async def rows_of(
@@ -503,10 +313,8 @@ async def merge_ids(db: aiosqlite.Connection, limit: int = 5 * MERGE_EVERY) -> t
         rows = list(await cur.fetchall())
     if not rows:
         return 0, False, merged
-    # One statement for the run (see ``INSERT_ENTRIES``), in hash order.
-    await db.execute(
-        "INSERT OR IGNORE INTO journal_ids(hash, n) SELECT value->>0, value->>1 FROM json_each(?)",
-        (_rows_encoder.encode(sorted((id_hash(i), int(n)) for n, i in rows)).decode(),),
+    await db.executemany(
+        "INSERT OR IGNORE INTO journal_ids(hash, n) VALUES (?, ?)", sorted((id_hash(i), int(n)) for n, i in rows)
     )
     await db.execute(
         "INSERT INTO meta(key, value) VALUES ('journal_indexed_n', ?) "
@@ -637,7 +445,7 @@ def held_row(
     row = row_of({**event, "id": event_id, "type": type_}, 0, committed)
     info = row[6]
     if trigger is not None:
-        source, subject, when, origin, _ = unpack_info(info)
+        source, subject, when, origin, _ = _info_decoder.decode(info)
         info = pack_info(source, subject, when, origin, trigger_text(trigger))
     return (row[0], row[1], None, committed, row[4], row[5], info, body)
 
@@ -794,7 +602,7 @@ async def write_outcomes(
 class JournalWrites:
     """Journal rows waiting for the next group commit (beside the segments they describe)."""
 
-    entries: dict[str, list[FlatRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
+    entries: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
     """Per lane, one row per event appended to that lane, in the same order as the lane's rows."""
     resequenced: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
     """Per lane, events released or replayed into it (their entry takes the new sequence), in sequence order."""
@@ -808,14 +616,13 @@ class JournalWrites:
     delivered: list[tuple[float, str, int, int]] = field(default_factory=list)  # (at, lane, first seq, last seq)
     outcomes: list[OutcomeReport] = field(default_factory=list)
     references: list[tuple[str, int]] = field(default_factory=list)  # (a receiver's reference, seq)
-    unstage: bool = False  # every staged entry into the journal in this commit (a read waits for it)
 
     def absorb(self, newer: JournalWrites) -> None:
         """Take ``newer``'s rows behind this one's, in order."""
         for lane, rows in newer.entries.items():
             self.entries[lane].extend(rows)
-        for lane, moved in newer.resequenced.items():
-            self.resequenced[lane].extend(moved)
+        for lane, rows in newer.resequenced.items():
+            self.resequenced[lane].extend(rows)
         self.released.update(newer.released)
         self.unsequenced.extend(newer.unsequenced)
         self.steps.extend(newer.steps)
@@ -824,7 +631,6 @@ class JournalWrites:
         self.delivered.extend(newer.delivered)
         self.references.extend(newer.references)
         self.outcomes.extend(newer.outcomes)
-        self.unstage = self.unstage or newer.unstage
 
 
 async def write_extras(
@@ -904,7 +710,7 @@ async def resequence(
         )
     fresh = [row for row in rows if row[0] not in known]
     if fresh:
-        await recent.insert(db, INSERT_ENTRIES, fresh)
+        await recent.insert(db, INSERT_ENTRY, fresh)
     return entry_bytes(fresh)
 
 
@@ -1038,8 +844,8 @@ def _entry_of(row: Sequence[Any]) -> JournalEntry:
     (id_, type_, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason, released,
      body_length) = row
     try:
-        source, subject, source_time, origin, trigger = unpack_info(info)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        source, subject, source_time, origin, trigger = _info_decoder.decode(info)
+    except msgspec.DecodeError:
         source, subject, source_time, origin, trigger = "", None, None, None, None
     stored = _trigger_of(trigger)
     if stored is None and source:
@@ -1101,24 +907,6 @@ async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[
     return found
 
 
-async def _staged_entries(db: aiosqlite.Connection, rows: Sequence[EntryRow]) -> list[JournalEntry]:
-    """Entries of staged rows, with their steps: a staged entry has no step of its own yet, nor a
-    delivery (the commit that records one unstages first), only the batch ranges of its sequence."""
-    entries = [_entry_of((*row, None, None, None, None, None, None, 0)) for row in rows]
-    for entry in entries:
-        if entry.seq is None:
-            continue
-        async with db.execute(
-            "SELECT at, step, sink, status FROM journal_ranges WHERE lane = ? AND first_seq BETWEEN ? AND ? "
-            "AND last_seq >= ?",
-            (entry.lane, entry.seq - RANGE_SPAN, entry.seq, entry.seq),
-        ) as cur:
-            for at, step, sink, status in await cur.fetchall():
-                entry.steps.append(JournalStep(float(at), step, sink, status))
-        entry.steps.sort(key=lambda step: step.at)
-    return entries
-
-
 async def trace(
     db: aiosqlite.Connection, key: str, limit: int = 1000, recent: RecentRows | None = None
 ) -> list[JournalEntry]:
@@ -1130,11 +918,7 @@ async def trace(
         (key, key, limit),
     ) as cur:
         numbers.extend(int(row[0]) for row in await cur.fetchall())
-    found = [entry for _, entry in await _entries_at(db, sorted(set(numbers))[:limit])]
-    if recent is None and len(found) < limit:
-        staged = [row for row in await staged_rows(db) if key in (row[0], row[4], row[5])]
-        found.extend(await _staged_entries(db, staged[: limit - len(found)]))
-    return found
+    return [entry for _, entry in await _entries_at(db, sorted(set(numbers))[:limit])]
 
 
 async def entries_of(
@@ -1145,10 +929,6 @@ async def entries_of(
     found: dict[str, JournalEntry] = {}
     for start in range(0, len(numbers), 1000):
         found.update((entry.id, entry) for _, entry in await _entries_at(db, numbers[start : start + 1000]))
-    if recent is None and len(found) < len(set(ids)):
-        wanted = set(ids) - set(found)
-        staged = [row for row in await staged_rows(db) if row[0] in wanted]
-        found.update((entry.id, entry) for entry in await _staged_entries(db, staged))
     return found
 
 
@@ -1165,13 +945,10 @@ _segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
 async def body_of(db: aiosqlite.Connection, event_id: str, recent: RecentRows | None = None) -> bytes | None:
     """The stored CloudEvent bytes of ``event_id`` (from its row, else from its segment), or None."""
     numbers = (await rows_of(db, [event_id], recent)).get(event_id)
-    row: Any = None
-    if numbers:
-        async with db.execute("SELECT seq, body FROM journal WHERE n = ?", (numbers[-1],)) as cur:
-            row = await cur.fetchone()
-    elif recent is None:
-        staged = [(seq, b"") for id_, _, seq, *_ in await staged_rows(db) if id_ == event_id]
-        row = staged[-1] if staged else None
+    if not numbers:
+        return None
+    async with db.execute("SELECT seq, body FROM journal WHERE n = ?", (numbers[-1],)) as cur:
+        row = await cur.fetchone()
     if row is None:
         return None
     seq, body = row
@@ -1193,18 +970,9 @@ async def body_of(db: aiosqlite.Connection, event_id: str, recent: RecentRows | 
 
 
 async def window(
-    db: aiosqlite.Connection,
-    start: float,
-    end: float,
-    type_: str | None = None,
-    *,
-    by: str = "delivered",
-    staged: bool = False,
+    db: aiosqlite.Connection, start: float, end: float, type_: str | None = None, *, by: str = "delivered"
 ) -> list[tuple[str, str, float | None, str | None]]:
-    """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in that order.
-
-    ``staged``: staged entries too (a read-only look; a staged entry is never delivered yet).
-    """
+    """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in that order."""
     if by == "delivered":
         query = "SELECT id, type, delivered, outcome FROM journal WHERE delivered >= ? AND delivered < ?"
         params: tuple[Any, ...] = (start, end)
@@ -1221,14 +989,7 @@ async def window(
         query += " AND type = ?"
         params = (*params, type_)
     async with db.execute(query + order, params) as cur:
-        found = [(str(i), str(t), d, o) for i, t, d, o in await cur.fetchall()]
-    if staged and by == "committed":
-        found.extend(
-            (str(row[0]), str(row[1]), None, None)
-            for row in await staged_rows(db)
-            if start <= float(row[3]) < end and (type_ is None or row[1] == type_)
-        )
-    return found
+        return [(str(i), str(t), d, o) for i, t, d, o in await cur.fetchall()]
 
 
 async def _first_committed_at(db: aiosqlite.Connection, at: float) -> int:

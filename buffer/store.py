@@ -62,12 +62,11 @@ from agent.files import private_directory
 from agent.sink import ACKED, BufferedEvent, Delivered, Outcome, Rejected, RetryLater
 from buffer import journal as journal_store
 from buffer.journal import (
-    INSERT_FLAT,
+    INSERT_ENTRY,
     INSERT_SEGMENT,
     JOURNAL_SCHEMA,
     RANGE_SPAN,
     EntryRow,
-    FlatRow,
     HeldRow,
     JournalEntry,
     JournalWrites,
@@ -78,6 +77,7 @@ from buffer.journal import (
     TallyChanges,
     held_row,
     journal_keys,
+    pack_info,
     row_of,
     trigger_text,
 )
@@ -141,10 +141,6 @@ DEDUPE_WINDOW = 86_400.0
 DEDUPE_MAX_IDS = 200_000
 """Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
 _DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
-_JOURNAL_UNSTAGE_IDLE = 4  # staged rows (a commit's entries each) per idle transaction
-_JOURNAL_UNSTAGE_BACKLOG = 20_000  # staged entries beyond which a commit that needs them unstages in parts first
-_JOURNAL_QUIET_AFTER = 0.5  # seconds without work before the writer unstages (a burst is not slowed by it)
-_JOURNAL_STAGED_MAX = 100_000  # entries staged beyond which they are unstaged between commits anyway
 _JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal ids are merged into their index
 
 
@@ -506,30 +502,25 @@ def _replay_detail(n: int | None) -> str:
     return "resent from the journal" if n is None else f"from dead letter {n}"
 
 
-def _entry_seq(row: EntryRow | FlatRow) -> int:
+def _entry_seq(row: EntryRow) -> int:
     return -1 if row[2] is None else row[2]
 
 
 def _entry_row(
     event: CloudEvent, seq: int | None, now: float, contexts: Mapping[str, dict[str, Any]] | None
-) -> FlatRow:
+) -> EntryRow:
     """An appended event's journal entry (its body is in its segment). No trigger is stored for a source's
     own event: it is made up from the event's source when read."""
     work_order, lot = journal_keys(event.data, event.subject)
     context = contexts.get(event.id) if contexts else None
-    return (
-        event.id,
-        event.type,
-        seq,
-        now,
-        work_order,
-        lot,
+    info = pack_info(
         event.source,
         event.subject,
         event.time.timestamp(),
         event.originsource,
         None if context is None else trigger_text(context),
     )
+    return (event.id, event.type, seq, now, work_order, lot, info)
 
 
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
@@ -583,11 +574,6 @@ class Buffer:
         self._journal_merge_due = False  # maintain(): ids waiting too long for their merge
         self._journal_merge_checked = 0.0
         self._journal_shrinking = False  # trimming down to 95 % of the size bound
-        self._journal_staged = 0  # entries committed in ``journal_staged``, not in ``journal`` yet
-        self._journal_staged_from: int | None = None  # the lowest sequence among them
-        self._journal_idle_due = False  # the next commit unstages a bounded part
-        self._journal_busy_at = 0.0  # monotonic time of the last commit with work in it
-        self._journal_quiet = False  # no work for a while (maintain): unstage until there is some again
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
         # what is held stays held; a list, even empty, is the agent's config: held events of a
         # type no longer guarded go into their lane.
@@ -795,11 +781,6 @@ class Buffer:
             if self._db is not None:
                 await self._journal_recent.load(db)
                 self._journal_unindexed = len(self._journal_recent.rows)
-                # Staged by a run that ended before its idle moment (killed): into the journal at the
-                # first commit (a read waits for it).
-                self._journal_staged, self._journal_staged_from = await journal_store.staged_summary(db)
-                if self._journal_staged:
-                    self._pending.journal.unstage = True
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -1007,7 +988,6 @@ class Buffer:
             self._tally = OutcomeTally()
             self._journal_recent = RecentRows()
             self._journal_info = {"entries": 0, "oldest_committed": None}
-            self._journal_staged, self._journal_staged_from = 0, None
             if info is not None:
                 self.quarantined = info
                 self.quarantines.append(info)
@@ -1198,8 +1178,7 @@ class Buffer:
                     pending.held_add.append(held)
                     if journal is not None:
                         # No body (the held table has it until release): no step either, see ``released``.
-                        row = journal_store.entry_of_flat(_entry_row(event, None, now, contexts))
-                        journal.unsequenced.append((*row, b""))
+                        journal.unsequenced.append((*_entry_row(event, None, now, contexts), b""))
                     continue
             self._seq += 1
             event.sequence = f"{self._seq:020d}"
@@ -1437,18 +1416,6 @@ class Buffer:
             if pending.count:
                 for event in self._new_data.values():
                     event.set()
-            if pending.count:
-                self._journal_busy_at = time.monotonic()
-                self._journal_quiet = False
-            if (
-                self._journal_staged
-                and not self._pending.count
-                and not self._closing
-                and (self._journal_quiet or self._journal_staged > _JOURNAL_STAGED_MAX)
-            ):
-                # Quiet (or too much staged): staged entries into the journal, a bounded part per transaction.
-                self._journal_idle_due = True
-                self._wake.set()
             if self._written_since_size_check >= self._size_check_bytes:
                 # A burst (a webhook at full speed) must not overshoot max_size_mb by a second's worth.
                 try:
@@ -1519,11 +1486,6 @@ class Buffer:
         db = self._db
         assert db is not None
         chunks = self._chunks(pending)
-        # Entries straight into the journal when this commit needs them there (or closes), else staged.
-        direct = self.journal_enabled and self._journal_needs_rows(pending)
-        idle_unstage, self._journal_idle_due = not direct and self._journal_idle_due, False
-        if direct:
-            await self._unstage_backlog(db)
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
             txn = _Txn()
@@ -1531,16 +1493,9 @@ class Buffer:
             await db.execute("BEGIN IMMEDIATE")
             written: set[tuple[str, Lane]] = set()
             journal_done: dict[str, int] = {}
-            unstaged: journal_store.Unstaged | None = None
-            staged: tuple[int, int | None] = (0, None)
             try:
                 segment_bytes = await self._insert(db, chunk, txn)
-                if (direct or idle_unstage) and index == 0 and self._journal_staged:
-                    unstaged = await journal_store.unstage(
-                        db, self._journal_recent, _JOURNAL_UNSTAGE_IDLE if idle_unstage else None
-                    )
-                    segment_bytes += unstaged.bytes
-                journal_done, journal_bytes, staged = await self._insert_journal(db, pending, chunk, last, direct)
+                journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
                 journal_bytes += segment_bytes
                 changes: TallyChanges | None = None
                 trimmed_entries = 0
@@ -1583,14 +1538,6 @@ class Buffer:
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)
             pending.journal_done.update(journal_done)
-            if unstaged is not None:
-                self._journal_unindexed += unstaged.entries
-                self._journal_staged = max(0, self._journal_staged - unstaged.entries)
-                self._journal_staged_from = unstaged.left_from if self._journal_staged else None
-            if staged[0]:
-                self._journal_staged += staged[0]
-                if self._journal_staged_from is None and staged[1] is not None:
-                    self._journal_staged_from = staged[1]
             self._journal_bytes = max(0, self._journal_bytes + journal_bytes)
             self._journal_trimmed += trimmed_entries
             if changes is not None:
@@ -1655,23 +1602,14 @@ class Buffer:
         return journal_bytes
 
     async def _insert_journal(
-        self,
-        db: aiosqlite.Connection,
-        pending: _Pending,
-        chunk: dict[Lane, list[BufferedEvent]],
-        last: bool,
-        direct: bool,
-    ) -> tuple[dict[str, int], int, tuple[int, int | None]]:
-        """The journal entries of the events in ``chunk``: in the transaction of their segments, into the
-        journal (``direct``) or staged (see ``buffer.journal.stage``).
+        self, db: aiosqlite.Connection, pending: _Pending, chunk: dict[Lane, list[BufferedEvent]], last: bool
+    ) -> tuple[dict[str, int], int]:
+        """The journal entries of the events in ``chunk``: in the transaction of their segments.
 
-        Returns how many entries of each lane are written once it commits, their estimated bytes (of those
-        written into the journal), and how many were staged with the lowest sequence among them.
+        Returns how many entries of each lane are written once it commits, and their estimated bytes.
         """
         done: dict[str, int] = {}
         added = 0
-        staged = 0
-        staged_from: int | None = None
         journal = pending.journal
         for kind, lists in (("", journal.entries), ("re:", journal.resequenced)):
             for lane, entries in lists.items():
@@ -1686,70 +1624,17 @@ class Buffer:
                 else:
                     continue
                 if stop > start:
-                    rows: Any = entries[start:stop]  # EntryRows (kind "re:"), else FlatRows
+                    rows = entries[start:stop]
                     if kind:
                         added += await journal_store.resequence(
                             db, rows, self._journal_recent, pending.journal.released
                         )
-                    elif direct:
-                        await self._journal_recent.insert(db, INSERT_FLAT, rows)
-                        added += journal_store.flat_bytes(rows)
-                        self._journal_unindexed += len(rows)
                     else:
-                        added += await journal_store.stage(db, rows)
-                        staged += len(rows)
-                        first = rows[0][2]
-                        if first is not None and (staged_from is None or first < staged_from):
-                            staged_from = first
+                        await self._journal_recent.insert(db, INSERT_ENTRY, rows)
+                        added += journal_store.entry_bytes(rows)
+                        self._journal_unindexed += len(rows)
                     done[kind + lane] = stop
-        return done, added, (staged, staged_from)
-
-    async def _unstage_backlog(self, db: aiosqlite.Connection) -> None:
-        """A large staged backlog into the journal in bounded transactions of their own, before the commit
-        that needs it (one transaction for all of it spills SQLite's page cache: measured, a third slower)."""
-        while self._journal_staged > _JOURNAL_UNSTAGE_BACKLOG:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                done = await journal_store.unstage(db, self._journal_recent, _JOURNAL_UNSTAGE_IDLE)
-                journal_bytes = max(0, self._journal_bytes + done.bytes)
-                await db.execute(
-                    "INSERT INTO meta(key, value) VALUES ('journal_bytes', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (journal_bytes,),
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
-                raise
-            self._journal_bytes = journal_bytes
-            self._journal_unindexed += done.entries
-            self._journal_staged = max(0, self._journal_staged - done.entries) if done.entries else 0
-            self._journal_staged_from = done.left_from if self._journal_staged else None
-
-    def _journal_needs_rows(self, pending: _Pending) -> bool:
-        """Whether this commit must have every entry in the journal itself, not staged: it closes, a read
-        waits, or it writes something about entries (found by id, or by a sequence that may be staged)."""
-        journal = pending.journal
-        if (
-            self._closing
-            or journal.unstage
-            or journal.unsequenced
-            or journal.steps
-            or journal.outcomes
-            or pending.dead
-            or self._journal_trim_due
-            or any(journal.resequenced.values())
-        ):
-            return True
-        lowest = self._journal_staged_from
-        if lowest is None:
-            return False
-        return (
-            any(last >= lowest for _, _, _, last in journal.delivered)
-            or any(seq >= lowest for _, seq in journal.references)
-            or any(step[7] >= lowest for step in journal.seq_steps)
-        )
+        return done, added
 
     async def _merge_journal_ids(self, db: aiosqlite.Connection) -> tuple[int, int]:
         """Index the ids of the newest entries (see ``buffer.journal``).
@@ -2165,14 +2050,6 @@ class Buffer:
             except sqlite3.Error as exc:
                 if is_corruption(exc):
                     self._saw_corruption(exc)
-        if (
-            self._journal_staged
-            and not self._journal_quiet
-            and time.monotonic() - self._journal_busy_at >= _JOURNAL_QUIET_AFTER
-        ):
-            self._journal_quiet = True
-            self._journal_idle_due = True
-            self._wake.set()
         now = time.time()
         if self._journal_unindexed and now - self._journal_merge_checked >= _JOURNAL_MERGE_INTERVAL:
             # A quiet agent merges its few new ids now and then, so a lookup's tail scan stays short.
@@ -2343,15 +2220,8 @@ class Buffer:
             return None
         return db
 
-    async def _journal_unstaged(self) -> None:
-        """Staged entries into the journal before a read (see ``buffer.journal.stage``)."""
-        if self._journal_staged and self._commit_task is not None and not self._closing:
-            self._pending.journal.unstage = True
-            await self._queued(self._pending)
-
     async def trace(self, key: str, limit: int = 1000) -> list[JournalEntry]:
         """Every journal entry whose id, work order or lot is ``key``, oldest first, with its steps."""
-        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return []
@@ -2359,7 +2229,6 @@ class Buffer:
 
     async def journal_entries(self, ids: Sequence[str]) -> dict[str, JournalEntry]:
         """The journal entries of ``ids`` that the journal knows, with their steps."""
-        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return {}
@@ -2367,7 +2236,6 @@ class Buffer:
 
     async def journal_body(self, id: str) -> bytes | None:
         """The CloudEvent bytes the journal keeps for ``id`` (to replay it under its id), or None."""
-        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return None
@@ -2380,11 +2248,10 @@ class Buffer:
 
         ``by`` is ``delivered`` (the first acknowledgement) or ``committed``.
         """
-        await self._journal_unstaged()
         db = await self._journal_reader()
         if db is None:
             return []
-        return await self._journal_read(journal_store.window(db, start, end, type, by=by, staged=self._db is None))
+        return await self._journal_read(journal_store.window(db, start, end, type, by=by))
 
     def record_outcomes(self, reports: Sequence[OutcomeReport]) -> asyncio.Future[None]:
         """What the ERP did with events: each entry's outcome columns and a step, in the next group commit.
@@ -2417,7 +2284,7 @@ class Buffer:
         """The journal for ``/status``: entries, the oldest's commit time, estimated bytes, bounds, trimmed so far."""
         return {
             "enabled": self.journal_enabled,
-            "entries": self._journal_info["entries"] + self._journal_staged,
+            "entries": self._journal_info["entries"],
             "oldest_committed": self._journal_info["oldest_committed"],
             "bytes": self._journal_bytes,
             "max_bytes": self.journal_max_bytes,
@@ -2435,8 +2302,7 @@ class Buffer:
                 ends.append(await cur.fetchone())
         first, last = ends
         if first is None or last is None or last[0] is None:
-            oldest = await journal_store.oldest_staged(db) if self._journal_staged else None
-            self._journal_info = {"entries": 0, "oldest_committed": oldest}
+            self._journal_info = {"entries": 0, "oldest_committed": None}
         else:
             self._journal_info = {"entries": int(last[0]) - int(first[0]) + 1, "oldest_committed": first[1]}
 

@@ -29,7 +29,6 @@ from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, Out
 from buffer.journal import MERGE_EVERY, RANGE_SPAN
 from protocols.https import HttpsSinkConfig
 from tests.peers.https_server import Certificates, HttpsReceiver
-from tests.peers.waiting import wait_for
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 SOURCE = "plantgate/plant-01/gw/press7"
@@ -671,7 +670,6 @@ async def test_an_index_of_ids_hashed_another_way_is_made_again(tmp_path: Path) 
     buffer = await open_buffer(path)
     try:
         await buffer.append([event(id=f"h2-{n}") for n in range(50)])
-        assert [entry.id for entry in await buffer.trace("h2-0")] == ["h2-0"]  # staged entries journaled
         await buffer.maintain()  # the first upkeep merges the new ids into their index
         await buffer.commit_now()
     finally:
@@ -710,82 +708,5 @@ async def test_a_journal_of_the_first_layout_is_started_afresh(tmp_path: Path) -
         assert [e.id for e in await cursor.next_batch(10, wait=False)] == ["kept-in-lane", "new-layout"]
         assert [entry.id for entry in await buffer.trace("WO-N")] == ["new-layout"]
         assert await buffer.trace("old-layout") == []
-    finally:
-        await buffer.close()
-
-
-def staged_and_entries(path: Path) -> tuple[int, int]:
-    """Entries staged (one compressed row per commit) and entries in the journal, as another connection sees them."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        staged = db.execute("SELECT coalesce(sum(count), 0) FROM journal_staged").fetchone()[0]
-        entries = db.execute("SELECT count(*) FROM journal").fetchone()[0]
-    return int(staged), int(entries)
-
-
-async def test_a_burst_is_staged_in_its_commits_and_journaled_once_the_writer_is_idle(tmp_path: Path) -> None:
-    path = tmp_path / "buffer.db"
-    buffer = await open_buffer(path, max_rows_per_commit=100)
-    try:
-        groups = [
-            [event(id=f"burst-{g}-{n}", data={"work_order": f"WO-B{g % 3}"}) for n in range(100)] for g in range(30)
-        ]
-        futures = [buffer.append(group) for group in groups]
-        await asyncio.gather(*futures)
-        staged, entries = staged_and_entries(path)
-        assert staged + entries == 3000  # every committed event is in the journal or staged, none twice
-        # Quiet (the periodic upkeep sees no work for a while): the writer moves the staged rows into the
-        # journal, a bounded part per transaction.
-        async def journaled() -> bool:
-            await buffer.maintain()
-            return staged_and_entries(path) == (0, 3000)
-
-        await wait_for(journaled, message=lambda: str(staged_and_entries(path)))
-        await buffer.maintain()
-        assert buffer.journal_stats()["entries"] == 3000
-        assert [entry.id for entry in await buffer.trace("burst-29-99")] == ["burst-29-99"]
-        assert len(await buffer.trace("WO-B1", limit=5000)) == 1000
-    finally:
-        await buffer.close()
-
-
-async def test_a_read_waits_for_the_staged_entries_and_the_agent_journals_them_before_it_closes(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "buffer.db"
-    buffer = await open_buffer(path)
-    try:
-        await buffer.append([event(id=f"rd-{n}", data={"work_order": "WO-RD"}) for n in range(50)])
-        # Whether or not the idle writer got to them yet, a read sees every one with its steps.
-        found = await buffer.trace("WO-RD")
-        assert [entry.id for entry in found] == [f"rd-{n}" for n in range(50)]
-        assert all([step.step for step in entry.steps] == ["committed"] for entry in found)
-        assert staged_and_entries(path) == (0, 50)
-        await buffer.append([event(id=f"cl-{n}") for n in range(20)])
-    finally:
-        await buffer.close()
-    assert staged_and_entries(path) == (0, 70)
-
-
-async def test_a_large_staged_backlog_is_journaled_in_parts_before_the_commit_that_needs_it(tmp_path: Path) -> None:
-    path = tmp_path / "buffer.db"
-    buffer = await open_buffer(path)
-    try:
-        cursor = buffer.cursor("cloud", ["transaction"])
-        await asyncio.gather(
-            *(
-                buffer.append([event(id=f"bl-{g}-{n}", data={"work_order": f"WO-BL{n % 2}"}) for n in range(500)])
-                for g in range(50)
-            )
-        )
-        staged, entries = staged_and_entries(path)
-        assert (staged, entries) == (25_000, 0)  # nothing asked for them yet: all staged
-        # An acknowledgement of staged sequences: every entry goes into the journal first, then it is recorded.
-        batch = await cursor.next_batch(10, wait=False)
-        cursor.settle(batch, [ACKED] * len(batch))
-        await buffer.commit_now()
-        assert staged_and_entries(path) == (0, 25_000)
-        found = await buffer.journal_entries([e.id for e in batch])
-        assert len(found) == 10 and all(entry.delivered is not None for entry in found.values())
-        assert len(await buffer.trace("WO-BL1", limit=20_000)) == 12_500
     finally:
         await buffer.close()
