@@ -1509,6 +1509,7 @@ class Buffer:
                         journal_bytes += await self._journal_extras(db, pending, changes)
                     if self._journal_trim_due:
                         cut = await self._trim_journal(db, changes)
+                        self._journal_recent.forget_numbering()  # a trim may take the newest rows too
                         trimmed_entries, journal_bytes = cut.entries, journal_bytes - cut.bytes
                         trimmed_ids = cut.ids
                     if self._journal_unindexed >= journal_store.MERGE_EVERY or self._journal_merge_due:
@@ -1534,6 +1535,7 @@ class Buffer:
                 with contextlib.suppress(sqlite3.Error):
                     await db.execute("ROLLBACK")
                 self._dirty_cursors.update(written)  # the retry writes these positions again
+                self._journal_recent.forget_numbering()  # the rows it numbered are not in the file
                 raise
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)

@@ -29,6 +29,7 @@ from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, Out
 from buffer.journal import MERGE_EVERY, RANGE_SPAN
 from protocols.https import HttpsSinkConfig
 from tests.peers.https_server import Certificates, HttpsReceiver
+from tests.peers.waiting import wait_for
 
 T0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 SOURCE = "plantgate/plant-01/gw/press7"
@@ -574,6 +575,37 @@ async def test_a_record_outlives_its_buffer_row(tmp_path: Path) -> None:
         (entry,) = await buffer.trace("WO-K")
         assert entry.id == "kept-1" and entry.delivered is not None
         assert await buffer.journal_body("kept-1") is not None
+    finally:
+        await buffer.close()
+
+
+async def test_entries_committed_after_a_failed_commit_are_found_under_their_own_ids(tmp_path: Path) -> None:
+    """The writer numbers new entries itself: a rolled-back commit must not shift those numbers."""
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    buffer.commit_retry_interval = 0.05
+    try:
+        await buffer.append([event(id="first", data={"work_order": "WO-1"})])
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        await buffer.set_max_page_count(pages)  # the disk is full: the next commit fails and is retried
+        big = [event(id=f"big-{n}", data={"work_order": "WO-2", "pad": "x" * 4000}) for n in range(40)]
+        future = buffer.append(big)
+        await wait_for(lambda: buffer.refusing_writes is not None, message="the commit fails: disk full")
+        await buffer.set_max_page_count(1 << 30)  # room again: the retry commits
+        await asyncio.wait_for(future, 10)
+        await buffer.append([event(id="after", data={"work_order": "WO-3"})])
+        for key, ids in (("first", ["first"]), ("WO-2", [e.id for e in big]), ("after", ["after"])):
+            assert [entry.id for entry in await buffer.trace(key)] == ids
+        assert [entry.id for entry in (await buffer.journal_entries(["big-7", "after"])).values()] == [
+            "big-7", "after"
+        ]
+    finally:
+        await buffer.close()
+    buffer = await open_buffer(path)  # and from the file's own numbers after a restart
+    try:
+        assert [entry.id for entry in await buffer.trace("after")] == ["after"]
+        assert [entry.id for entry in await buffer.trace("big-39")] == ["big-39"]
     finally:
         await buffer.close()
 
