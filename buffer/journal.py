@@ -1,40 +1,41 @@
 """The delivery journal: what happened to every transaction and operational event, kept after delivery.
 
-It lives in the buffer's SQLite file, in its own tables, and is written in the same
-transaction as the group commit that stores the events (so it survives ``kill -9``
-exactly as they do, at the cost of one ``executemany`` per commit):
+It lives in the buffer's SQLite file, in its own tables, written in the same transaction
+as the group commit that stores the events (so it survives ``kill -9`` exactly as they
+do). Nothing in it is written per event on the way in:
 
-- ``journal``: one row per event id: its type, current sequence, commit time,
-  work order and lot (indexed), the rest of what identifies it packed in one
-  ``info`` value (source, subject, source time, original source, trigger: every
-  column bound costs the hot path, about 0.2 us each with Python's sqlite3), then
-  what happens later: the first acknowledgement, the business outcome, and for an
-  event the sequencing guard held, when it was released;
-- ``journal_ids``: a hash of each id -> its row, filled in sorted runs (see
-  "finding an id" below: a B-tree of random ids would cost a page write per event);
-- ``journal_segments``: the encoded CloudEvents, so an event can be replayed under
-  the same id after its buffer row is gone. They are the very segments the group
-  commit writes into the lane (the same compressed bytes, written a second time,
-  not encoded again): keeping a body per entry would write ten times the bytes. A
-  dead letter made before any sink keeps its body in its own row;
-- ``journal_steps``: what happened to one event (a dead letter, a replay, a
-  receiver's reference, a business outcome), keyed by its entry's row number;
-- ``journal_ranges``: what happened to a whole batch: one row per batch, sink,
-  lane and step (``attempt``, ``acked``) covering a run of sequences of that lane.
+- ``journal_segments``: the journal's copy of every segment of the transaction and
+  operational lanes (the same compressed bytes the lane gets, written a second time,
+  not encoded again), with its commit time and ``keys``: per event, what is not in the
+  event itself (the work order and lot it is found by, the trigger a rule read, whether
+  it was released by the sequencing guard or replayed). An event's entry is its place
+  in a segment: id, type, sequence, source, subject and time come from the event.
+- ``journal_held``: an event known before it has a sequence (held by the sequencing
+  guard, or a dead letter made before any sink), one row each: rare.
+- ``journal_keys``: a 64-bit hash of each id, work order and lot -> the first sequence of
+  each segment that holds it, filled in sorted runs every ``MERGE_EVERY`` events
+  or so (a B-tree of random ids would cost a page write per event); the segments after
+  the last run are read in full by a lookup.
+- ``journal_ranges``: what happened to a whole batch, one row per batch, sink, lane and
+  step (``attempt``, ``acked``) covering a run of sequences of that lane. The first
+  acknowledgement of an event is its delivery: found from these, never written per event.
+- ``journal_steps``: what happened to one event (a dead letter, a replay, a receiver's
+  reference), by id; ``journal_outcomes``: the ERP's verdict, one row per id.
 
-A range never spans more than ``RANGE_SPAN`` sequences (a batch whose events are
-further apart is cut into several rows), so the ranges covering one sequence are
-found by an index probe over at most that many starting sequences.
+A range never spans more than ``RANGE_SPAN`` sequences (a batch whose events are further
+apart is cut into several rows), so the ranges covering one sequence are found by an
+index probe over at most that many starting sequences.
 
-This module holds the shapes, the schema and the reads; ``buffer.store`` queues the
-writes with its group commit.
+This module holds the shapes, the schema, the reads and the writes; ``buffer.store``
+queues the writes with its group commit.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -48,101 +49,115 @@ from agent.sink import BufferedEvent
 RANGE_SPAN = 64
 """The widest run of sequences one ``journal_ranges`` row covers (see the module docstring)."""
 
+MERGE_EVERY = 5_000
+"""Events appended before their keys are merged into ``journal_keys`` (the tail a lookup reads)."""
+
+TRIM_SEGMENTS = 16
+"""Segments trimmed at most per transaction (up to 1,024 events each): the writer is held for tens of
+milliseconds, not seconds."""
+
 JOURNAL_SCHEMA = """
-CREATE TABLE IF NOT EXISTS journal (
-    n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, seq INTEGER, committed REAL NOT NULL,
-    work_order TEXT, lot TEXT, info BLOB NOT NULL, body BLOB NOT NULL DEFAULT x'',
-    delivered REAL, outcome TEXT, outcome_at REAL, reference TEXT, reason TEXT, released REAL
+CREATE TABLE IF NOT EXISTS journal_segments (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, lane TEXT NOT NULL, committed REAL NOT NULL,
+    events BLOB NOT NULL, keys BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS journal_seq ON journal(seq) WHERE seq IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_work_order ON journal(work_order) WHERE work_order IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_lot ON journal(lot) WHERE lot IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_delivered ON journal(delivered) WHERE delivered IS NOT NULL;
-CREATE INDEX IF NOT EXISTS journal_unconfirmed ON journal(type, delivered)
-    WHERE delivered IS NOT NULL AND outcome IS NULL;
-CREATE INDEX IF NOT EXISTS journal_outcome ON journal(type, outcome) WHERE outcome IS NOT NULL;
-CREATE TABLE IF NOT EXISTS journal_ids (hash INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (hash, n)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS journal_segments_lane ON journal_segments(lane, first_seq);
+CREATE INDEX IF NOT EXISTS journal_segments_committed ON journal_segments(committed);
+CREATE TABLE IF NOT EXISTS journal_held (
+    n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, committed REAL NOT NULL,
+    work_order TEXT, lot TEXT, trigger TEXT, body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_held_id ON journal_held(id);
+CREATE INDEX IF NOT EXISTS journal_held_work_order ON journal_held(work_order) WHERE work_order IS NOT NULL;
+CREATE INDEX IF NOT EXISTS journal_held_lot ON journal_held(lot) WHERE lot IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal_keys (hash INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (hash, seq))
+    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_steps (
-    n INTEGER PRIMARY KEY, entry INTEGER NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
+    n INTEGER PRIMARY KEY, id TEXT NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
     reference TEXT, detail TEXT
 );
-CREATE INDEX IF NOT EXISTS journal_steps_entry ON journal_steps(entry);
+CREATE INDEX IF NOT EXISTS journal_steps_id ON journal_steps(id);
+CREATE INDEX IF NOT EXISTS journal_steps_acked ON journal_steps(at) WHERE step = 'acked';
+CREATE TABLE IF NOT EXISTS journal_outcomes (
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL, reference TEXT, reason TEXT
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_ranges (
     n INTEGER PRIMARY KEY, lane TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     at REAL NOT NULL, step TEXT NOT NULL, sink TEXT NOT NULL, status TEXT
 );
 CREATE INDEX IF NOT EXISTS journal_ranges_seq ON journal_ranges(lane, first_seq);
-CREATE TABLE IF NOT EXISTS journal_segments (
-    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, events BLOB NOT NULL
-);
+CREATE INDEX IF NOT EXISTS journal_ranges_acked ON journal_ranges(at) WHERE step = 'acked';
 """
 
+JOURNAL_TABLES = (
+    "journal_segments", "journal_held", "journal_keys", "journal_steps", "journal_outcomes", "journal_ranges"
+)  # fmt: skip
+_EARLIER_TABLES = ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments")
 
 
-ID_HASH = "crc32+adler32"
-"""How ``journal_ids`` hashes ids (kept in ``meta``: an index made another way is made again)."""
+KEY_HASH = "crc32+adler32"
+"""How ``journal_keys`` hashes (kept in ``meta``: an index made another way is made again)."""
 
 
 async def migrate(db: aiosqlite.Connection) -> bool:
-    """Before ``JOURNAL_SCHEMA`` runs: a journal of the first, unreleased layout (a column per field,
-    a unique index of ids) is dropped, to start afresh in this one; an index of ids hashed another way
-    is emptied, to be merged again. True when the journal was dropped."""
-    async with db.execute("PRAGMA table_info(journal)") as cur:
-        columns = {row[1] for row in await cur.fetchall()}
-    async with db.execute("PRAGMA table_info(journal_steps)") as cur:
-        step_columns = {row[1] for row in await cur.fetchall()}
-    if step_columns and "entry" not in step_columns:
-        # Steps of an earlier, unreleased layout (found by id): started afresh, keyed by their entry.
-        await db.execute("DROP TABLE journal_steps")
-    if columns and "lane" not in columns and "released" not in columns:
-        await db.execute("ALTER TABLE journal ADD COLUMN released REAL")
-    async with db.execute("SELECT value FROM meta WHERE key = 'journal_id_hash'") as cur:
-        row = await cur.fetchone()
-    if columns and (row is None or row[0] != ID_HASH) and "lane" not in columns:
-        await db.execute("DELETE FROM journal_ids")
-        await db.execute("DELETE FROM meta WHERE key = 'journal_indexed_n'")
+    """Before ``JOURNAL_SCHEMA`` runs: a journal of an earlier layout (a row per event) is dropped, to
+    start afresh in this one (True when one was); an index of keys hashed another way is emptied, to be
+    merged again."""
+    rows = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table' AND name = 'journal'")
+    dropped = bool(list(rows))
+    if dropped:
+        for table in _EARLIER_TABLES:
+            await db.execute(f"DROP TABLE IF EXISTS {table}")
+        await db.execute("DELETE FROM meta WHERE key LIKE 'journal_%'")
+    stored = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'journal_key_hash'"))
+    if stored and stored[0][0] != KEY_HASH:
+        tables = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'journal_keys'")
+        if list(tables):
+            await db.execute("DELETE FROM journal_keys")
+        await db.execute("DELETE FROM meta WHERE key = 'journal_indexed_seq'")
     await db.execute(
-        "INSERT INTO meta(key, value) VALUES ('journal_id_hash', ?) "
+        "INSERT INTO meta(key, value) VALUES ('journal_key_hash', ?) "
         "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-        (ID_HASH,),
+        (KEY_HASH,),
     )
-    if "lane" not in columns:
-        return False
-    for table in ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments"):
-        await db.execute(f"DROP TABLE IF EXISTS {table}")
-    await db.execute("DELETE FROM meta WHERE key LIKE 'journal_%'")
-    return True
+    return dropped
 
-JOURNAL_TABLES = ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments")
 
-# An event's row, written with the segment that stores it (an event appended: a fresh id, the dedupe
-# window saw to it; a released or replayed one updates its row instead, see ``resequence``).
-INSERT_ENTRY = "INSERT INTO journal(id, type, seq, committed, work_order, lot, info) VALUES (?,?,?,?,?,?,?)"
-# An entry with its own body: held, or a dead letter made before any sink (not in any segment).
-INSERT_HELD = "INSERT INTO journal(id, type, seq, committed, work_order, lot, info, body) VALUES (?,?,?,?,?,?,?,?)"
-INSERT_SEGMENT = "INSERT OR REPLACE INTO journal_segments(first_seq, last_seq, events) VALUES (?,?,?)"
-# Steps are keyed by their entry's row number, not its id: an index of random ids would cost a page
-# write per step (each held event has two), an index of row numbers is written at its end.
-INSERT_STEP = (
-    "INSERT INTO journal_steps(entry, at, step, sink, status, reference, detail) VALUES (?,?,?,?,?,?,?)"
+INSERT_SEGMENT = (
+    "INSERT OR REPLACE INTO journal_segments(first_seq, last_seq, lane, committed, events, keys) VALUES (?,?,?,?,?,?)"
 )
+INSERT_HELD = "INSERT INTO journal_held(id, type, committed, work_order, lot, trigger, body) VALUES (?,?,?,?,?,?,?)"
+INSERT_STEP = "INSERT INTO journal_steps(id, at, step, sink, status, reference, detail) VALUES (?,?,?,?,?,?,?)"
 INSERT_RANGE = "INSERT INTO journal_ranges(lane, first_seq, last_seq, at, step, sink, status) VALUES (?,?,?,?,?,?,?)"
 
-EntryRow = tuple[str, str, int | None, float, str | None, str | None, bytes]
-"""(id, type, seq, committed, work order, lot, info: see ``pack_info``)."""
-HeldRow = tuple[str, str, int | None, float, str | None, str | None, bytes, bytes]
-"""An ``EntryRow`` and the event's body."""
+APPENDED, RELEASED, REPLAYED = 0, 1, 2
+"""How an event came into its segment: appended by a source, released by the sequencing guard, replayed."""
 
-_info_encoder = msgspec.msgpack.Encoder()
-_info_decoder = msgspec.msgpack.Decoder(tuple[str, str | None, float | str | None, str | None, str | None])
+EventKeys = tuple[str | None, str | None, str | None, int]
+"""Per event of a segment: (work order, lot, trigger context as JSON, how it came: ``APPENDED`` ...)."""
+HeldRow = tuple[str, str, float, str | None, str | None, str | None, bytes]
+"""(id, type, committed, work order, lot, trigger JSON, body: empty for an event the guard holds)."""
+StepRow = tuple[str, float, str, str | None, str | None, str | None, str | None]
+"""(id, at, step, sink, status, reference, detail)."""
+RangeRow = tuple[str, int, int, float, str, str, str | None]
+"""(lane, first seq, last seq, at, step, sink, status)."""
+Acked = tuple[str, int, str, str, float]
+"""An event's first acknowledgement by any sink: (lane, seq, type, id, at)."""
+
+_NO_KEYS: EventKeys = (None, None, None, APPENDED)
+_keys_encoder = msgspec.msgpack.Encoder()
+_keys_decoder = msgspec.msgpack.Decoder(list[tuple[str | None, str | None, str | None, int] | None])
+_segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
+_ids_encoder = msgspec.json.Encoder()
 
 
-def pack_info(
-    source: str, subject: str | None, source_time: float | str | None, origin: str | None, trigger: str | None
-) -> bytes:
-    """An entry's ``info``: (source, subject, source time (Unix time, or the event's text), original source,
-    trigger context as JSON)."""
-    return _info_encoder.encode((source, subject, source_time, origin, trigger))
+def pack_keys(keys: list[EventKeys | None]) -> bytes:
+    """A segment's ``keys`` (None for an event with none: the common telemetry-like case costs a byte)."""
+    return _keys_encoder.encode(keys)
+
+
+def _json(values: Iterable[Any]) -> str:
+    return _ids_encoder.encode(list(values)).decode()
 
 
 def lane_of(type_: str) -> str:
@@ -150,193 +165,28 @@ def lane_of(type_: str) -> str:
     return LANE_OF_TYPE.get(type_.removeprefix(TYPE_PREFIX), "operational")
 
 
-_LANE_TYPES = {
-    lane: ", ".join(f"'{TYPE_PREFIX}{name}'" for name, of in LANE_OF_TYPE.items() if of == lane)
-    for lane in ("transaction", "operational")
-}
-"""The full types of each journaled lane, as an SQL list (constants of the code, never input)."""
-StepRow = tuple[str, float, str, str | None, str | None, str | None, str | None]
-"""(id, at, step, sink, status, reference, detail)."""
-RangeRow = tuple[str, int, int, float, str, str, str | None]
-"""(lane, first seq, last seq, at, step, sink, status)."""
-
-
-# What one row costs in the file beyond its variable-length values: the row's other columns and its
-# index entries (calibrated against SQLite's dbstat on a filled journal; see tests/test_journal.py).
-ENTRY_OVERHEAD = 80
+# What the journal's rows take in the file beyond their blobs (calibrated against SQLite's dbstat on a
+# filled journal; see tests/test_journal.py).
 SEGMENT_OVERHEAD = 40
 _PAGE = 4096  # a segment's blob spills into overflow pages: it takes whole pages
+KEY_BYTES = 20  # one row of ``journal_keys``
+HELD_OVERHEAD = 120
+STEP_OVERHEAD = 70
+RANGE_BYTES = 70
+OUTCOME_OVERHEAD = 60
 
 
 def segment_bytes(blob_length: int) -> int:
     """The estimated bytes a copied segment takes (its overflow pages, whole)."""
     return SEGMENT_OVERHEAD + _PAGE * ((blob_length + _PAGE - 5) // (_PAGE - 4))
-STEP_OVERHEAD = 70
-RANGE_BYTES = 70
-DELIVERED_OVERHEAD = 40  # plus the type: a first delivery adds the entry to two indexes (window, unconfirmed)
-
-
-def entry_bytes(rows: Sequence[EntryRow | HeldRow]) -> int:
-    """The estimated bytes ``rows`` take in the file (values, their index keys, and per-row overhead).
-
-    The rows of one commit are alike: up to 16 of them, spread over the group, stand for all (a
-    loop over every row would cost the hot path more than the estimate is worth).
-    """
-    count = len(rows)
-    if not count:
-        return 0
-    step = max(1, count // 16)
-    sample = rows[::step]
-    total = 0
-    for row in sample:
-        total += ENTRY_OVERHEAD + len(row[0]) + len(row[1]) + len(row[6])
-        if row[4] is not None:
-            total += 2 * len(row[4])
-        if row[5] is not None:
-            total += 2 * len(row[5])
-        if len(row) > 7:
-            total += len(row[7])
-    return total * count // len(sample)
 
 
 def step_bytes(rows: Sequence[StepRow]) -> int:
     """The estimated bytes of per-event step rows."""
-    return sum(STEP_OVERHEAD + len(row[6] or "") + len(row[5] or "") for row in rows)
+    return sum(STEP_OVERHEAD + len(row[0]) + len(row[6] or "") + len(row[5] or "") for row in rows)
 
 
-# --- finding an id -------------------------------------------------------------------------------
-#
-# Event ids are random (hashes): a B-tree index of them gets every insert on a random page, and
-# every such page is written to the WAL again in each commit: measured, that tripled the cost of
-# a buffer append. So ``journal_ids`` maps a 64-bit hash of the id to the row number, filled in
-# sorted runs (``merge_ids``, every ``MERGE_EVERY`` entries or so) where a run touches each page
-# once; the entries after the last run (``journal_indexed_n`` in ``meta``) are found by a scan of
-# that short tail of row numbers.
-
-MERGE_EVERY = 20_000
-"""Entries appended before their ids are merged into ``journal_ids`` (the tail a lookup scans)."""
-ID_BYTES = 20  # one row of ``journal_ids`` (hash, row number, B-tree overhead)
-
-
-def id_hash(event_id: str) -> int:
-    """The 64-bit (signed, as SQLite stores integers) hash an id is indexed by: two fast checksums side by
-    side (a collision only costs a row read: every candidate is checked against the id itself)."""
-    raw = event_id.encode()
-    return ((zlib.crc32(raw) << 32) | zlib.adler32(raw)) - (1 << 63)
-
-
-async def indexed_up_to(db: aiosqlite.Connection) -> int:
-    """The highest row number whose id is in ``journal_ids``."""
-    async with db.execute("SELECT value FROM meta WHERE key = 'journal_indexed_n'") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row is not None else 0
-
-
-class RecentRows:
-    """The writer's own map of the entries not merged into ``journal_ids`` yet: id -> row number.
-
-    So the writer (a held event's existence, a release, an outcome) and the agent's own traces
-    never scan that tail. Filled as the writer inserts (the rows of one ``executemany`` are
-    numbered one after the other, after the highest number so far), loaded at open, and pruned
-    once a merge has committed.
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[str, int] = {}
-        self.next_n: int | None = None
-        """The row number SQLite gives the next entry (the highest so far + 1); None: ask the file."""
-
-    async def load(self, db: aiosqlite.Connection) -> None:
-        merged = await indexed_up_to(db)
-        async with db.execute("SELECT n, id FROM journal WHERE n > ?", (merged,)) as cur:
-            self.rows = {str(event_id): int(n) for n, event_id in await cur.fetchall()}
-        self.next_n = None
-
-    def forget_numbering(self) -> None:
-        """A transaction rolled back, or a trim may have removed the newest rows: ask the file next time."""
-        self.next_n = None
-
-    async def insert(self, db: aiosqlite.Connection, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        """``executemany(statement, rows)`` of new entries, noting their row numbers.
-
-        The writer is the file's only writer, so the next number is known without asking SQLite on every
-        commit (a round trip to its thread each: measurable at hundreds of small commits a second).
-        """
-        base = self.next_n
-        if base is None:
-            async with db.execute("SELECT coalesce(max(n), 0) FROM journal") as cur:
-                row = await cur.fetchone()
-            base = int(row[0]) + 1 if row is not None else 1
-        self.next_n = None  # until the insert is known to have gone in
-        await db.executemany(statement, rows)
-        self.next_n = base + len(rows)
-        self.rows.update(zip((row[0] for row in rows), range(base, base + len(rows)), strict=True))
-
-    def merged(self, upto: int) -> None:
-        """A merge up to row ``upto`` committed: those are found through ``journal_ids`` now."""
-        self.rows = {event_id: n for event_id, n in self.rows.items() if n > upto}
-
-
-async def rows_of(
-    db: aiosqlite.Connection, ids: Sequence[str], recent: RecentRows | None = None
-) -> dict[str, list[int]]:
-    """Row numbers of the entries of ``ids`` (oldest first; more than one only for an id committed again).
-
-    ``recent``: the writer's map of the rows not merged yet; without it (a read-only look) that tail is
-    scanned. A number ``recent`` has whose row did not commit yet finds nothing when read.
-    """
-    found: dict[str, list[int]] = {}
-    wanted = list(dict.fromkeys(ids))
-    if not wanted:
-        return found
-    merged = await indexed_up_to(db)
-    if recent is not None:
-        for event_id in wanted:
-            n = recent.rows.get(event_id)
-            if n is not None and n > merged:
-                found[event_id] = [n]
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        hashes = msgspec.json.encode([id_hash(event_id) for event_id in chunk]).decode()
-        names = msgspec.json.encode(chunk).decode()
-        async with db.execute(
-            "SELECT j.n, j.id FROM journal_ids x JOIN journal j ON j.n = x.n "
-            "WHERE x.hash IN (SELECT value FROM json_each(?)) AND j.id IN (SELECT value FROM json_each(?))",
-            (hashes, names),
-        ) as cur:
-            for n, event_id in await cur.fetchall():
-                found.setdefault(event_id, []).append(int(n))
-        if recent is not None:
-            continue
-        async with db.execute(
-            "SELECT n, id FROM journal WHERE n > ? AND id IN (SELECT value FROM json_each(?))", (merged, names)
-        ) as cur:
-            for n, event_id in await cur.fetchall():
-                found.setdefault(event_id, []).append(int(n))
-    for numbers in found.values():
-        numbers.sort()
-    return found
-
-
-async def merge_ids(db: aiosqlite.Connection, limit: int = 5 * MERGE_EVERY) -> tuple[int, bool, int]:
-    """Index the ids of the entries after the last run, in hash order.
-
-    Returns how many, whether more are left, and the highest row number now indexed.
-    """
-    merged = await indexed_up_to(db)
-    async with db.execute("SELECT n, id FROM journal WHERE n > ? ORDER BY n LIMIT ?", (merged, limit)) as cur:
-        rows = list(await cur.fetchall())
-    if not rows:
-        return 0, False, merged
-    await db.executemany(
-        "INSERT OR IGNORE INTO journal_ids(hash, n) VALUES (?, ?)", sorted((id_hash(i), int(n)) for n, i in rows)
-    )
-    await db.execute(
-        "INSERT INTO meta(key, value) VALUES ('journal_indexed_n', ?) "
-        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-        (int(rows[-1][0]),),
-    )
-    return len(rows), len(rows) == limit, int(rows[-1][0])
+# --- shapes --------------------------------------------------------------------------------------
 
 
 class JournalStep(msgspec.Struct, omit_defaults=True):
@@ -388,7 +238,7 @@ class OutcomeCounts(msgspec.Struct):
     unconfirmed: int = 0
     confirmed: int = 0
     rejected: int = 0
-    oldest_unconfirmed: float | None = None  # Unix time of the oldest ``delivered`` without an outcome
+    oldest_unconfirmed: float | None = None  # Unix time of the oldest delivery without an outcome
 
 
 def journal_keys(data: Any, subject: str | None) -> tuple[str | None, str | None]:
@@ -430,50 +280,281 @@ def source_trigger(source: str, originsource: str | None) -> dict[str, Any]:
     return trigger
 
 
-def row_of(event: dict[str, Any], seq: int, committed: float) -> EntryRow:
-    """The entry of a decoded event released or replayed into its lane (its body goes into its segment)."""
-    source = event.get("source")
+def decoded_keys(event: dict[str, Any], kind: int) -> EventKeys:
+    """The keys of a decoded event released or replayed into its lane."""
     subject = event.get("subject")
-    origin = event.get("originsource")
-    when = event.get("time")
-    work_order, lot = journal_keys(event.get("data"), subject)
-    info = pack_info(
-        source if isinstance(source, str) else "",
-        subject if isinstance(subject, str) else None,
-        when if isinstance(when, str) else None,
-        origin if isinstance(origin, str) else None,
-        None,
-    )
-    return (str(event.get("id", "")), str(event.get("type", "")), seq, committed, work_order, lot, info)
+    work_order, lot = journal_keys(event.get("data"), subject if isinstance(subject, str) else None)
+    return (work_order, lot, None, kind)
 
 
 def held_row(
     event_id: str, type_: str, body: bytes, committed: float, trigger: dict[str, Any] | None = None
 ) -> HeldRow:
-    """The entry of an event known only by its encoded body (a dead letter made before any sink, a held one)."""
+    """The entry of an event known only by its encoded body (a dead letter made before any sink)."""
     try:
         event = decode_event(body)
     except msgspec.DecodeError:
         event = {}
     if not isinstance(event, dict):
         event = {}
-    row = row_of({**event, "id": event_id, "type": type_}, 0, committed)
-    info = row[6]
-    if trigger is not None:
-        source, subject, when, origin, _ = _info_decoder.decode(info)
-        info = pack_info(source, subject, when, origin, trigger_text(trigger))
-    return (row[0], row[1], None, committed, row[4], row[5], info, body)
+    work_order, lot, _, _ = decoded_keys(event, APPENDED)
+    return (event_id, type_, committed, work_order, lot, trigger_text(trigger), body)
+
+
+# --- finding ids, work orders and lots -----------------------------------------------------------------
+#
+# ``journal_keys`` maps a 64-bit hash of an id, a work order or a lot to the first sequence of each
+# segment that holds one. It is filled in sorted runs (``merge_keys``)
+# where a run touches each page once; the segments after the last run (``journal_indexed_seq`` in
+# ``meta``) are read whole by a lookup: at most about ``MERGE_EVERY`` events.
+
+
+def id_hash(event_id: str) -> int:
+    """The 64-bit (signed, as SQLite stores integers) hash a key is indexed by: two fast checksums side by
+    side (a collision only costs a segment read: every candidate is checked against the key itself)."""
+    raw = event_id.encode()
+    return ((zlib.crc32(raw) << 32) | zlib.adler32(raw)) - (1 << 63)
+
+
+def _order_hash(work_order: str) -> int:
+    return id_hash("\x1fwork_order\x1f" + work_order)
+
+
+def _lot_hash(lot: str) -> int:
+    return id_hash("\x1flot\x1f" + lot)
+
+
+async def indexed_up_to(db: aiosqlite.Connection) -> int:
+    """The first sequence of the newest segment whose keys are in ``journal_keys`` (0: none)."""
+    rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'journal_indexed_seq'"))
+    return int(rows[0][0]) if rows else 0
+
+
+@dataclass
+class Segment:
+    """One journaled segment, decoded."""
+
+    first_seq: int
+    last_seq: int
+    committed: float
+    events: list[BufferedEvent]
+    keys: list[EventKeys | None]
+
+    def keys_of(self, index: int) -> EventKeys:
+        found = self.keys[index] if index < len(self.keys) else None
+        return found if found is not None else _NO_KEYS
+
+    def index_of(self, seq: int) -> int | None:
+        index = bisect.bisect_left(self.events, seq, key=_seq_of)
+        return index if index < len(self.events) and self.events[index].seq == seq else None
+
+
+def _seq_of(event: BufferedEvent) -> int:
+    return event.seq
+
+
+def events_of(blob: bytes) -> list[BufferedEvent]:
+    """The events of a segment's blob (zlib-compressed MessagePack, see ``buffer.store.pack_segment``)."""
+    if blob and blob[0] == 0x78:
+        blob = zlib.decompress(blob)
+    return _segment_decoder.decode(blob)
+
+
+def _segment_of(row: Sequence[Any]) -> Segment:
+    first, last, committed, blob, keys = row
+    try:
+        decoded = _keys_decoder.decode(keys) if keys else []
+    except msgspec.DecodeError:
+        decoded = []
+    return Segment(int(first), int(last), float(committed), events_of(bytes(blob)), decoded)
+
+
+_SEGMENT_COLUMNS = "first_seq, last_seq, committed, events, keys"  # the lane is each event's own
+
+
+class SegmentCache:
+    """The segments one read has decoded, by first sequence (a trace reads each at most once)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self.by_first: dict[int, Segment] = {}
+        self._tail: list[Segment] | None = None
+
+    async def starting(self, firsts: Iterable[int]) -> list[Segment]:
+        """The segments that start at these sequences, in sequence order."""
+        wanted = sorted(set(firsts) - self.by_first.keys())
+        for start in range(0, len(wanted), 500):
+            rows = await self.db.execute_fetchall(
+                f"SELECT {_SEGMENT_COLUMNS} FROM journal_segments WHERE first_seq IN (SELECT value FROM json_each(?))",
+                (_json(wanted[start : start + 500]),),
+            )
+            for row in rows:
+                segment = _segment_of(row)
+                self.by_first[segment.first_seq] = segment
+        return [self.by_first[first] for first in sorted(set(firsts)) if first in self.by_first]
+
+    async def holding(self, lane: str, seqs: Iterable[int]) -> dict[int, Segment]:
+        """seq -> the segment of ``lane`` holding it (the lane's segments never overlap; other lanes' do)."""
+        wanted = sorted(set(seqs))
+        found: dict[int, Segment] = {}
+        firsts: dict[int, int] = {}
+        for start in range(0, len(wanted), 500):
+            rows = await self.db.execute_fetchall(
+                "SELECT s.value, (SELECT max(first_seq) FROM journal_segments WHERE lane = ? AND first_seq <= s.value) "
+                "FROM json_each(?) s",
+                (lane, _json(wanted[start : start + 500])),
+            )
+            for seq, first in rows:
+                if first is not None:
+                    firsts[int(seq)] = int(first)
+        await self.starting(firsts.values())
+        for seq, first in firsts.items():
+            segment = self.by_first.get(first)
+            if segment is not None and segment.last_seq >= seq:
+                found[seq] = segment
+        return found
+
+    async def tail(self) -> list[Segment]:
+        """The segments whose keys are not merged yet (read whole by every lookup)."""
+        if self._tail is None:
+            merged = await indexed_up_to(self.db)
+            rows = await self.db.execute_fetchall(
+                f"SELECT {_SEGMENT_COLUMNS} FROM journal_segments WHERE first_seq > ? ORDER BY first_seq", (merged,)
+            )
+            self._tail = []
+            for row in rows:
+                segment = self.by_first.get(int(row[0])) or _segment_of(row)
+                self.by_first[segment.first_seq] = segment
+                self._tail.append(segment)
+        return self._tail
+
+
+Occurrence = tuple[Segment, int]
+"""An event in a segment: the segment and its index there."""
+
+
+async def locate(cache: SegmentCache, ids: Sequence[str]) -> dict[str, list[Occurrence]]:
+    """Where each of ``ids`` is in the journaled segments, oldest first (more than one: committed again)."""
+    wanted = set(ids)
+    found: dict[str, list[Occurrence]] = {}
+    if not wanted:
+        return found
+    unique = list(wanted)
+    firsts: set[int] = set()
+    for start in range(0, len(unique), 500):
+        rows = await cache.db.execute_fetchall(
+            "SELECT seq FROM journal_keys WHERE hash IN (SELECT value FROM json_each(?))",
+            (_json(id_hash(event_id) for event_id in unique[start : start + 500]),),
+        )
+        firsts.update(int(row[0]) for row in rows)
+    segments = await cache.starting(firsts)
+    merged = {segment.first_seq for segment in segments}
+    for segment in [*segments, *(s for s in await cache.tail() if s.first_seq not in merged)]:
+        for index, event in enumerate(segment.events):
+            if event.id in wanted:
+                found.setdefault(event.id, []).append((segment, index))
+    for occurrences in found.values():
+        occurrences.sort(key=lambda occurrence: occurrence[0].events[occurrence[1]].seq)
+    return found
+
+
+async def merge_keys(db: aiosqlite.Connection, limit: int = 64) -> tuple[int, bool]:
+    """Index the keys of (up to ``limit``) segments after the last run, in hash order.
+
+    Returns how many index rows were added and whether more segments are left.
+    """
+    merged = await indexed_up_to(db)
+    rows = list(await db.execute_fetchall(
+        f"SELECT {_SEGMENT_COLUMNS} FROM journal_segments WHERE first_seq > ? ORDER BY first_seq LIMIT ?",
+        (merged, limit),
+    ))  # fmt: skip
+    if not rows:
+        return 0, False
+    keys: set[tuple[int, int]] = set()
+    for row in rows:
+        segment = _segment_of(row)
+        for index, event in enumerate(segment.events):
+            keys.add((id_hash(event.id), segment.first_seq))
+            work_order, lot, _, _ = segment.keys_of(index)
+            if work_order is not None:
+                keys.add((_order_hash(work_order), segment.first_seq))
+            if lot is not None:
+                keys.add((_lot_hash(lot), segment.first_seq))
+    await db.executemany("INSERT OR IGNORE INTO journal_keys(hash, seq) VALUES (?, ?)", sorted(keys))
+    await db.execute(
+        "INSERT INTO meta(key, value) VALUES ('journal_indexed_seq', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (int(rows[-1][0]),),
+    )
+    return len(keys), len(rows) == limit
+
+
+# --- writes ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class JournalWrites:
+    """Journal rows waiting for the next group commit (beside the segments they describe)."""
+
+    keys: dict[int, EventKeys] = field(default_factory=dict)
+    """seq -> the keys of a journaled event (only those that have any), for its segment's ``keys``."""
+    unsequenced: list[HeldRow] = field(default_factory=list)
+    steps: list[StepRow] = field(default_factory=list)
+    ranges: list[RangeRow] = field(default_factory=list)
+    acked: list[Acked] = field(default_factory=list)  # first acknowledgements (for the outcome counts)
+    outcomes: list[OutcomeReport] = field(default_factory=list)
+
+    def absorb(self, newer: JournalWrites) -> None:
+        """Take ``newer``'s rows behind this one's, in order."""
+        self.keys.update(newer.keys)
+        self.unsequenced.extend(newer.unsequenced)
+        self.steps.extend(newer.steps)
+        self.ranges.extend(newer.ranges)
+        self.acked.extend(newer.acked)
+        self.outcomes.extend(newer.outcomes)
+
+
+async def insert_unsequenced(db: aiosqlite.Connection, rows: Sequence[HeldRow]) -> int:
+    """Entries known before they have a sequence (held, a dead letter made before any sink), unless the
+    journal has the id already (a replay held again, a business dead letter); returns how many."""
+    if not rows:
+        return 0
+    ids = list(dict.fromkeys(row[0] for row in rows))
+    known = set((await locate(SegmentCache(db), ids)).keys())
+    held = await db.execute_fetchall(
+        "SELECT id FROM journal_held WHERE id IN (SELECT value FROM json_each(?))", (_json(ids),)
+    )
+    known.update(str(row[0]) for row in held)
+    fresh: dict[str, HeldRow] = {}
+    for row in rows:
+        if row[0] not in known:
+            fresh.setdefault(row[0], row)
+    if fresh:
+        await db.executemany(INSERT_HELD, list(fresh.values()))
+    return len(fresh)
+
+
+def held_bytes(count: int) -> int:
+    return HELD_OVERHEAD * count
+
+
+# --- the outcome counts ------------------------------------------------------------------------------
 
 
 class OutcomeTally:
     """Per type: delivered without an outcome, posted, rejected, and the oldest unconfirmed delivery.
 
-    Kept in memory (``/metrics`` reads it on every scrape), loaded from the journal's
-    partial indexes at open and changed only by what a commit made durable.
+    Kept in memory (``/metrics`` reads it on every scrape) and in ``meta`` with every commit
+    that changes it. The oldest unconfirmed delivery of a type is found again, on the
+    reader, only when an outcome or a trim may have taken it: from the acknowledgement
+    ranges on, starting where the last search found it (everything before it was
+    confirmed, and an outcome is never taken back).
     """
 
     def __init__(self) -> None:
         self.counts: dict[str, OutcomeCounts] = {}
+        self.stale: set[str] = set()
+        self.frontier: dict[str, int] = {}  # type -> the range row its oldest unconfirmed was found at
 
     def of(self, type_: str) -> OutcomeCounts:
         counts = self.counts.get(type_)
@@ -482,24 +563,24 @@ class OutcomeTally:
         return counts
 
     async def load(self, db: aiosqlite.Connection) -> None:
-        """The counts from the file (index scans, no table scan)."""
+        """The counts kept in ``meta``; the oldest unconfirmed is searched for on first use."""
         self.counts = {}
-        query = (
-            "SELECT type, count(*), min(delivered) FROM journal "
-            "WHERE delivered IS NOT NULL AND outcome IS NULL GROUP BY type"
-        )
-        async with db.execute(query) as cur:
-            for type_, count, oldest in await cur.fetchall():
-                counts = self.of(str(type_))
-                counts.unconfirmed, counts.oldest_unconfirmed = int(count), oldest
-        query = "SELECT type, outcome, count(*) FROM journal WHERE outcome IS NOT NULL GROUP BY type, outcome"
-        async with db.execute(query) as cur:
-            for type_, outcome, count in await cur.fetchall():
-                counts = self.of(str(type_))
-                if outcome == "posted":
-                    counts.confirmed = int(count)
-                elif outcome == "rejected":
-                    counts.rejected = int(count)
+        self.frontier = {}
+        rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'journal_tally'"))
+        if rows:
+            try:
+                stored = msgspec.json.decode(str(rows[0][0]), type=dict[str, list[int]])
+            except msgspec.DecodeError:
+                stored = {}
+            for type_, (unconfirmed, confirmed, rejected) in stored.items():
+                self.counts[type_] = OutcomeCounts(unconfirmed, confirmed, rejected)
+        self.stale = {type_ for type_, counts in self.counts.items() if counts.unconfirmed}
+
+    def dump(self) -> str:
+        """The counts as kept in ``meta``."""
+        return _ids_encoder.encode(
+            {t: [c.unconfirmed, c.confirmed, c.rejected] for t, c in self.counts.items()}
+        ).decode()
 
     def apply(self, changes: TallyChanges) -> None:
         """What a commit changed (only after it committed)."""
@@ -508,13 +589,35 @@ class OutcomeTally:
             counts.unconfirmed = max(0, counts.unconfirmed + unconfirmed)
             counts.confirmed = max(0, counts.confirmed + confirmed)
             counts.rejected = max(0, counts.rejected + rejected)
-        for type_, oldest in changes.oldest.items():
-            counts = self.of(type_)
-            counts.oldest_unconfirmed = oldest if counts.unconfirmed else None
+            if not counts.unconfirmed:
+                counts.oldest_unconfirmed = None
+                self.stale.discard(type_)
+        for type_ in changes.recount:
+            if self.of(type_).unconfirmed:
+                self.stale.add(type_)
         for type_, at in changes.delivered_at.items():
             counts = self.of(type_)
-            if counts.oldest_unconfirmed is None or at < counts.oldest_unconfirmed:
+            if type_ not in self.stale and (counts.oldest_unconfirmed is None or at < counts.oldest_unconfirmed):
                 counts.oldest_unconfirmed = at
+
+    def with_deltas(self, changes: TallyChanges) -> str:
+        """``dump()`` as it will be once ``changes`` are applied (written in the same commit)."""
+        merged = {t: [c.unconfirmed, c.confirmed, c.rejected] for t, c in self.counts.items()}
+        for type_, delta in changes.deltas.items():
+            current = merged.setdefault(type_, [0, 0, 0])
+            for i in range(3):
+                current[i] = max(0, current[i] + delta[i])
+        return _ids_encoder.encode(merged).decode()
+
+    async def settle_oldest(self, db: aiosqlite.Connection) -> None:
+        """Find the oldest unconfirmed delivery of each type that may have lost it (on the reader)."""
+        for type_ in sorted(self.stale):
+            at, n = await oldest_unconfirmed(db, type_, self.frontier.get(type_, 0))
+            counts = self.of(type_)
+            counts.oldest_unconfirmed = at
+            if n is not None:
+                self.frontier[type_] = n
+            self.stale.discard(type_)
 
 
 @dataclass
@@ -522,10 +625,8 @@ class TallyChanges:
     """The outcome counts one transaction changes, applied to ``OutcomeTally`` once it committed."""
 
     deltas: dict[str, list[int]] = field(default_factory=dict)  # type -> [unconfirmed, confirmed, rejected]
-    oldest: dict[str, float | None] = field(default_factory=dict)  # type -> recomputed oldest unconfirmed
     delivered_at: dict[str, float] = field(default_factory=dict)  # type -> earliest new first delivery
     recount: set[str] = field(default_factory=set)  # types whose oldest unconfirmed may have left
-    bytes: int = 0  # estimated bytes the indexes grew by (first deliveries)
 
     def add(self, type_: str, unconfirmed: int = 0, confirmed: int = 0, rejected: int = 0) -> None:
         delta = self.deltas.get(type_)
@@ -541,204 +642,194 @@ class TallyChanges:
         elif outcome == "rejected":
             self.add(type_, rejected=sign)
 
-    async def settle_oldest(self, db: aiosqlite.Connection) -> None:
-        """The oldest unconfirmed delivery of each type that lost one (an index seek each)."""
-        query = "SELECT min(delivered) FROM journal WHERE type = ? AND delivered IS NOT NULL AND outcome IS NULL"
-        for type_ in self.recount:
-            async with db.execute(query, (type_,)) as cur:
-                row = await cur.fetchone()
-            self.oldest[type_] = None if row is None else row[0]
-            self.delivered_at.pop(type_, None)
+
+async def oldest_unconfirmed(db: aiosqlite.Connection, type_: str, after: int) -> tuple[float | None, int | None]:
+    """The first acknowledgement, from range row ``after`` on, of an event of ``type_`` without an outcome:
+    (its time, its range row), or (None, None)."""
+    lane = lane_of(type_)
+    cache = SegmentCache(db)
+    while True:
+        ranges = list(await db.execute_fetchall(
+            "SELECT n, first_seq, last_seq, at FROM journal_ranges WHERE n >= ? AND lane = ? AND step = 'acked' "
+            "ORDER BY n LIMIT 200",
+            (after, lane),
+        ))  # fmt: skip
+        if not ranges:
+            break
+        candidates: list[tuple[int, float, str]] = []
+        holding = await cache.holding(
+            lane, (seq for _, first, last, _ in ranges for seq in range(int(first), int(last) + 1))
+        )
+        for n, first, last, at in ranges:
+            for seq in range(int(first), int(last) + 1):
+                segment = holding.get(seq)
+                index = segment.index_of(seq) if segment is not None else None
+                if segment is None or index is None:
+                    continue
+                event = segment.events[index]
+                if event.type == type_ and event.lane == lane:
+                    candidates.append((int(n), float(at), event.id))
+        if candidates:
+            rows = await db.execute_fetchall(
+                "SELECT id FROM journal_outcomes WHERE id IN (SELECT value FROM json_each(?))",
+                (_json(c[2] for c in candidates),),
+            )
+            confirmed = {str(row[0]) for row in rows}
+            for n, at, event_id in candidates:
+                if event_id not in confirmed:
+                    return at, n
+        after = int(ranges[-1][0]) + 1
+        cache.by_first.clear()  # bounded memory over a long search
+    # Acknowledged with a reference only (no range): the per-event steps.
+    rows = await db.execute_fetchall(
+        "SELECT s.at, s.id FROM journal_steps s WHERE s.step = 'acked' "
+        "AND s.id NOT IN (SELECT id FROM journal_outcomes) "
+        "ORDER BY s.at",
+    )
+    if rows:
+        found = await locate(SegmentCache(db), [str(row[1]) for row in rows])
+        for at, event_id in rows:
+            occurrences = found.get(str(event_id))
+            if occurrences and occurrences[0][0].events[occurrences[0][1]].type == type_:
+                return float(at), None
+    return None, None
 
 
-async def write_delivered(db: aiosqlite.Connection, writes: JournalWrites, changes: TallyChanges) -> None:
-    """The first acknowledgement by any sink: one range UPDATE per batch and lane, on the seq index."""
-    for at, lane, first, last in writes.delivered:
-        async with db.execute(
-            "UPDATE journal SET delivered = ? WHERE seq BETWEEN ? AND ? AND delivered IS NULL "
-            f"AND type IN ({_LANE_TYPES[lane]}) RETURNING type, outcome",
-            (at, first, last),
-        ) as cur:
-            for type_, outcome in await cur.fetchall():
-                changes.bytes += DELIVERED_OVERHEAD + len(type_)
-                if outcome is None:
-                    changes.add(type_, unconfirmed=1)
-                    if type_ not in changes.delivered_at:
-                        changes.delivered_at[type_] = at
-
-
-async def write_outcomes(
-    db: aiosqlite.Connection, reports: Sequence[OutcomeReport], changes: TallyChanges, recent: RecentRows | None
+async def count_deliveries(
+    db: aiosqlite.Connection, acked: Sequence[Acked], redelivered: set[str], changes: TallyChanges, outcomes: bool
 ) -> None:
-    """Business outcomes: the entry's outcome columns and a step, unless the same was reported already."""
-    known: dict[str, list[Any]] = {}
-    found_rows = await rows_of(db, [r.id for r in reports], recent)
-    numbers = {event_id: found[-1] for event_id, found in found_rows.items()}
-    if not numbers:
+    """First deliveries make their events unconfirmed, unless an outcome came first (the ERP may answer
+    before the acknowledgement is committed) or the event was delivered before (``redelivered``: a replay
+    or resend of an id delivered under an earlier sequence)."""
+    if not acked:
         return
-    async with db.execute(
-        "SELECT n, type, delivered, outcome, reference, reason FROM journal "
-        "WHERE n IN (SELECT value FROM json_each(?))",
-        (msgspec.json.encode(list(numbers.values())).decode(),),
-    ) as cur:
-        by_n = {int(n): rest for n, *rest in await cur.fetchall()}
-    for event_id, n in numbers.items():
-        if n in by_n:
-            known[event_id] = [n, *by_n[n]]
-    updates: list[tuple[str, float, str | None, str | None, int]] = []
-    steps: list[tuple[int, float, str, None, None, str | None, str | None]] = []
+    skip: set[str] = set(redelivered)
+    if outcomes:
+        rows = await db.execute_fetchall(
+            "SELECT id FROM journal_outcomes WHERE id IN (SELECT value FROM json_each(?))",
+            (_json(a[3] for a in acked),),
+        )
+        skip.update(str(row[0]) for row in rows)
+    counted: set[str] = set()
+    for _, _, type_, event_id, at in acked:
+        if event_id in skip or event_id in counted:
+            continue
+        counted.add(event_id)
+        changes.add(type_, unconfirmed=1)
+        if type_ not in changes.delivered_at or at < changes.delivered_at[type_]:
+            changes.delivered_at[type_] = at
+
+
+async def delivered_before(cache: SegmentCache, ids: Sequence[str], seqs: set[int]) -> set[str]:
+    """Which of ``ids`` were acknowledged under a sequence other than ``seqs`` (the ones being delivered now)."""
+    found = await locate(cache, ids)
+    earlier = {
+        occurrence[0].events[occurrence[1]].seq: event_id
+        for event_id, occurrences in found.items()
+        for occurrence in occurrences
+        if occurrence[0].events[occurrence[1]].seq not in seqs
+    }
+    acked = await _acknowledged(
+        cache.db,
+        {
+            (lane_of(o[0].events[o[1]].type), seq)
+            for seq, o in ((occ[0].events[occ[1]].seq, occ) for occs in found.values() for occ in occs)
+            if seq in earlier
+        },
+    )
+    delivered = {earlier[seq] for seq in acked}
+    rows = await cache.db.execute_fetchall(
+        "SELECT DISTINCT id FROM journal_steps WHERE step = 'acked' AND id IN (SELECT value FROM json_each(?))",
+        (_json(ids),),
+    )
+    delivered.update(str(row[0]) for row in rows)
+    return delivered
+
+
+async def _acknowledged(db: aiosqlite.Connection, lane_seqs: Iterable[tuple[str, int]]) -> dict[int, float]:
+    """seq -> its first acknowledgement time by any sink (from the ranges), for those acknowledged."""
+    by_lane: dict[str, list[int]] = {}
+    for lane, seq in lane_seqs:
+        by_lane.setdefault(lane, []).append(seq)
+    found: dict[int, float] = {}
+    for lane, seqs in by_lane.items():
+        for start in range(0, len(seqs), 500):
+            rows = await db.execute_fetchall(
+                "SELECT s.value, min(r.at) FROM json_each(?) s JOIN journal_ranges r "
+                f"ON r.lane = ? AND r.step = 'acked' AND r.first_seq BETWEEN s.value - {RANGE_SPAN} AND s.value "
+                "AND r.last_seq >= s.value GROUP BY s.value",
+                (_json(seqs[start : start + 500]), lane),
+            )
+            for seq, at in rows:
+                found[int(seq)] = float(at)
+    return found
+
+
+async def write_outcomes(db: aiosqlite.Connection, reports: Sequence[OutcomeReport], changes: TallyChanges) -> int:
+    """Business outcomes: the id's outcome row and a step, unless the same was reported already.
+
+    Returns the estimated bytes added."""
+    ids = list(dict.fromkeys(r.id for r in reports))
+    cache = SegmentCache(db)
+    found = await locate(cache, ids)
+    types: dict[str, str] = {}
+    for event_id, occurrences in found.items():
+        segment, index = occurrences[0]
+        types[event_id] = segment.events[index].type
+    missing = [event_id for event_id in ids if event_id not in types]
+    if missing:
+        rows = await db.execute_fetchall(
+            "SELECT id, type FROM journal_held WHERE id IN (SELECT value FROM json_each(?))", (_json(missing),)
+        )
+        types.update((str(i), str(t)) for i, t in rows)
+    if not types:
+        return 0
+    rows = await db.execute_fetchall(
+        "SELECT id, outcome, reference, reason FROM journal_outcomes WHERE id IN (SELECT value FROM json_each(?))",
+        (_json(types),),
+    )
+    current: dict[str, list[Any]] = {str(row[0]): list(row[1:]) for row in rows}
+    delivered = await delivered_before(cache, [i for i in types if i not in current], set())
+    upserts: list[tuple[str, str, str, float, str | None, str | None]] = []
+    steps: list[StepRow] = []
     for report in reports:
-        row = known.get(report.id)
-        if row is None:
+        type_ = types.get(report.id)
+        if type_ is None:
             continue  # unknown here (trimmed, or never journaled): nothing to record
-        n, type_, delivered, outcome, reference, reason = row
-        new_reference = report.reference if report.reference is not None else reference
-        if outcome == report.outcome and new_reference == reference and reason == report.reason:
+        state = current.get(report.id)
+        old_reference = state[1] if state else None
+        new_reference = report.reference if report.reference is not None else old_reference
+        if (
+            state is not None
+            and state[0] == report.outcome
+            and new_reference == old_reference
+            and state[2] == report.reason
+        ):
             continue  # the same report again
         at = now_or(report.at)
-        if outcome is None:
-            if delivered is not None:
+        if state is None:
+            if report.id in delivered:
                 changes.add(type_, unconfirmed=-1)
                 changes.recount.add(type_)
         else:
-            changes.count_outcome(type_, outcome, -1)
+            changes.count_outcome(type_, state[0], -1)
         changes.count_outcome(type_, report.outcome, 1)
-        row[3:] = [report.outcome, new_reference, report.reason]
-        updates.append((report.outcome, at, new_reference, report.reason, n))
-        steps.append((n, at, report.outcome, None, None, report.reference, report.reason))
-    if updates:
-        await db.executemany(
-            "UPDATE journal SET outcome = ?, outcome_at = ?, reference = ?, reason = ? WHERE n = ?", updates
-        )
-        await db.executemany(INSERT_STEP, steps)
-
-
-@dataclass
-class JournalWrites:
-    """Journal rows waiting for the next group commit (beside the segments they describe)."""
-
-    entries: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
-    """Per lane, one row per event appended to that lane, in the same order as the lane's rows."""
-    resequenced: dict[str, list[EntryRow]] = field(default_factory=lambda: {"transaction": [], "operational": []})
-    """Per lane, events released or replayed into it (their entry takes the new sequence), in sequence order."""
-    released: dict[str, float] = field(default_factory=dict)  # held events released: id -> when
-    unsequenced: list[HeldRow] = field(default_factory=list)
-    steps: list[StepRow] = field(default_factory=list)
-    seq_steps: list[tuple[str, float, str, str | None, str | None, str | None, str | None, int]] = field(
-        default_factory=list
+        current[report.id] = [report.outcome, new_reference, report.reason]
+        upserts.append((report.id, type_, report.outcome, at, new_reference, report.reason))
+        steps.append((report.id, at, report.outcome, None, None, report.reference, report.reason))
+    if not upserts:
+        return 0
+    await db.executemany(
+        "INSERT INTO journal_outcomes(id, type, outcome, at, reference, reason) VALUES (?,?,?,?,?,?) "
+        "ON CONFLICT(id) DO UPDATE SET outcome=excluded.outcome, at=excluded.at, reference=excluded.reference, "
+        "reason=excluded.reason",
+        upserts,
     )
-    ranges: list[RangeRow] = field(default_factory=list)
-    delivered: list[tuple[float, str, int, int]] = field(default_factory=list)  # (at, lane, first seq, last seq)
-    outcomes: list[OutcomeReport] = field(default_factory=list)
-    references: list[tuple[str, int]] = field(default_factory=list)  # (a receiver's reference, seq)
-
-    def absorb(self, newer: JournalWrites) -> None:
-        """Take ``newer``'s rows behind this one's, in order."""
-        for lane, rows in newer.entries.items():
-            self.entries[lane].extend(rows)
-        for lane, rows in newer.resequenced.items():
-            self.resequenced[lane].extend(rows)
-        self.released.update(newer.released)
-        self.unsequenced.extend(newer.unsequenced)
-        self.steps.extend(newer.steps)
-        self.seq_steps.extend(newer.seq_steps)
-        self.ranges.extend(newer.ranges)
-        self.delivered.extend(newer.delivered)
-        self.references.extend(newer.references)
-        self.outcomes.extend(newer.outcomes)
-
-
-async def write_extras(
-    db: aiosqlite.Connection, writes: JournalWrites, recent: RecentRows, steps: Sequence[StepRow] = ()
-) -> int:
-    """Everything but the sequenced entries (those go with their segments): one ``executemany`` each;
-    ``steps`` first among the steps (the dead letters'). Returns the estimated bytes added.
-    """
-    added = await insert_unsequenced(db, writes.unsequenced, recent)
-    added += await insert_steps(db, [*steps, *writes.steps], writes.seq_steps, recent)
-    if writes.ranges:
-        await db.executemany(INSERT_RANGE, writes.ranges)
-        added += RANGE_BYTES * len(writes.ranges)
-    if writes.references:
-        # The first receiver's reference is the entry's own until the ERP reports its own.
-        await db.executemany(
-            "UPDATE journal SET reference = ? WHERE seq = ? AND reference IS NULL", writes.references
-        )
-    return added
-
-
-async def insert_steps(
-    db: aiosqlite.Connection,
-    by_id: Sequence[StepRow],
-    by_seq: Sequence[tuple[str, float, str, str | None, str | None, str | None, str | None, int]],
-    recent: RecentRows,
-) -> int:
-    """Steps of one event, found by its id or by its sequence, keyed by its entry; returns the bytes added.
-
-    A step of an id the journal does not know (trimmed) is dropped.
-    """
-    rows: list[tuple[int, float, str, str | None, str | None, str | None, str | None]] = []
-    if by_id:
-        numbers = await rows_of(db, [step[0] for step in by_id], recent)
-        rows.extend((numbers[step[0]][-1], *step[1:]) for step in by_id if step[0] in numbers)
-    if by_seq:
-        async with db.execute(
-            "SELECT seq, n FROM journal WHERE seq IN (SELECT value FROM json_each(?))",
-            (msgspec.json.encode([step[7] for step in by_seq]).decode(),),
-        ) as cur:
-            entry_of = {int(seq): int(n) for seq, n in await cur.fetchall()}
-        rows.extend((entry_of[step[7]], *step[1:7]) for step in by_seq if step[7] in entry_of)
-    if not rows:
-        return 0
-    await db.executemany(INSERT_STEP, rows)
-    return sum(STEP_OVERHEAD + len(row[6] or "") + len(row[5] or "") for row in rows)
-
-
-async def insert_unsequenced(db: aiosqlite.Connection, rows: Sequence[HeldRow], recent: RecentRows) -> int:
-    """Entries known before they have a sequence (held, a dead letter made before any sink), unless the
-    journal has the id already (a replay held again, a business dead letter); returns the bytes added."""
-    if not rows:
-        return 0
-    known = await rows_of(db, [row[0] for row in rows], recent)
-    fresh: dict[str, HeldRow] = {}
-    for row in rows:
-        if row[0] not in known:
-            fresh.setdefault(row[0], row)
-    if fresh:
-        await recent.insert(db, INSERT_HELD, list(fresh.values()))
-    return entry_bytes(list(fresh.values()))
-
-
-async def resequence(
-    db: aiosqlite.Connection, rows: Sequence[EntryRow], recent: RecentRows, released: Mapping[str, float]
-) -> int:
-    """Events released or replayed into a lane: their entry takes the new sequence (its body is in the new
-    segment now); an id the journal does not know (trimmed) gets a new entry. Returns the bytes added."""
-    if not rows:
-        return 0
-    known = await rows_of(db, [row[0] for row in rows], recent)
-    updates = [(row[2], released.get(row[0]), known[row[0]][-1]) for row in rows if row[0] in known]
-    if updates:
-        # A held event released: the time, for its trace (its held and released steps are made up from it).
-        await db.executemany(
-            "UPDATE journal SET seq = ?, body = x'', released = coalesce(?, released) WHERE n = ?", updates
-        )
-    fresh = [row for row in rows if row[0] not in known]
-    if fresh:
-        await recent.insert(db, INSERT_ENTRY, fresh)
-    return entry_bytes(fresh)
+    await db.executemany(INSERT_STEP, steps)
+    return step_bytes(steps) + sum(OUTCOME_OVERHEAD + len(row[0]) + len(row[4] or "") for row in upserts)
 
 
 # --- trimming ----------------------------------------------------------------------------------
-
-TRIM_CHUNK = 5000
-"""Entries trimmed at most per transaction: the writer is held for tens of milliseconds, not seconds."""
-
-_ENTRY_SIZE = (
-    f"{ENTRY_OVERHEAD} + length(id) + length(type) + length(info) + length(body) "
-    "+ 2 * coalesce(length(work_order), 0) + 2 * coalesce(length(lot), 0) "
-    f"+ CASE WHEN delivered IS NULL THEN 0 ELSE {DELIVERED_OVERHEAD} + length(type) END"
-)
 
 
 @dataclass
@@ -748,101 +839,122 @@ class Trimmed:
     entries: int = 0
     bytes: int = 0
     more: bool = False
-    ids: list[str] = field(default_factory=list)  # the entries' ids
 
 
-async def trim(
-    db: aiosqlite.Connection, older_than: float, excess_bytes: int, changes: TallyChanges
-) -> Trimmed:
-    """Delete the oldest entries (with their steps, ids, segments and ranges) committed before
-    ``older_than``, or while ``excess_bytes`` remain to be freed: at most ``TRIM_CHUNK``, oldest first."""
+async def trim(db: aiosqlite.Connection, older_than: float, excess_bytes: int, changes: TallyChanges) -> Trimmed:
+    """Delete the oldest segments and held entries (with the keys, steps, outcomes and ranges only they
+    needed) committed before ``older_than``, or while ``excess_bytes`` remain to be freed: a bounded chunk."""
     done = Trimmed()
-    async with db.execute(f"SELECT n, committed, {_ENTRY_SIZE} FROM journal ORDER BY n LIMIT ?", (TRIM_CHUNK,)) as cur:
-        rows = list(await cur.fetchall())
-    last_n: int | None = None
-    for n, committed, size in rows:
+    rows = list(await db.execute_fetchall(
+        "SELECT first_seq, committed, length(events) + length(keys) FROM journal_segments ORDER BY first_seq LIMIT ?",
+        (TRIM_SEGMENTS,),
+    ))  # fmt: skip
+    last_first: int | None = None
+    for first, committed, size in rows:
         if committed >= older_than and excess_bytes <= 0:
             break
-        last_n = int(n)
+        last_first = int(first)
+        excess_bytes -= segment_bytes(int(size))
+        done.bytes += segment_bytes(int(size))
+    gone: dict[str, tuple[str, str, int | None]] = {}  # id -> (type, lane, seq) of what was trimmed
+    keys: set[tuple[int, int]] = set()
+    if last_first is not None:
+        done.more = len(rows) == TRIM_SEGMENTS and last_first == int(rows[-1][0])
+        trimmed = await db.execute_fetchall(
+            f"DELETE FROM journal_segments WHERE first_seq <= ? RETURNING {_SEGMENT_COLUMNS}", (last_first,)
+        )
+        for row in trimmed:
+            segment = _segment_of(row)
+            for index, event in enumerate(segment.events):
+                done.entries += 1
+                keys.add((id_hash(event.id), segment.first_seq))
+                gone[event.id] = (event.type, event.lane, event.seq)
+                work_order, lot, _, _ = segment.keys_of(index)
+                if work_order is not None:
+                    keys.add((_order_hash(work_order), segment.first_seq))
+                if lot is not None:
+                    keys.add((_lot_hash(lot), segment.first_seq))
+    held = list(await db.execute_fetchall(
+        f"SELECT n, committed, {HELD_OVERHEAD} + length(id) + length(body) FROM journal_held ORDER BY n LIMIT 1000"
+    ))  # fmt: skip
+    last_held: int | None = None
+    for n, committed, size in held:
+        if committed >= older_than and excess_bytes <= 0:
+            break
+        last_held = int(n)
         excess_bytes -= int(size)
         done.bytes += int(size)
-        done.entries += 1
-    if last_n is not None:
-        done.more = done.entries == len(rows) == TRIM_CHUNK
-        ids = done.ids
-        seqs: list[int] = []
-        keys: list[tuple[int, int]] = []
-        async with db.execute(
-            "DELETE FROM journal WHERE n <= ? RETURNING n, id, seq, type, delivered, outcome", (last_n,)
-        ) as cur:
-            for n, id_, seq, type_, delivered, outcome in await cur.fetchall():
-                ids.append(id_)
-                keys.append((id_hash(id_), int(n)))
-                if seq is not None:
-                    seqs.append(int(seq))
-                if outcome is not None:
-                    changes.count_outcome(type_, outcome, -1)
-                elif delivered is not None:
-                    changes.add(type_, unconfirmed=-1)
-                    changes.recount.add(type_)
-        keys.sort()  # in index order: each page of journal_ids touched once
-        await db.executemany("DELETE FROM journal_ids WHERE hash = ? AND n = ?", keys)
-        async with db.execute("SELECT max(n) FROM journal") as cur:
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
-            # Emptied: SQLite numbers the next row 1 again, so the index's run starts over too.
-            await db.execute("DELETE FROM meta WHERE key = 'journal_indexed_n'")
-        async with db.execute(
-            "DELETE FROM journal_steps WHERE entry <= ? "
-            f"RETURNING {STEP_OVERHEAD} + coalesce(length(detail), 0) + coalesce(length(reference), 0)",
-            (last_n,),
-        ) as cur:
-            done.bytes += sum(int(row[0]) for row in await cur.fetchall())
-    # Segments no entry left needs: every one before the lowest sequence still journaled.
-    async with db.execute("SELECT min(seq) FROM journal WHERE seq IS NOT NULL") as cur:
-        row = await cur.fetchone()
-    lowest = int(row[0]) if row is not None and row[0] is not None else 2**62
-    segment_chunk = TRIM_CHUNK // 100
-    async with db.execute(
-        "DELETE FROM journal_segments WHERE first_seq IN (SELECT first_seq FROM journal_segments "
-        f"WHERE last_seq < ? ORDER BY first_seq LIMIT {segment_chunk}) RETURNING length(events)",
-        (lowest,),
-    ) as cur:
-        segments = list(await cur.fetchall())
-    done.bytes += sum(segment_bytes(int(row[0])) for row in segments)
-    done.more = done.more or len(segments) == segment_chunk
-    # A range was recorded after the events it covers were committed: one recorded before the oldest
-    # entry left was committed covers trimmed entries only. Ranges are in time order by row number.
-    async with db.execute("SELECT committed FROM journal ORDER BY n LIMIT 1") as cur:
-        row = await cur.fetchone()
-    oldest_left = float(row[0]) if row is not None else float("inf")
-    async with db.execute("SELECT n, at FROM journal_ranges ORDER BY n LIMIT ?", (4 * TRIM_CHUNK,)) as cur:
-        ranges = list(await cur.fetchall())
-    last_range: int | None = None
-    for n, at in ranges:
-        if at >= oldest_left:
-            break
-        last_range = int(n)
-    if last_range is not None:
-        async with db.execute("DELETE FROM journal_ranges WHERE n <= ? RETURNING 1", (last_range,)) as cur:
-            done.bytes += RANGE_BYTES * len(list(await cur.fetchall()))
-        done.more = done.more or last_range == int(ranges[-1][0])
+    if last_held is not None:
+        done.more = done.more or (len(held) == 1000 and last_held == int(held[-1][0]))
+        for event_id, type_ in await db.execute_fetchall(
+            "DELETE FROM journal_held WHERE n <= ? RETURNING id, type", (last_held,)
+        ):
+            done.entries += 1
+            gone.setdefault(str(event_id), (str(type_), lane_of(str(type_)), None))
+    if keys:
+        await db.executemany("DELETE FROM journal_keys WHERE hash = ? AND seq = ?", sorted(keys))
+    if gone:
+        await _forget(db, gone, changes)
+    # Ranges before the oldest sequence left, steps and outcomes past retention with no entry left.
+    lowest = list(await db.execute_fetchall("SELECT min(first_seq) FROM journal_segments"))
+    floor = int(lowest[0][0]) if lowest and lowest[0][0] is not None else 2**62
+    removed = await db.execute_fetchall(
+        "DELETE FROM journal_ranges WHERE n IN "
+        "(SELECT n FROM journal_ranges WHERE last_seq < ? ORDER BY n LIMIT 20000) "
+        "RETURNING 1",
+        (floor,),
+    )
+    count = len(list(removed))
+    done.bytes += RANGE_BYTES * count
+    done.more = done.more or count == 20000
     return done
+
+
+async def _forget(
+    db: aiosqlite.Connection, gone: dict[str, tuple[str, str, int | None]], changes: TallyChanges
+) -> None:
+    """Trimmed entries: what only they needed goes (an id still journaled under a later sequence keeps it)."""
+    ids = list(gone)
+    left = set((await locate(SegmentCache(db), ids)).keys())
+    rows = await db.execute_fetchall(
+        "SELECT id FROM journal_held WHERE id IN (SELECT value FROM json_each(?))", (_json(ids),)
+    )
+    left.update(str(row[0]) for row in rows)
+    forgotten = [event_id for event_id in ids if event_id not in left]
+    if not forgotten:
+        return
+    with_outcome: set[str] = set()
+    for event_id, type_, outcome in await db.execute_fetchall(
+        "DELETE FROM journal_outcomes WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, type, outcome",
+        (_json(forgotten),),
+    ):
+        with_outcome.add(str(event_id))
+        changes.count_outcome(str(type_), str(outcome), -1)
+    unconfirmed = [i for i in forgotten if i not in with_outcome and gone[i][2] is not None]
+    acked = await _acknowledged(db, ((gone[i][1], gone[i][2]) for i in unconfirmed))  # type: ignore[misc]
+    steps = await db.execute_fetchall(
+        "SELECT DISTINCT id FROM journal_steps WHERE step = 'acked' AND id IN (SELECT value FROM json_each(?))",
+        (_json(unconfirmed),),
+    )
+    referenced = {str(row[0]) for row in steps}
+    for event_id in unconfirmed:
+        type_, _, seq = gone[event_id]
+        if seq in acked or event_id in referenced:
+            changes.add(type_, unconfirmed=-1)
+            changes.recount.add(type_)
+    await db.execute("DELETE FROM journal_steps WHERE id IN (SELECT value FROM json_each(?))", (_json(forgotten),))
 
 
 # --- reads --------------------------------------------------------------------------------------
 
-_ENTRY_COLUMNS = (
-    "id, type, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason, released, "
-    "length(body)"
-)
-
 
 async def has_journal(db: aiosqlite.Connection) -> bool:
     """Whether the file has the journal's tables (a file from before the journal, opened read-only, has not)."""
-    async with db.execute("SELECT count(*) FROM sqlite_master WHERE type='table' AND name LIKE 'journal%'") as cur:
-        row = await cur.fetchone()
-    return row is not None and int(row[0]) >= len(JOURNAL_TABLES)
+    rows = list(await db.execute_fetchall(
+        "SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN (SELECT value FROM json_each(?))",
+        (_json(JOURNAL_TABLES),),
+    ))  # fmt: skip
+    return bool(rows) and int(rows[0][0]) >= len(JOURNAL_TABLES)
 
 
 def _trigger_of(text: str | None) -> dict[str, Any] | None:
@@ -855,133 +967,225 @@ def _trigger_of(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _entry_of(row: Sequence[Any]) -> JournalEntry:
-    (id_, type_, seq, committed, work_order, lot, info, delivered, outcome, outcome_at, reference, reason, released,
-     body_length) = row
-    try:
-        source, subject, source_time, origin, trigger = _info_decoder.decode(info)
-    except msgspec.DecodeError:
-        source, subject, source_time, origin, trigger = "", None, None, None, None
-    stored = _trigger_of(trigger)
-    if stored is None and source:
-        # An event a source made itself: no trigger stored per event (the hot path), made up from its source.
-        stored = source_trigger(source, origin)
-    entry = JournalEntry(
-        id=id_,
-        type=type_,
-        lane=lane_of(type_),
-        seq=None if seq is None else int(seq),
-        committed=float(committed),
-        source=source,
-        subject=subject,
-        work_order=work_order,
-        lot=lot,
-        source_time=_time_text(source_time),
-        trigger=stored,
-        delivered=delivered,
-        outcome=outcome,
-        outcome_at=outcome_at,
-        reference=reference,
-        reason=reason,
-        steps=[JournalStep(at=float(committed), step="committed")],
-    )
-    if released is not None or (seq is None and not body_length):
-        # Held by the sequencing guard (still, or until ``released``): steps made up from the row.
-        entry.steps.append(JournalStep(at=float(committed), step="held", detail=f"work order {work_order}"))
-        if released is not None:
-            entry.steps.append(JournalStep(at=float(released), step="released"))
-    return entry
-
-
-async def _entries_at(db: aiosqlite.Connection, numbers: Sequence[int]) -> list[tuple[int, JournalEntry]]:
-    """The entries at these row numbers, oldest first, with their steps and batch ranges."""
-    if not numbers:
-        return []
-    chosen = msgspec.json.encode(sorted(set(numbers))).decode()
-    where = "j.n IN (SELECT value FROM json_each(?))"
-    async with db.execute(f"SELECT j.n, {_ENTRY_COLUMNS} FROM journal j WHERE {where} ORDER BY j.n", (chosen,)) as cur:
-        found = [(int(row[0]), _entry_of(row[1:])) for row in await cur.fetchall()]
-    by_n = dict(found)
-    steps = "s.at, s.step, s.sink, s.status, s.reference, s.detail"
-    for query in (
-        f"SELECT j.n, {steps} FROM journal j JOIN journal_steps s ON s.entry = j.n WHERE {where}",
-        # Ranges, per lane: an index probe per entry over the few ranges that may start within RANGE_SPAN
-        # before it.
-        *(
-            "SELECT j.n, r.at, r.step, r.sink, r.status, NULL, NULL FROM journal j JOIN journal_ranges r "
-            f"ON r.lane = '{lane}' AND r.first_seq BETWEEN j.seq - {RANGE_SPAN} AND j.seq AND r.last_seq >= j.seq "
-            f"WHERE {where} AND j.seq IS NOT NULL AND j.type IN ({types})"
-            for lane, types in _LANE_TYPES.items()
-        ),
-    ):
-        async with db.execute(query, (chosen,)) as cur:
-            for n, at, step, sink, status, reference, detail in await cur.fetchall():
-                by_n[int(n)].steps.append(JournalStep(float(at), step, sink, status, reference, detail))
-    for _, entry in found:
-        entry.steps.sort(key=lambda step: step.at)
-    return found
-
-
-async def trace(
-    db: aiosqlite.Connection, key: str, limit: int = 1000, recent: RecentRows | None = None
-) -> list[JournalEntry]:
-    """Every entry whose id, work order or lot is ``key``, oldest first, with its steps."""
-    numbers = (await rows_of(db, [key], recent)).get(key, [])
-    async with db.execute(
-        "SELECT n FROM (SELECT n FROM journal WHERE work_order = ? UNION SELECT n FROM journal WHERE lot = ?) "
-        "ORDER BY n LIMIT ?",
-        (key, key, limit),
-    ) as cur:
-        numbers.extend(int(row[0]) for row in await cur.fetchall())
-    return [entry for _, entry in await _entries_at(db, sorted(set(numbers))[:limit])]
-
-
-async def entries_of(
-    db: aiosqlite.Connection, ids: Sequence[str], recent: RecentRows | None = None
-) -> dict[str, JournalEntry]:
-    """The entries of ``ids`` (those the journal knows), with their steps; the newest for an id committed twice."""
-    numbers = [found[-1] for found in (await rows_of(db, ids, recent)).values()]
-    found: dict[str, JournalEntry] = {}
-    for start in range(0, len(numbers), 1000):
-        found.update((entry.id, entry) for _, entry in await _entries_at(db, numbers[start : start + 1000]))
-    return found
-
-
 def _time_text(value: Any) -> str | None:
-    """An event's ``time`` as stored: Unix time (appended events) or its own text (decoded ones)."""
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
     return value if isinstance(value, str) else None
 
 
-_segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
+def _decoded(body: bytes) -> dict[str, Any]:
+    try:
+        event = decode_event(body)
+    except msgspec.DecodeError:
+        return {}
+    return event if isinstance(event, dict) else {}
 
 
-async def body_of(db: aiosqlite.Connection, event_id: str, recent: RecentRows | None = None) -> bytes | None:
-    """The stored CloudEvent bytes of ``event_id`` (from its row, else from its segment), or None."""
-    numbers = (await rows_of(db, [event_id], recent)).get(event_id)
-    if not numbers:
-        return None
-    async with db.execute("SELECT seq, body FROM journal WHERE n = ?", (numbers[-1],)) as cur:
-        row = await cur.fetchone()
-    if row is None:
-        return None
-    seq, body = row
-    if body or seq is None:
-        return bytes(body) if body else None
-    async with db.execute(
-        "SELECT events FROM journal_segments WHERE first_seq <= ? ORDER BY first_seq DESC LIMIT 1", (seq,)
-    ) as cur:
-        found = await cur.fetchone()
-    if found is None:
-        return None
-    blob = bytes(found[0])
-    if blob and blob[0] == 0x78:  # zlib (see buffer.store.pack_segment)
-        blob = zlib.decompress(blob)
-    for event in _segment_decoder.decode(blob):
-        if event.seq == seq:
-            return event.body
-    return None
+async def entries_of(
+    db: aiosqlite.Connection, ids: Sequence[str], cache: SegmentCache | None = None
+) -> dict[str, JournalEntry]:
+    """The entries of ``ids`` (those the journal knows), with their steps, in the order of ``ids``."""
+    cache = cache or SegmentCache(db)
+    wanted = list(dict.fromkeys(ids))
+    found: dict[str, JournalEntry] = {}
+    for start in range(0, len(wanted), 1000):
+        found.update(await _entries(cache, wanted[start : start + 1000]))
+    return {event_id: found[event_id] for event_id in wanted if event_id in found}
+
+
+async def _entries(cache: SegmentCache, ids: list[str]) -> dict[str, JournalEntry]:
+    db = cache.db
+    occurrences = await locate(cache, ids)
+    held: dict[str, list[Any]] = {}
+    for row in await db.execute_fetchall(
+        "SELECT id, type, committed, work_order, lot, trigger, body FROM journal_held "
+        "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY n",
+        (_json(ids),),
+    ):
+        held.setdefault(str(row[0]), list(row[1:]))
+    known = [event_id for event_id in ids if event_id in occurrences or event_id in held]
+    if not known:
+        return {}
+    steps: dict[str, list[JournalStep]] = {}
+    for event_id, at, step, sink, status, reference, detail in await db.execute_fetchall(
+        "SELECT id, at, step, sink, status, reference, detail FROM journal_steps "
+        "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY n",
+        (_json(known),),
+    ):
+        steps.setdefault(str(event_id), []).append(JournalStep(float(at), step, sink, status, reference, detail))
+    outcomes: dict[str, list[Any]] = {
+        str(row[0]): list(row[1:])
+        for row in await db.execute_fetchall(
+            "SELECT id, outcome, at, reference, reason FROM journal_outcomes "
+            "WHERE id IN (SELECT value FROM json_each(?))",
+            (_json(known),),
+        )
+    }
+    ranges = await _ranges_of(
+        db, [(lane_of(s.events[i].type), s.events[i].seq) for o in occurrences.values() for s, i in o]
+    )
+    entries: dict[str, JournalEntry] = {}
+    for event_id in known:
+        found = occurrences.get(event_id, [])
+        held_row_ = held.get(event_id)
+        entry = _entry(event_id, found, held_row_, steps.get(event_id, []), outcomes.get(event_id), ranges)
+        entries[event_id] = entry
+    return entries
+
+
+async def _ranges_of(db: aiosqlite.Connection, lane_seqs: Sequence[tuple[str, int]]) -> dict[int, list[JournalStep]]:
+    """seq -> the batch steps (attempts, acknowledgements) that cover it."""
+    by_lane: dict[str, list[int]] = {}
+    for lane, seq in lane_seqs:
+        by_lane.setdefault(lane, []).append(seq)
+    found: dict[int, list[JournalStep]] = {}
+    for lane, seqs in by_lane.items():
+        for start in range(0, len(seqs), 500):
+            rows = await db.execute_fetchall(
+                "SELECT s.value, r.at, r.step, r.sink, r.status FROM json_each(?) s JOIN journal_ranges r "
+                f"ON r.lane = ? AND r.first_seq BETWEEN s.value - {RANGE_SPAN} AND s.value AND r.last_seq >= s.value "
+                "ORDER BY r.n",
+                (_json(seqs[start : start + 500]), lane),
+            )
+            for seq, at, step, sink, status in rows:
+                found.setdefault(int(seq), []).append(JournalStep(float(at), step, sink, status))
+    return found
+
+
+def _entry(
+    event_id: str,
+    found: list[Occurrence],
+    held: list[Any] | None,
+    steps: list[JournalStep],
+    outcome: list[Any] | None,
+    ranges: dict[int, list[JournalStep]],
+) -> JournalEntry:
+    """One entry from its occurrences in segments (oldest first), its held row, steps, outcome and ranges."""
+    trigger: dict[str, Any] | None = None
+    work_order = lot = None
+    if held is not None:
+        type_, committed, work_order, lot, trigger_json, body = held
+        trigger = _trigger_of(trigger_json)
+        committed = float(committed)
+    if found:
+        segment, index = found[0]
+        event = segment.events[index]
+        type_ = event.type
+        if held is None:
+            committed = segment.committed
+        body = event.body
+        keys = segment.keys_of(index)
+        work_order = work_order or keys[0]
+        lot = lot or keys[1]
+        trigger = trigger or _trigger_of(keys[2])
+    decoded = _decoded(body) if body else {}
+    source = decoded.get("source")
+    if not isinstance(source, str):
+        source = ""
+    origin = decoded.get("originsource")
+    subject = decoded.get("subject")
+    if trigger is None and source:
+        trigger = source_trigger(source, origin if isinstance(origin, str) else None)
+    timeline = [JournalStep(at=committed, step="committed")]
+    if held is not None and not held[5]:
+        # Held by the sequencing guard: its release is when it reached its lane.
+        timeline.append(JournalStep(at=committed, step="held", detail=f"work order {work_order}"))
+        for segment, index in found:
+            if segment.keys_of(index)[3] == RELEASED:
+                timeline.append(JournalStep(at=segment.committed, step="released"))
+                break
+    delivered: float | None = None
+    receiver_reference: str | None = None
+    referenced = {(s.sink, s.at) for s in steps if s.step == "acked"}
+    for segment, index in found:
+        for step in ranges.get(segment.events[index].seq, []):
+            if step.step == "acked":
+                delivered = step.at if delivered is None else min(delivered, step.at)
+                if (step.sink, step.at) in referenced:
+                    continue  # the per-event step with the reference says it
+            timeline.append(step)
+    for step in steps:
+        if step.step == "acked":
+            delivered = step.at if delivered is None else min(delivered, step.at)
+            receiver_reference = receiver_reference or step.reference
+        timeline.append(step)
+    timeline.sort(key=lambda step: step.at)
+    entry = JournalEntry(
+        id=event_id,
+        type=type_,
+        lane=lane_of(type_),
+        seq=found[-1][0].events[found[-1][1]].seq if found else None,
+        committed=committed,
+        source=source,
+        subject=subject if isinstance(subject, str) else None,
+        work_order=work_order,
+        lot=lot,
+        source_time=_time_text(decoded.get("time")),
+        trigger=trigger,
+        delivered=delivered,
+        reference=receiver_reference,
+        steps=timeline,
+    )
+    if outcome is not None:
+        entry.outcome, entry.outcome_at, reference, entry.reason = outcome
+        entry.reference = reference or receiver_reference
+    return entry
+
+
+async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[JournalEntry]:
+    """Every entry whose id, work order or lot is ``key``, oldest first, with its steps."""
+    cache = SegmentCache(db)
+    ids: list[str] = []
+    seen: set[str] = set()
+
+    def take(event_id: str) -> None:
+        if event_id not in seen:
+            seen.add(event_id)
+            ids.append(event_id)
+
+    firsts = [
+        int(row[0])
+        for row in await db.execute_fetchall(
+            "SELECT DISTINCT seq FROM journal_keys WHERE hash IN (?, ?) ORDER BY seq",
+            (_order_hash(key), _lot_hash(key)),
+        )
+    ]
+    matched: list[tuple[int, str]] = []  # (seq, id), in sequence order
+    for start in range(0, len(firsts), 8):
+        for segment in await cache.starting(firsts[start : start + 8]):
+            for index, event in enumerate(segment.events):
+                work_order, lot, _, _ = segment.keys_of(index)
+                if work_order == key or lot == key:
+                    matched.append((event.seq, event.id))
+        if len({i for _, i in matched}) >= limit:
+            break
+    for segment in await cache.tail():
+        for index, event in enumerate(segment.events):
+            work_order, lot, _, _ = segment.keys_of(index)
+            if work_order == key or lot == key:
+                matched.append((event.seq, event.id))
+    held = await db.execute_fetchall(
+        "SELECT id FROM journal_held WHERE work_order = ? UNION SELECT id FROM journal_held WHERE lot = ?", (key, key)
+    )
+    held_ids = [str(row[0]) for row in held]
+    take(key)
+    for event_id in held_ids:
+        take(event_id)
+    for _, event_id in sorted(matched):
+        take(event_id)
+    found = await entries_of(db, ids[: limit + 1], cache)
+    entries = sorted(found.values(), key=lambda entry: (entry.committed, entry.seq or 0))
+    return entries[:limit]
+
+
+async def body_of(db: aiosqlite.Connection, event_id: str) -> bytes | None:
+    """The stored CloudEvent bytes of ``event_id`` (its newest commit, else its held row), or None."""
+    found = (await locate(SegmentCache(db), [event_id])).get(event_id)
+    if found:
+        segment, index = found[-1]
+        return segment.events[index].body
+    rows = list(await db.execute_fetchall(
+        "SELECT body FROM journal_held WHERE id = ? AND length(body) > 0 ORDER BY n DESC LIMIT 1", (event_id,)
+    ))  # fmt: skip
+    return bytes(rows[0][0]) if rows else None
 
 
 async def window(
@@ -989,42 +1193,108 @@ async def window(
 ) -> list[tuple[str, str, float | None, str | None]]:
     """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in that order."""
     if by == "delivered":
-        query = "SELECT id, type, delivered, outcome FROM journal WHERE delivered >= ? AND delivered < ?"
-        params: tuple[Any, ...] = (start, end)
-        order = " ORDER BY delivered, n"
-    elif by == "committed":
-        # Rows are numbered in commit order: the window is a run of row numbers, found by two binary searches
-        # (an index of commit times would cost every append).
-        query = "SELECT id, type, delivered, outcome FROM journal WHERE n >= ? AND n < ?"
-        params = (await _first_committed_at(db, start), await _first_committed_at(db, end))
-        order = " ORDER BY n"
-    else:
+        return await _delivered_window(db, start, end, type_)
+    if by != "committed":
         raise ValueError("by: must be 'delivered' or 'committed'")
-    if type_ is not None:
-        query += " AND type = ?"
-        params = (*params, type_)
-    async with db.execute(query + order, params) as cur:
-        return [(str(i), str(t), d, o) for i, t, d, o in await cur.fetchall()]
+    cache = SegmentCache(db)
+    firsts = [
+        int(row[0])
+        for row in await db.execute_fetchall(
+            "SELECT first_seq FROM journal_segments WHERE committed >= ? AND committed < ? ORDER BY first_seq",
+            (start, end),
+        )
+    ]
+    rows: list[tuple[float, int, str, str]] = []
+    for segment in await cache.starting(firsts):
+        for index, event in enumerate(segment.events):
+            if segment.keys_of(index)[3] == APPENDED and (type_ is None or event.type == type_):
+                rows.append((segment.committed, event.seq, event.id, event.type))
+    for event_id, event_type, committed in await db.execute_fetchall(
+        "SELECT id, type, committed FROM journal_held WHERE committed >= ? AND committed < ? ORDER BY n",
+        (start, end),
+    ):
+        if type_ is None or event_type == type_:
+            rows.append((float(committed), -1, str(event_id), str(event_type)))
+    rows.sort()
+    ids = list(dict.fromkeys(row[2] for row in rows))
+    entries = await entries_of(db, ids, cache)
+    result: list[tuple[str, str, float | None, str | None]] = []
+    for event_id in ids:
+        entry = entries.get(event_id)
+        if entry is not None:
+            result.append((event_id, entry.type, entry.delivered, entry.outcome))
+    return result
 
 
-async def _first_committed_at(db: aiosqlite.Connection, at: float) -> int:
-    """The lowest row number committed at or after ``at`` (one past the last row when none is)."""
-    async with db.execute("SELECT min(n), max(n) FROM journal") as cur:
-        row = await cur.fetchone()
-    if row is None or row[0] is None:
-        return 0
-    low, high = int(row[0]), int(row[1]) + 1
-    while low < high:
-        middle = (low + high) // 2
-        async with db.execute("SELECT n, committed FROM journal WHERE n >= ? ORDER BY n LIMIT 1", (middle,)) as cur:
-            found = await cur.fetchone()
-        if found is None or found[1] >= at:
-            high = middle
-        else:
-            low = int(found[0]) + 1
-    return low
+async def _delivered_window(
+    db: aiosqlite.Connection, start: float, end: float, type_: str | None
+) -> list[tuple[str, str, float | None, str | None]]:
+    """Entries first acknowledged by any sink in ``[start, end)``, by that time."""
+    cache = SegmentCache(db)
+    ranges = list(await db.execute_fetchall(
+        "SELECT lane, first_seq, last_seq, at FROM journal_ranges WHERE step = 'acked' AND at >= ? AND at < ? "
+        "ORDER BY at, n",
+        (start, end),
+    ))  # fmt: skip
+    candidates: dict[str, tuple[float, int, str, str]] = {}  # id -> (at, seq, type, lane)
+    holding: dict[str, dict[int, Segment]] = {}
+    for lane in {str(r[0]) for r in ranges}:
+        holding[lane] = await cache.holding(
+            lane, (seq for r in ranges if r[0] == lane for seq in range(int(r[1]), int(r[2]) + 1))
+        )
+    for lane, first, last, at in ranges:
+        for seq in range(int(first), int(last) + 1):
+            segment = holding[lane].get(seq)
+            index = segment.index_of(seq) if segment is not None else None
+            if segment is None or index is None:
+                continue
+            event = segment.events[index]
+            if event.lane != lane or (type_ is not None and event.type != type_):
+                continue
+            if event.id not in candidates or at < candidates[event.id][0]:
+                candidates[event.id] = (float(at), seq, event.type, lane)
+    for event_id, at in await db.execute_fetchall(
+        "SELECT id, min(at) FROM journal_steps WHERE step = 'acked' AND at >= ? AND at < ? GROUP BY id", (start, end)
+    ):
+        if str(event_id) not in candidates or at < candidates[str(event_id)][0]:
+            candidates[str(event_id)] = (float(at), -1, "", "")
+    if not candidates:
+        return []
+    # An event acknowledged before the window (by another sink, or under an earlier sequence) is not in it.
+    entries = await entries_of(db, list(candidates), cache)
+    result: list[tuple[float, int, str, str, str | None]] = []
+    for event_id, (at, seq, _, _) in candidates.items():
+        entry = entries.get(event_id)
+        if entry is None or (type_ is not None and entry.type != type_):
+            continue
+        if entry.delivered is not None and entry.delivered < start:
+            continue
+        result.append(
+            (entry.delivered if entry.delivered is not None else at, seq, event_id, entry.type, entry.outcome)
+        )
+    result.sort()
+    return [(event_id, t, at, outcome) for at, _, event_id, t, outcome in result]
+
+
+async def info(db: aiosqlite.Connection) -> tuple[int, float | None]:
+    """The oldest commit time in the journal (None: empty) and whether it holds anything, for ``/status``."""
+    oldest: float | None = None
+    for query in (
+        "SELECT committed FROM journal_segments ORDER BY first_seq LIMIT 1",
+        "SELECT committed FROM journal_held ORDER BY n LIMIT 1",
+    ):
+        rows = list(await db.execute_fetchall(query))
+        if rows:
+            at = float(rows[0][0])
+            oldest = at if oldest is None else min(oldest, at)
+    return (0 if oldest is None else 1), oldest
 
 
 def now_or(at: float) -> float:
     """``at``, or the current time when it is 0 (unset)."""
     return at or time.time()
+
+
+def format_time(at: float) -> str:
+    """A Unix time as RFC 3339 UTC text."""
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")

@@ -39,7 +39,6 @@ touches SQLite.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
 import fcntl
@@ -62,23 +61,23 @@ from agent.files import private_directory
 from agent.sink import ACKED, BufferedEvent, Delivered, Outcome, Rejected, RetryLater
 from buffer import journal as journal_store
 from buffer.journal import (
-    INSERT_ENTRY,
     INSERT_SEGMENT,
     JOURNAL_SCHEMA,
     RANGE_SPAN,
-    EntryRow,
+    RELEASED,
+    REPLAYED,
+    EventKeys,
     HeldRow,
     JournalEntry,
     JournalWrites,
     OutcomeCounts,
     OutcomeReport,
     OutcomeTally,
-    RecentRows,
     TallyChanges,
+    decoded_keys,
     held_row,
     journal_keys,
-    pack_info,
-    row_of,
+    pack_keys,
     trigger_text,
 )
 
@@ -141,7 +140,7 @@ DEDUPE_WINDOW = 86_400.0
 DEDUPE_MAX_IDS = 200_000
 """Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
 _DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
-_JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal ids are merged into their index
+_JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal keys are merged into their index
 
 
 def pack_segment(events: Sequence[BufferedEvent]) -> bytes:
@@ -314,9 +313,6 @@ class _Pending:
     released: list[tuple[str, str, float]] = field(default_factory=list)  # (work order, after type, time)
     released_before: float = 0.0  # sequencing: forget releases older than this
     journal: JournalWrites = field(default_factory=JournalWrites)
-    journal_done: dict[str, int] = field(default_factory=dict)
-    """Journal entries of each lane already committed (with the segments of their events); ``re:<lane>``
-    for the entries that take a new sequence (released, replayed)."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     count: int = 0
 
@@ -433,14 +429,13 @@ class _Settled:
     run ends at any event of that lane with another outcome (and at ``RANGE_SPAN``).
     """
 
-    __slots__ = ("_open", "_run", "ranges", "referenced", "runs")
+    __slots__ = ("_open", "acked", "ranges", "referenced")
 
     def __init__(self) -> None:
         self.ranges: list[list[Any]] = []  # [lane, first, last, step, status]
         self.referenced: list[tuple[str, str, int, str]] = []  # (id, the receiver's reference, seq, lane)
-        self.runs: list[list[Any]] = []  # [lane, first, last] acknowledged, unbroken in their lane: delivered
+        self.acked: list[tuple[str, int, str, str]] = []  # (lane, seq, type, id) acknowledged
         self._open: dict[str, list[Any] | None] = {}  # lane -> its open range
-        self._run: dict[str, list[Any] | None] = {}  # lane -> its open acknowledged run
 
     def add(self, event: BufferedEvent, outcome: Outcome) -> None:
         lane, seq = event.lane, event.seq
@@ -452,15 +447,8 @@ class _Settled:
                 step, status = "acked", "ok"
             else:
                 self.referenced.append((event.id, reference, seq, lane))
-            run = self._run.get(lane)
-            if run is None:
-                run = [lane, seq, seq]
-                self.runs.append(run)
-                self._run[lane] = run
-            else:
-                run[2] = seq
+            self.acked.append((lane, seq, event.type, event.id))
         else:
-            self._run[lane] = None
             if isinstance(outcome, RetryLater):
                 step, status = "attempt", outcome.reason or "retry"
         current = self._open.get(lane)
@@ -502,25 +490,22 @@ def _replay_detail(n: int | None) -> str:
     return "resent from the journal" if n is None else f"from dead letter {n}"
 
 
-def _entry_seq(row: EntryRow) -> int:
-    return -1 if row[2] is None else row[2]
-
-
-def _entry_row(
-    event: CloudEvent, seq: int | None, now: float, contexts: Mapping[str, dict[str, Any]] | None
-) -> EntryRow:
-    """An appended event's journal entry (its body is in its segment). No trigger is stored for a source's
-    own event: it is made up from the event's source when read."""
+def _entry_keys(event: CloudEvent, contexts: Mapping[str, dict[str, Any]] | None) -> EventKeys | None:
+    """What the journal keeps of an appended event beside the event itself (its segment has that): the
+    work order and lot it is found by, and a rule's trigger. No trigger is kept for a source's own event:
+    it is made up from the event's source when read. None when there is nothing to keep."""
     work_order, lot = journal_keys(event.data, event.subject)
     context = contexts.get(event.id) if contexts else None
-    info = pack_info(
-        event.source,
-        event.subject,
-        event.time.timestamp(),
-        event.originsource,
-        None if context is None else trigger_text(context),
-    )
-    return (event.id, event.type, seq, now, work_order, lot, info)
+    if work_order is None and lot is None and context is None:
+        return None
+    return (work_order, lot, None if context is None else trigger_text(context), 0)
+
+
+def _held_entry(event: CloudEvent, now: float, contexts: Mapping[str, dict[str, Any]] | None) -> HeldRow:
+    """The entry of an event the sequencing guard holds (its body is in the held table until released)."""
+    work_order, lot = journal_keys(event.data, event.subject)
+    context = contexts.get(event.id) if contexts else None
+    return (event.id, event.type, now, work_order, lot, None if context is None else trigger_text(context), b"")
 
 
 def _dead_letter_of(event: BufferedEvent, sink: str, reason: str) -> DeadLetter:
@@ -566,12 +551,14 @@ class Buffer:
         self._journal_bytes = 0  # estimated bytes of the journal's tables (kept in ``meta`` with each commit)
         self._tally = OutcomeTally()
         self._tally_loaded = False
-        self._journal_recent = RecentRows()  # the writer's map of the entries not in ``journal_ids`` yet
         self._journal_info: dict[str, Any] = {"entries": 0, "oldest_committed": None}  # refreshed by maintain
+        self._journal_entries = 0  # events journaled and not trimmed yet, kept in ``meta``
+        self._journal_outcomes = False  # the journal holds an outcome: a first delivery must look for one
+        self._journal_replays = False  # ... a replay: a first delivery may be a second one
         self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
         self._journal_trim_due = False  # maintain() found entries past retention or the size bound
-        self._journal_unindexed = 0  # entries appended since their ids were last merged into ``journal_ids``
-        self._journal_merge_due = False  # maintain(): ids waiting too long for their merge
+        self._journal_unindexed = 0  # events journaled since their keys were last merged into ``journal_keys``
+        self._journal_merge_due = False  # maintain(): keys waiting too long for their merge
         self._journal_merge_checked = 0.0
         self._journal_shrinking = False  # trimming down to 95 % of the size bound
         # None: the rules are not known here (``plantgate buffer`` on a stopped agent's file), so
@@ -730,7 +717,11 @@ class Buffer:
             await db.execute(f"PRAGMA max_page_count={int(self._page_limit)}")
         await db.executescript(_SCHEMA)
         # Also with the journal off: a file that had one keeps it readable, and an old file gains it here.
-        await journal_store.migrate(db)
+        if await journal_store.migrate(db):
+            log.warning(
+                "Delivery journal of an earlier layout dropped; the journal starts afresh",
+                extra={"path": str(self.path)},
+            )
         await db.executescript(JOURNAL_SCHEMA)
         async with db.execute("PRAGMA table_info(cursors)") as cur:
             columns = {row[1] for row in await cur.fetchall()}
@@ -767,20 +758,26 @@ class Buffer:
             row = await cur.fetchone()
             if row:
                 seq = max(seq, int(row[0]))
-        async with db.execute("SELECT key, value FROM meta WHERE key IN ('journal_bytes', 'journal_trimmed')") as cur:
+        async with db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('journal_bytes', 'journal_trimmed', 'journal_entries')"
+        ) as cur:
             stored = {str(key): int(value) for key, value in await cur.fetchall()}
         self._journal_bytes = stored.get("journal_bytes", 0)
         self._journal_trimmed = stored.get("journal_trimmed", 0)
+        self._journal_entries = stored.get("journal_entries", 0)
         if await journal_store.has_journal(db):
-            if self._db is not None:
-                # The agent's counts, kept from here on. A read-only look (plantgate trace) leaves them
-                # to the first outcome_summary(): an index scan it mostly does not need.
-                await self._tally.load(db)
-                self._tally_loaded = True
+            await self._tally.load(db)
+            self._tally_loaded = True
             await self._refresh_journal_info(db)
             if self._db is not None:
-                await self._journal_recent.load(db)
-                self._journal_unindexed = len(self._journal_recent.rows)
+                flags = await db.execute_fetchall(
+                    "SELECT EXISTS (SELECT 1 FROM journal_outcomes), "
+                    "EXISTS (SELECT 1 FROM journal_steps WHERE step = 'replayed')"
+                )
+                for outcomes, replays in flags:
+                    self._journal_outcomes, self._journal_replays = bool(outcomes), bool(replays)
+                # Merged at the first commit: a lookup reads the tail whole until then.
+                self._journal_merge_due = True
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -840,9 +837,7 @@ class Buffer:
         """The ids accepted within the dedupe window, newest first up to the bound, from the dedupe table."""
         window, max_ids = self._dedupe_settings
         stored: dict[str, float] = {}
-        async with db.execute(
-            "SELECT key, value FROM meta WHERE key IN ('dedupe_window', 'dedupe_max_ids')"
-        ) as cur:
+        async with db.execute("SELECT key, value FROM meta WHERE key IN ('dedupe_window', 'dedupe_max_ids')") as cur:
             stored = {str(key): float(value) for key, value in await cur.fetchall()}
         if window is None:
             window = stored.get("dedupe_window", DEDUPE_WINDOW)
@@ -986,7 +981,7 @@ class Buffer:
             self._size_bytes = 0
             self._journal_bytes = 0  # the journal stays with the moved file
             self._tally = OutcomeTally()
-            self._journal_recent = RecentRows()
+            self._journal_entries = 0
             self._journal_info = {"entries": 0, "oldest_committed": None}
             if info is not None:
                 self.quarantined = info
@@ -1107,7 +1102,7 @@ class Buffer:
         remembered = pending.dedupe
         before = len(remembered)
         encode = encode_event
-        journal = pending.journal.entries if self.journal_enabled else None
+        journal = pending.journal.keys if self.journal_enabled else None
         for event in events:
             lane = event.lane
             event_id = event.id
@@ -1124,7 +1119,9 @@ class Buffer:
                 body = encode(event)
                 rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, body, now))
                 if journal is not None:
-                    journal[lane].append(_entry_row(event, seq, now, contexts))
+                    keys = _entry_keys(event, contexts)
+                    if keys is not None:
+                        journal[seq] = keys
                 continue
             seq += 1
             event.sequence = f"{seq:020d}"  # format_sequence, inlined on the hot path
@@ -1178,14 +1175,16 @@ class Buffer:
                     pending.held_add.append(held)
                     if journal is not None:
                         # No body (the held table has it until release): no step either, see ``released``.
-                        journal.unsequenced.append((*_entry_row(event, None, now, contexts), b""))
+                        journal.unsequenced.append(_held_entry(event, now, contexts))
                     continue
             self._seq += 1
             event.sequence = f"{self._seq:020d}"
             body = encode_event(event)
             rows[lane].append(BufferedEvent(self._seq, lane, type_, event_id, body, now))
             if journal is not None and lane != "telemetry":
-                journal.entries[lane].append(_entry_row(event, self._seq, now, contexts))
+                keys = _entry_keys(event, contexts)
+                if keys is not None:
+                    journal.keys[self._seq] = keys
             if type_ in releasing:
                 work_order = work_order_of(event.data, event.subject)
                 if work_order is not None:
@@ -1231,31 +1230,34 @@ class Buffer:
         self._pending.rows[entry.lane].append(BufferedEvent(self._seq, entry.lane, entry.type, entry.id, body, now))
         self._pending.held_drop.append(entry.id)
         self._pending.count += 1
-        self._journal_sequenced(event, entry.lane, self._seq, body, now, None)
-        if self.journal_enabled and entry.lane != "telemetry":
-            self._pending.journal.released[entry.id] = now
+        self._journal_sequenced(event, entry.lane, self._seq, RELEASED, now, None)
 
     def _journal_sequenced(
         self,
         event: dict[str, Any],
         lane: Lane,
         seq: int,
-        body: bytes,
+        kind: int,
         now: float,
         step: str | None,
         detail: str | None = None,
     ) -> None:
-        """A decoded event went into its lane (released, replayed): its entry takes the sequence, plus a step."""
+        """A decoded event went into its lane (released, replayed): journaled again there, plus a step."""
         if not self.journal_enabled or lane == "telemetry":
             return
         journal = self._pending.journal
-        journal.resequenced[lane].append(row_of(event, seq, now))
+        journal.keys[seq] = decoded_keys(event, kind)
         if step is not None:
             journal.steps.append((str(event["id"]), now, step, None, None, None, detail))
 
     def _journal_settled(self, sink: str, settled: _Settled) -> None:
-        """A batch's attempts and acknowledgements, as journal rows for the next commit."""
-        if not (settled.runs or settled.ranges):
+        """A batch's attempts and acknowledgements, as journal rows for the next commit.
+
+        An acknowledgement is an event's delivery when no other sink of its lane has
+        acknowledged it yet (its cursor is still before it): that makes it unconfirmed
+        until the ERP's outcome arrives.
+        """
+        if not (settled.acked or settled.ranges):
             return
         now = time.time()
         journal = self._pending.journal
@@ -1263,11 +1265,16 @@ class Buffer:
             (lane, first, last, now, step, sink, status) for lane, first, last, step, status in settled.ranges
         )
         if settled.referenced:
-            journal.seq_steps.extend(
-                (id_, now, "acked", sink, "ok", ref, None, seq) for id_, ref, seq, _ in settled.referenced
-            )
-            journal.references.extend((ref, seq) for _, ref, seq, _ in settled.referenced)
-        journal.delivered.extend((now, lane, first, last) for lane, first, last in settled.runs)
+            journal.steps.extend((id_, now, "acked", sink, "ok", ref, None) for id_, ref, _, _ in settled.referenced)
+        others: dict[str, list[_LaneCursor]] = {}
+        for (other, other_lane), state in self._cursors.items():
+            if other != sink:
+                others.setdefault(other_lane, []).append(state)
+        for lane, seq, type_, event_id in settled.acked:
+            peers = others.get(lane)
+            if peers and any(state.acked >= seq for state in peers):
+                continue  # another sink delivered it first
+            journal.acked.append((lane, seq, type_, event_id, now))
         self._pending.count += 1
         self._wake.set()
 
@@ -1447,7 +1454,6 @@ class Buffer:
             # The file is damaged: everything of this group goes to the fresh file, also what
             # already committed into the damaged one (its waiters were not told yet).
             pending.done = dict.fromkeys(LANES, 0)
-            pending.journal_done = dict.fromkeys(pending.journal_done, 0)
             if await self._try_quarantine(f"{type(exc).__name__}: {exc}"):
                 self._wake.set()
             return
@@ -1492,40 +1498,40 @@ class Buffer:
             trimmed = False
             await db.execute("BEGIN IMMEDIATE")
             written: set[tuple[str, Lane]] = set()
-            journal_done: dict[str, int] = {}
             try:
-                segment_bytes = await self._insert(db, chunk, txn)
-                journal_done, journal_bytes = await self._insert_journal(db, pending, chunk, last)
-                journal_bytes += segment_bytes
+                journal_bytes, journaled = await self._insert(db, chunk, txn, pending.journal.keys)
                 changes: TallyChanges | None = None
                 trimmed_entries = 0
-                trimmed_ids: list[str] = []
-                merged_upto = 0
+                merge_more: bool | None = None
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
                     changes = TallyChanges()
                     if self.journal_enabled:
-                        journal_bytes += await self._journal_extras(db, pending, changes)
+                        added, held = await self._journal_extras(db, pending, changes)
+                        journal_bytes += added
+                        journaled += held
                     if self._journal_trim_due:
                         cut = await self._trim_journal(db, changes)
-                        self._journal_recent.forget_numbering()  # a trim may take the newest rows too
                         trimmed_entries, journal_bytes = cut.entries, journal_bytes - cut.bytes
-                        trimmed_ids = cut.ids
                     if self._journal_unindexed >= journal_store.MERGE_EVERY or self._journal_merge_due:
-                        index_bytes, merged_upto = await self._merge_journal_ids(db)
-                        journal_bytes += index_bytes
+                        index_rows, merge_more = await journal_store.merge_keys(db)
+                        journal_bytes += index_rows * journal_store.KEY_BYTES
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)
                     written = await self._write_cursors(db)
                     await self._delete_delivered(db, txn)
                     await self._evict_telemetry(db, txn)
-                meta: list[tuple[str, float]] = [("last_seq", self._seq)]
+                meta: list[tuple[str, float | str]] = [("last_seq", self._seq)]
                 if journal_bytes:
                     meta.append(("journal_bytes", max(0, self._journal_bytes + journal_bytes)))
+                if journaled or trimmed_entries:
+                    meta.append(("journal_entries", max(0, self._journal_entries + journaled - trimmed_entries)))
                 if trimmed_entries:
                     meta.append(("journal_trimmed", self._journal_trimmed + trimmed_entries))
+                if changes is not None and changes.deltas:
+                    meta.append(("journal_tally", self._tally.with_deltas(changes)))
                 await db.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                     meta,
@@ -1535,20 +1541,25 @@ class Buffer:
                 with contextlib.suppress(sqlite3.Error):
                     await db.execute("ROLLBACK")
                 self._dirty_cursors.update(written)  # the retry writes these positions again
-                self._journal_recent.forget_numbering()  # the rows it numbered are not in the file
                 raise
             for lane, events in chunk.items():
                 pending.done[lane] += len(events)
-            pending.journal_done.update(journal_done)
             self._journal_bytes = max(0, self._journal_bytes + journal_bytes)
             self._journal_trimmed += trimmed_entries
+            self._journal_entries = max(0, self._journal_entries + journaled - trimmed_entries)
+            self._journal_unindexed += journaled
+            if merge_more is not None:
+                self._journal_unindexed = journal_store.MERGE_EVERY if merge_more else 0
+                self._journal_merge_due = merge_more
+                if merge_more:
+                    self._wake.set()
             if changes is not None:
                 self._tally.apply(changes)
-            if merged_upto:
-                self._journal_recent.merged(merged_upto)
-            for event_id in trimmed_ids:
-                self._journal_recent.rows.pop(event_id, None)
             if last:
+                if pending.journal.outcomes:
+                    self._journal_outcomes = True
+                if any(step[2] == "replayed" for step in pending.journal.steps):
+                    self._journal_replays = True
                 self._dedupe_settings_saved = True
                 if trimmed:
                     self._dedupe_trimmed_at = time.time()
@@ -1577,10 +1588,17 @@ class Buffer:
             self.evictions.extend(_evictions_of(evicted))
             self.on_eviction.set()
 
-    async def _insert(self, db: aiosqlite.Connection, chunk: dict[Lane, list[BufferedEvent]], txn: _Txn) -> int:
-        """The chunk's segments; returns the estimated bytes the journal's copies of them take."""
+    async def _insert(
+        self,
+        db: aiosqlite.Connection,
+        chunk: dict[Lane, list[BufferedEvent]],
+        txn: _Txn,
+        keys: Mapping[int, EventKeys],
+    ) -> tuple[int, int]:
+        """The chunk's segments; returns the estimated bytes the journal's copies of them take, and how many
+        events those hold."""
         now = time.time()
-        journal_bytes = 0
+        journal_bytes = journaled = 0
         for lane, events in chunk.items():
             if not events:
                 continue
@@ -1594,62 +1612,20 @@ class Buffer:
             written = sum(len(row[4]) for row in rows)
             self._written_since_size_check += written
             if self.journal_enabled and lane != "telemetry":
-                # The journal keeps the bodies: the same compressed bytes, written once more.
-                await db.executemany(INSERT_SEGMENT, [(row[0], row[1], row[4]) for row in rows])
-                journal_bytes += sum(journal_store.segment_bytes(len(row[4])) for row in rows)
+                # The journal is the segments themselves (the same compressed bytes, written once more) and,
+                # per event, only the keys the event does not carry.
+                copies = [
+                    (row[0], row[1], lane, now, row[4], pack_keys([keys.get(event.seq) for event in seg]))
+                    for row, seg in zip(rows, segments, strict=True)
+                ]
+                await db.executemany(INSERT_SEGMENT, copies)
+                journal_bytes += sum(journal_store.segment_bytes(len(row[4]) + len(row[5])) for row in copies)
+                journaled += len(events)
             txn.inserted[lane] = events
             if lane == "telemetry":
                 # Counted before eviction so the cap holds right after the commit that crosses it.
                 txn.telemetry_delta += len(events)
-        return journal_bytes
-
-    async def _insert_journal(
-        self, db: aiosqlite.Connection, pending: _Pending, chunk: dict[Lane, list[BufferedEvent]], last: bool
-    ) -> tuple[dict[str, int], int]:
-        """The journal entries of the events in ``chunk``: in the transaction of their segments.
-
-        Returns how many entries of each lane are written once it commits, and their estimated bytes.
-        """
-        done: dict[str, int] = {}
-        added = 0
-        journal = pending.journal
-        for kind, lists in (("", journal.entries), ("re:", journal.resequenced)):
-            for lane, entries in lists.items():
-                start = pending.journal_done.get(kind + lane, 0)
-                if start >= len(entries):
-                    continue
-                events = chunk.get(lane)  # type: ignore[call-overload]
-                if last:
-                    stop = len(entries)
-                elif events:
-                    stop = bisect.bisect_right(entries, events[-1].seq, lo=start, key=_entry_seq)
-                else:
-                    continue
-                if stop > start:
-                    rows = entries[start:stop]
-                    if kind:
-                        added += await journal_store.resequence(
-                            db, rows, self._journal_recent, pending.journal.released
-                        )
-                    else:
-                        await self._journal_recent.insert(db, INSERT_ENTRY, rows)
-                        added += journal_store.entry_bytes(rows)
-                        self._journal_unindexed += len(rows)
-                    done[kind + lane] = stop
-        return done, added
-
-    async def _merge_journal_ids(self, db: aiosqlite.Connection) -> tuple[int, int]:
-        """Index the ids of the newest entries (see ``buffer.journal``).
-
-        Returns the bytes the index grew by and the highest row number indexed (for ``RecentRows``
-        once the transaction committed).
-        """
-        merged, more, upto = await journal_store.merge_ids(db)
-        self._journal_unindexed = journal_store.MERGE_EVERY if more else 0
-        self._journal_merge_due = more
-        if more:
-            self._wake.set()
-        return merged * journal_store.ID_BYTES, upto
+        return journal_bytes, journaled
 
     async def _trim_journal(self, db: aiosqlite.Connection, changes: TallyChanges) -> journal_store.Trimmed:
         """One bounded chunk of retention and size trimming; the commit loop comes back while more is due.
@@ -1662,8 +1638,6 @@ class Buffer:
             excess = self._journal_bytes - int(0.95 * self.journal_max_bytes)
         self._journal_shrinking = excess > 0
         trimmed = await journal_store.trim(db, time.time() - self.journal_retention, excess, changes)
-        if changes.recount:
-            await changes.settle_oldest(db)
         self._journal_trim_due = trimmed.more or (excess - trimmed.bytes > 0 and trimmed.entries > 0)
         if self._journal_trim_due:
             self._wake.set()
@@ -1671,38 +1645,54 @@ class Buffer:
             log.debug("Journal trimmed", extra={"entries": trimmed.entries, "bytes": trimmed.bytes})
         return trimmed
 
-    async def _journal_extras(self, db: aiosqlite.Connection, pending: _Pending, changes: TallyChanges) -> int:
-        """Dead letters as journal steps (and entries, when made before any sink), then the queued steps.
+    async def _journal_extras(
+        self, db: aiosqlite.Connection, pending: _Pending, changes: TallyChanges
+    ) -> tuple[int, int]:
+        """Dead letters as journal steps (and entries, when made before any sink), the queued steps and
+        ranges, first deliveries and outcomes.
 
-        Returns the estimated bytes added.
+        Returns the estimated bytes added and how many entries were added (held ones).
         """
         journal = pending.journal
-        added = 0
         steps: list[journal_store.StepRow] = []
-        if pending.dead:
-            unsequenced: list[HeldRow] = []
-            for dead in pending.dead:
-                if dead.lane == "telemetry":
-                    continue
-                if dead.sink == NO_SINK:
-                    unsequenced.append(
-                        held_row(dead.id, dead.type, dead.body, dead.time, dead.context)
-                    )
-                sink = None if dead.sink == NO_SINK else dead.sink
-                steps.append((dead.id, dead.time, "dead_letter", sink, None, None, dead.reason))
-            added += await journal_store.insert_unsequenced(db, unsequenced, self._journal_recent)
-        # The steps go in once every entry of this commit is (held ones included), to be found by id.
-        added += await journal_store.write_extras(db, journal, self._journal_recent, steps)
-        if journal.delivered:
-            await journal_store.write_delivered(db, journal, changes)
+        unsequenced = list(journal.unsequenced)
+        for dead in pending.dead:
+            if dead.lane == "telemetry":
+                continue
+            if dead.sink == NO_SINK:
+                unsequenced.append(held_row(dead.id, dead.type, dead.body, dead.time, dead.context))
+            sink = None if dead.sink == NO_SINK else dead.sink
+            steps.append((dead.id, dead.time, "dead_letter", sink, None, None, dead.reason))
+        held = await journal_store.insert_unsequenced(db, unsequenced)
+        added = journal_store.held_bytes(held) + sum(len(row[6]) for row in unsequenced)
+        steps.extend(journal.steps)
+        if steps:
+            await db.executemany(journal_store.INSERT_STEP, steps)
+            added += journal_store.step_bytes(steps)
+        if journal.ranges:
+            await db.executemany(journal_store.INSERT_RANGE, journal.ranges)
+            added += journal_store.RANGE_BYTES * len(journal.ranges)
+        if journal.acked:
+            redelivered: set[str] = set()
+            if self._journal_replays:
+                redelivered = await self._redelivered(db, journal.acked)
+            await journal_store.count_deliveries(db, journal.acked, redelivered, changes, self._journal_outcomes)
         if journal.outcomes:
-            await journal_store.write_outcomes(db, journal.outcomes, changes, self._journal_recent)
-            added += journal_store.step_bytes(
-                [(r.id, 0.0, r.outcome, None, None, r.reference, r.reason) for r in journal.outcomes]
-            )
-        if changes.recount:
-            await changes.settle_oldest(db)
-        return added + changes.bytes
+            added += await journal_store.write_outcomes(db, journal.outcomes, changes)
+        return added, held
+
+    async def _redelivered(self, db: aiosqlite.Connection, acked: Sequence[journal_store.Acked]) -> set[str]:
+        """Of the events acknowledged now, those replayed after an earlier delivery (counted once already)."""
+        ids = list({a[3] for a in acked})
+        rows = await db.execute_fetchall(
+            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
+            (msgspec.json.encode(ids).decode(),),
+        )
+        replayed = [str(row[0]) for row in rows]
+        if not replayed:
+            return set()
+        now = {a[1] for a in acked}
+        return await journal_store.delivered_before(journal_store.SegmentCache(db), replayed, now)
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(
@@ -2227,21 +2217,21 @@ class Buffer:
         db = await self._journal_reader()
         if db is None:
             return []
-        return await self._journal_read(journal_store.trace(db, key, limit, self._recent_rows()))
+        return await self._journal_read(journal_store.trace(db, key, limit))
 
     async def journal_entries(self, ids: Sequence[str]) -> dict[str, JournalEntry]:
         """The journal entries of ``ids`` that the journal knows, with their steps."""
         db = await self._journal_reader()
         if db is None:
             return {}
-        return await self._journal_read(journal_store.entries_of(db, ids, self._recent_rows()))
+        return await self._journal_read(journal_store.entries_of(db, ids))
 
     async def journal_body(self, id: str) -> bytes | None:
         """The CloudEvent bytes the journal keeps for ``id`` (to replay it under its id), or None."""
         db = await self._journal_reader()
         if db is None:
             return None
-        return await self._journal_read(journal_store.body_of(db, id, self._recent_rows()))
+        return await self._journal_read(journal_store.body_of(db, id))
 
     async def journal_window(
         self, start: float, end: float, type: str | None = None, *, by: str = "delivered"
@@ -2272,10 +2262,12 @@ class Buffer:
 
     async def outcome_summary(self) -> dict[str, OutcomeCounts]:
         """Per full type: delivered but not yet confirmed, confirmed, rejected, oldest unconfirmed (in memory)."""
-        if not self._tally_loaded and self._reader is not None:
-            if await journal_store.has_journal(self._reader):
+        if self._reader is not None:
+            if not self._tally_loaded and await journal_store.has_journal(self._reader):
                 await self._tally.load(self._reader)
             self._tally_loaded = True
+            if self._tally.stale:
+                await self._journal_read(self._tally.settle_oldest(self._reader))
         return {
             type_: OutcomeCounts(c.unconfirmed, c.confirmed, c.rejected, c.oldest_unconfirmed)
             for type_, c in sorted(self._tally.counts.items())
@@ -2295,22 +2287,11 @@ class Buffer:
         }
 
     async def _refresh_journal_info(self, db: aiosqlite.Connection) -> None:
-        # Rows are trimmed oldest first (lowest row number) and an id released or replayed keeps its row:
-        # the row numbers in use are one run, so two rowid lookups count them (one statement with a
-        # subquery beside min() and max() would scan the table).
-        ends: list[Any] = []
-        for query in ("SELECT n, committed FROM journal ORDER BY n LIMIT 1", "SELECT max(n) FROM journal"):
-            async with db.execute(query) as cur:
-                ends.append(await cur.fetchone())
-        first, last = ends
-        if first is None or last is None or last[0] is None:
-            self._journal_info = {"entries": 0, "oldest_committed": None}
-        else:
-            self._journal_info = {"entries": int(last[0]) - int(first[0]) + 1, "oldest_committed": first[1]}
-
-    def _recent_rows(self) -> RecentRows | None:
-        """The writer's map of the newest entries; None for a read-only look (that scans the tail instead)."""
-        return self._journal_recent if self._db is not None else None
+        _, oldest = await journal_store.info(db)
+        self._journal_info = {
+            "entries": self._journal_entries if oldest is not None else 0,
+            "oldest_committed": oldest,
+        }
 
     async def _journal_read(self, read: Awaitable[_T]) -> _T:
         try:
@@ -2371,7 +2352,7 @@ class Buffer:
             event = {**event, "lane": lane, "sequence": f"{self._seq:020d}"}
             body = msgspec.json.encode(event)
             pending.rows[lane].append(BufferedEvent(self._seq, lane, event["type"], event["id"], body, now))
-            self._journal_sequenced(event, lane, self._seq, body, now, "replayed", _replay_detail(n))
+            self._journal_sequenced(event, lane, self._seq, REPLAYED, now, "replayed", _replay_detail(n))
             if lane != "telemetry" and event["id"] not in recent:
                 recent.remember([event["id"]], now)
                 pending.dedupe.append(event["id"])

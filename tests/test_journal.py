@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from agent.config_types import BuildContext
 from agent.events import CloudEvent, Lane, Sample, TelemetrySamples, decode_event, encode_event, make_event
 from agent.sink import ACKED, Delivered, Rejected, RetryLater
 from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, OutcomeReport
-from buffer.journal import MERGE_EVERY, RANGE_SPAN
+from buffer.journal import JOURNAL_TABLES, MERGE_EVERY, RANGE_SPAN, events_of
 from protocols.https import HttpsSinkConfig
 from tests.peers.https_server import Certificates, HttpsReceiver
 from tests.peers.waiting import wait_for
@@ -83,10 +84,20 @@ async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
 
 
 def journal_rows(path: Path, table: str = "journal") -> int:
-    """Rows of a journal table, read from the file itself (0 when the table does not exist)."""
+    """Rows of a journal table, read from the file itself (0 when the table does not exist); for
+    ``journal``, the entries: the events of the journaled segments and the held entries."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        if table == "journal":
+            return sum(
+                len(journal_ids_of(blob)) for (blob,) in db.execute("SELECT events FROM journal_segments")
+            ) + int(db.execute("SELECT count(*) FROM journal_held").fetchone()[0])
         exists = db.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
         return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) if exists else 0
+
+
+def journal_ids_of(blob: bytes) -> list[str]:
+    """The ids of the events of one journaled segment."""
+    return [event.id for event in events_of(blob)]
 
 
 RULE_CONTEXT = {
@@ -153,8 +164,14 @@ async def test_a_dead_letter_made_before_any_sink_is_journaled_without_a_sequenc
     made = event(id="bad-1", data={"work_order": "WO-5"})
     context = {"source": "press7", "rule": "r", "values": {}}
     dead = DeadLetter(
-        id="bad-1", sink=NO_SINK, reason="mapping: unknown item", type=made.type, subject=None,
-        lane="transaction", time=time.time(), body=encode_event(made),
+        id="bad-1",
+        sink=NO_SINK,
+        reason="mapping: unknown item",
+        type=made.type,
+        subject=None,
+        lane="transaction",
+        time=time.time(),
+        body=encode_event(made),
         context=context,
     )
     await buffer.append([], dead_letters=[dead])
@@ -205,7 +222,13 @@ async def test_a_disabled_journal_writes_nothing(tmp_path: Path) -> None:
     try:
         made = event(data={"work_order": "WO-1"})
         dead = DeadLetter(
-            id="dl", sink=NO_SINK, reason="r", type=made.type, subject=None, lane="transaction", time=time.time(),
+            id="dl",
+            sink=NO_SINK,
+            reason="r",
+            type=made.type,
+            subject=None,
+            lane="transaction",
+            time=time.time(),
             body=b"{}",
         )
         cursor = buffer.cursor("sink", ["transaction", "operational"])
@@ -251,7 +274,7 @@ async def test_a_file_from_before_the_journal_gains_it_at_open(tmp_path: Path) -
     await buffer.append([event(id="old-1")])
     await buffer.close()
     with sqlite3.connect(path) as db:
-        for table in ("journal_ranges", "journal_steps", "journal"):
+        for table in JOURNAL_TABLES:
             db.execute(f"DROP TABLE {table}")
     reader = Buffer(path)
     await reader.open(readonly=True)
@@ -274,9 +297,7 @@ async def test_a_file_from_before_the_journal_gains_it_at_open(tmp_path: Path) -
 def steps_of(entry: JournalEntry, *kinds: str) -> list[tuple[str, str | None, str | None, str | None]]:
     """``(step, sink, status, reference)`` of ``entry``'s steps (of ``kinds`` when given), in time order."""
     return [
-        (step.step, step.sink, step.status, step.reference)
-        for step in entry.steps
-        if not kinds or step.step in kinds
+        (step.step, step.sink, step.status, step.reference) for step in entry.steps if not kinds or step.step in kinds
     ]
 
 
@@ -415,9 +436,7 @@ class _ReferencingReceiver:
 
 
 @pytest.mark.parametrize("style", ["object", "list", "none"])
-async def test_the_https_sink_carries_the_receivers_references_into_the_journal(
-    tmp_path: Path, style: str
-) -> None:
+async def test_the_https_sink_carries_the_receivers_references_into_the_journal(tmp_path: Path, style: str) -> None:
     certs = Certificates(tmp_path / "certs")
     peer = _ReferencingReceiver(style)
     receiver = HttpsReceiver(certs)
@@ -466,11 +485,13 @@ async def delivered_events(buffer: Buffer, made: list[CloudEvent]) -> None:
 async def test_outcomes_are_recorded_once_and_a_different_later_one_overrides(buffer: Buffer) -> None:
     await delivered_events(buffer, [event(id=f"o-{n}", data={"work_order": "WO-O"}) for n in range(3)])
     at = time.time()
-    await buffer.record_outcomes([
-        OutcomeReport("o-0", "posted", reference="4711", at=at),
-        OutcomeReport("o-1", "rejected", reason="period closed", at=at),
-        OutcomeReport("unknown-id", "posted"),
-    ])
+    await buffer.record_outcomes(
+        [
+            OutcomeReport("o-0", "posted", reference="4711", at=at),
+            OutcomeReport("o-1", "rejected", reason="period closed", at=at),
+            OutcomeReport("unknown-id", "posted"),
+        ]
+    )
     found = await buffer.journal_entries(["o-0", "o-1", "o-2"])
     assert (found["o-0"].outcome, found["o-0"].reference, found["o-0"].outcome_at) == ("posted", "4711", at)
     assert (found["o-1"].outcome, found["o-1"].reason) == ("rejected", "period closed")
@@ -497,15 +518,18 @@ async def test_the_outcome_summary_counts_per_type_and_stays_exact_across_a_rest
         await delivered_events(buffer, [event(id=f"s-{n}") for n in range(5)])
         first_delivery = (await buffer.journal_entries(["s-0"]))["s-0"].delivered
         await delivered_events(buffer, [event(id=f"m-{n}", name="material.consumed") for n in range(2)])
-        await buffer.record_outcomes([
-            OutcomeReport("s-0", "posted", reference="1"),
-            OutcomeReport("s-1", "posted", reference="2"),
-            OutcomeReport("s-2", "rejected", reason="no such storage location"),
-            OutcomeReport("m-0", "posted"),
-        ])
+        await buffer.record_outcomes(
+            [
+                OutcomeReport("s-0", "posted", reference="1"),
+                OutcomeReport("s-1", "posted", reference="2"),
+                OutcomeReport("s-2", "rejected", reason="no such storage location"),
+                OutcomeReport("m-0", "posted"),
+            ]
+        )
         summary = await buffer.outcome_summary()
-        assert summary[completed] == OutcomeCounts(unconfirmed=2, confirmed=2, rejected=1,
-                                                   oldest_unconfirmed=summary[completed].oldest_unconfirmed)
+        assert summary[completed] == OutcomeCounts(
+            unconfirmed=2, confirmed=2, rejected=1, oldest_unconfirmed=summary[completed].oldest_unconfirmed
+        )
         assert summary[consumed].unconfirmed == 1 and summary[consumed].confirmed == 1
         oldest = summary[completed].oldest_unconfirmed
         assert oldest is not None and first_delivery is not None and oldest >= first_delivery
@@ -519,8 +543,9 @@ async def test_the_outcome_summary_counts_per_type_and_stays_exact_across_a_rest
     buffer = await open_buffer(path)
     try:
         assert await buffer.outcome_summary() == before_restart
-        await buffer.record_outcomes([OutcomeReport(f"s-{n}", "posted") for n in (3, 4)] +
-                                     [OutcomeReport("m-1", "posted")])
+        await buffer.record_outcomes(
+            [OutcomeReport(f"s-{n}", "posted") for n in (3, 4)] + [OutcomeReport("m-1", "posted")]
+        )
         summary = await buffer.outcome_summary()
         assert summary[completed] == OutcomeCounts(0, 5, 0, None)
         assert summary[consumed] == OutcomeCounts(0, 2, 0, None)
@@ -580,7 +605,7 @@ async def test_a_record_outlives_its_buffer_row(tmp_path: Path) -> None:
 
 
 async def test_entries_committed_after_a_failed_commit_are_found_under_their_own_ids(tmp_path: Path) -> None:
-    """The writer numbers new entries itself: a rolled-back commit must not shift those numbers."""
+    """A commit that fails (full disk) and is retried journals its events once, found by id and work order."""
     path = tmp_path / "buffer.db"
     buffer = await open_buffer(path)
     buffer.commit_retry_interval = 0.05
@@ -589,7 +614,7 @@ async def test_entries_committed_after_a_failed_commit_are_found_under_their_own
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             pages = int(db.execute("PRAGMA page_count").fetchone()[0])
         await buffer.set_max_page_count(pages)  # the disk is full: the next commit fails and is retried
-        big = [event(id=f"big-{n}", data={"work_order": "WO-2", "pad": "x" * 4000}) for n in range(40)]
+        big = [event(id=f"big-{n}", data={"work_order": "WO-2", "pad": secrets.token_hex(2000)}) for n in range(40)]
         future = buffer.append(big)
         await wait_for(lambda: buffer.refusing_writes is not None, message="the commit fails: disk full")
         await buffer.set_max_page_count(1 << 30)  # room again: the retry commits
@@ -597,9 +622,7 @@ async def test_entries_committed_after_a_failed_commit_are_found_under_their_own
         await buffer.append([event(id="after", data={"work_order": "WO-3"})])
         for key, ids in (("first", ["first"]), ("WO-2", [e.id for e in big]), ("after", ["after"])):
             assert [entry.id for entry in await buffer.trace(key)] == ids
-        assert [entry.id for entry in (await buffer.journal_entries(["big-7", "after"])).values()] == [
-            "big-7", "after"
-        ]
+        assert [entry.id for entry in (await buffer.journal_entries(["big-7", "after"])).values()] == ["big-7", "after"]
     finally:
         await buffer.close()
     buffer = await open_buffer(path)  # and from the file's own numbers after a restart
@@ -644,7 +667,7 @@ async def test_retention_trims_entries_their_steps_and_ranges_oldest_first(tmp_p
 
 
 async def test_the_size_bound_trims_the_oldest_entries_first(tmp_path: Path) -> None:
-    buffer = await open_buffer(tmp_path / "buffer.db", journal_max_size_mb=0.05)  # about 50 entries
+    buffer = await open_buffer(tmp_path / "buffer.db", journal_max_size_mb=0.02)  # about 4 segments of 30
     try:
         for start in range(0, 300, 30):
             made = [event(id=f"b-{n}", data={"work_order": "WO-B"}) for n in range(start, start + 30)]
@@ -663,7 +686,8 @@ async def test_the_journal_never_makes_the_buffer_full(tmp_path: Path) -> None:
     buffer = await open_buffer(tmp_path / "buffer.db", max_size_mb=0.25)
     try:
         for start in range(0, 3000, 500):
-            await delivered_events(buffer, [event(id=f"f-{n}") for n in range(start, start + 500)])
+            made = [event(id=f"f-{n}", data={"pad": secrets.token_hex(200)}) for n in range(start, start + 500)]
+            await delivered_events(buffer, made)
             await buffer.maintain()
             assert buffer.refusing_writes is None
         assert buffer.file_bytes > 3 * buffer.max_size_bytes  # the journal's 3,000 entries are in the file ...
@@ -678,7 +702,9 @@ async def test_ids_are_found_before_and_after_their_index_is_merged_and_after_a_
     total = MERGE_EVERY + MERGE_EVERY // 2
     try:
         for start in range(0, total, 5000):
-            made = [event(id=f"m-{n}", data={"work_order": f"WO-M{n % 7}"}) for n in range(start, start + 5000)]
+            made = [
+                event(id=f"m-{n}", data={"work_order": f"WO-M{n % 7}"}) for n in range(start, min(start + 5000, total))
+            ]
             await buffer.append(made)
         probes = [f"m-{n}" for n in (0, 1, MERGE_EVERY - 1, MERGE_EVERY, total - 1)]
         for id_ in probes:
@@ -707,9 +733,9 @@ async def test_an_index_of_ids_hashed_another_way_is_made_again(tmp_path: Path) 
     finally:
         await buffer.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*) FROM journal_ids").fetchone()[0] == 50
-        db.execute("UPDATE journal_ids SET hash = hash + 1")  # as another hash would have made them
-        db.execute("UPDATE meta SET value = 'another' WHERE key = 'journal_id_hash'")
+        assert db.execute("SELECT count(*) FROM journal_keys").fetchone()[0] == 50
+        db.execute("UPDATE journal_keys SET hash = hash + 1")  # as another hash would have made them
+        db.execute("UPDATE meta SET value = 'another' WHERE key = 'journal_key_hash'")
     buffer = await open_buffer(path)
     try:
         assert [entry.id for entry in await buffer.trace("h2-7")] == ["h2-7"]
@@ -719,19 +745,21 @@ async def test_an_index_of_ids_hashed_another_way_is_made_again(tmp_path: Path) 
     finally:
         await buffer.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*) FROM journal_ids").fetchone()[0] == 50
+        assert db.execute("SELECT count(*) FROM journal_keys").fetchone()[0] == 50
 
 
-async def test_a_journal_of_the_first_layout_is_started_afresh(tmp_path: Path) -> None:
+async def test_a_journal_of_an_earlier_layout_is_started_afresh(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
     buffer = await open_buffer(path)
     buffer.cursor("cloud", ["transaction"])
     await buffer.append([event(id="kept-in-lane")])
     await buffer.close()
     with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE journal")
-        db.execute("CREATE TABLE journal (n INTEGER PRIMARY KEY, id TEXT NOT NULL, lane TEXT NOT NULL)")
-        db.execute("INSERT INTO journal(id, lane) VALUES ('old-layout', 'transaction')")
+        # The layout of a row per event: an entries table beside segments without keys.
+        db.execute("DROP TABLE journal_segments")
+        db.execute("CREATE TABLE journal_segments (first_seq INTEGER PRIMARY KEY, last_seq INTEGER, events BLOB)")
+        db.execute("CREATE TABLE journal (n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT, seq INTEGER)")
+        db.execute("INSERT INTO journal(id, type, seq) VALUES ('old-layout', 'io.plantgate.production.completed', 1)")
     buffer = await open_buffer(path)
     try:
         cursor = buffer.cursor("cloud", ["transaction"])

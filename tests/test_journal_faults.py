@@ -130,8 +130,11 @@ def lane_ids(path: Path) -> set[str]:
 
 
 def journal_ids(path: Path) -> set[str]:
+    """The ids the journal holds, as another connection sees the file: its segments' and its held entries'."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return {str(row[0]) for row in db.execute("SELECT id FROM journal")}
+        segments = db.execute("SELECT events FROM journal_segments").fetchall()
+        held = {str(row[0]) for row in db.execute("SELECT id FROM journal_held")}
+    return held | {event.id for (blob,) in segments for event in unpack_segment(blob)}
 
 
 @pytest.mark.parametrize("point", ["commit", "split"])
