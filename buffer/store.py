@@ -344,6 +344,7 @@ class _Txn:
     inserted: dict[Lane, list[BufferedEvent]] = field(default_factory=dict)
     evicted: list[BufferedEvent] = field(default_factory=list)
     telemetry_delta: int = 0
+    journaled: list[journal_store.SegmentKeys] = field(default_factory=list)  # segments copied into the journal
 
 
 class DeliveryCursor:
@@ -558,6 +559,9 @@ class Buffer:
         self._journal_trimmed = 0  # entries trimmed (retention, size) over the file's life, kept in ``meta``
         self._journal_trim_due = False  # maintain() found entries past retention or the size bound
         self._journal_unindexed = 0  # events journaled since their keys were last merged into ``journal_keys``
+        self._journal_unmerged: list[journal_store.SegmentKeys] | None = None
+        """The keys of the segments journaled since the last merge (None: not known here, read them from the
+        file): a merge then needs no segment decoded."""
         self._journal_merge_due = False  # maintain(): keys waiting too long for their merge
         self._journal_merge_checked = 0.0
         self._journal_shrinking = False  # trimming down to 95 % of the size bound
@@ -778,6 +782,7 @@ class Buffer:
                     self._journal_outcomes, self._journal_replays = bool(outcomes), bool(replays)
                 # Merged at the first commit: a lookup reads the tail whole until then.
                 self._journal_merge_due = True
+                self._journal_unmerged = None
         for lane in LANES:
             async with db.execute(f"SELECT max(last_seq) FROM {_TABLE[lane]}") as cur:
                 row = await cur.fetchone()
@@ -982,6 +987,7 @@ class Buffer:
             self._journal_bytes = 0  # the journal stays with the moved file
             self._tally = OutcomeTally()
             self._journal_entries = 0
+            self._journal_unmerged = None
             self._journal_info = {"entries": 0, "oldest_committed": None}
             if info is not None:
                 self.quarantined = info
@@ -1503,6 +1509,7 @@ class Buffer:
                 changes: TallyChanges | None = None
                 trimmed_entries = 0
                 merge_more: bool | None = None
+                merged_upto = 0
                 if last:
                     if pending.dead:
                         await self._insert_dead(db, pending.dead)
@@ -1515,7 +1522,8 @@ class Buffer:
                         cut = await self._trim_journal(db, changes)
                         trimmed_entries, journal_bytes = cut.entries, journal_bytes - cut.bytes
                     if self._journal_unindexed >= journal_store.MERGE_EVERY or self._journal_merge_due:
-                        index_rows, merge_more = await journal_store.merge_keys(db)
+                        unmerged = None if self._journal_unmerged is None else [*self._journal_unmerged, *txn.journaled]
+                        index_rows, merge_more, merged_upto = await journal_store.merge_keys(db, unmerged)
                         journal_bytes += index_rows * journal_store.KEY_BYTES
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
@@ -1548,11 +1556,17 @@ class Buffer:
             self._journal_trimmed += trimmed_entries
             self._journal_entries = max(0, self._journal_entries + journaled - trimmed_entries)
             self._journal_unindexed += journaled
+            if self._journal_unmerged is not None:
+                self._journal_unmerged.extend(txn.journaled)
             if merge_more is not None:
                 self._journal_unindexed = journal_store.MERGE_EVERY if merge_more else 0
                 self._journal_merge_due = merge_more
                 if merge_more:
                     self._wake.set()
+                elif self._journal_unmerged is None:
+                    self._journal_unmerged = []  # the file's tail is indexed: the writer's list takes over
+                else:
+                    self._journal_unmerged = [s for s in self._journal_unmerged if s.first_seq > merged_upto]
             if changes is not None:
                 self._tally.apply(changes)
             if last:
@@ -1614,10 +1628,18 @@ class Buffer:
             if self.journal_enabled and lane != "telemetry":
                 # The journal is the segments themselves (the same compressed bytes, written once more) and,
                 # per event, only the keys the event does not carry.
-                copies = [
-                    (row[0], row[1], lane, now, row[4], pack_keys([keys.get(event.seq) for event in seg]))
-                    for row, seg in zip(rows, segments, strict=True)
-                ]
+                copies = []
+                for row, seg in zip(rows, segments, strict=True):
+                    seg_keys = [keys.get(event.seq) for event in seg]
+                    copies.append((row[0], row[1], lane, now, row[4], pack_keys(seg_keys)))
+                    txn.journaled.append(
+                        journal_store.SegmentKeys(
+                            row[0],
+                            [event.id for event in seg],
+                            {k[0] for k in seg_keys if k is not None and k[0] is not None},
+                            {k[1] for k in seg_keys if k is not None and k[1] is not None},
+                        )
+                    )
                 await db.executemany(INSERT_SEGMENT, copies)
                 journal_bytes += sum(journal_store.segment_bytes(len(row[4]) + len(row[5])) for row in copies)
                 journaled += len(events)
