@@ -79,7 +79,7 @@ CREATE TABLE IF NOT EXISTS journal_steps (
     reference TEXT, detail TEXT
 );
 CREATE INDEX IF NOT EXISTS journal_steps_id ON journal_steps(id);
-CREATE INDEX IF NOT EXISTS journal_steps_acked ON journal_steps(at) WHERE step = 'acked';
+CREATE INDEX IF NOT EXISTS journal_steps_replayed ON journal_steps(at) WHERE step = 'replayed';
 CREATE TABLE IF NOT EXISTS journal_outcomes (
     id TEXT PRIMARY KEY, type TEXT NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL, reference TEXT, reason TEXT
 ) WITHOUT ROWID;
@@ -735,18 +735,6 @@ async def oldest_unconfirmed(db: aiosqlite.Connection, type_: str, after: int) -
                     return at, n
         after = int(ranges[-1][0]) + 1
         cache.by_first.clear()  # bounded memory over a long search
-    # Acknowledged with a reference only (no range): the per-event steps.
-    rows = await db.execute_fetchall(
-        "SELECT s.at, s.id FROM journal_steps s WHERE s.step = 'acked' "
-        "AND s.id NOT IN (SELECT id FROM journal_outcomes) "
-        "ORDER BY s.at",
-    )
-    if rows:
-        found = await locate(SegmentCache(db), [str(row[1]) for row in rows])
-        for at, event_id in rows:
-            occurrences = found.get(str(event_id))
-            if occurrences and occurrences[0][0].events[occurrences[0][1]].type == type_:
-                return float(at), None
     return None, None
 
 
@@ -801,8 +789,11 @@ async def delivered_before(cache: SegmentCache, ids: Sequence[str], seqs: set[in
     return delivered
 
 
-async def _acknowledged(db: aiosqlite.Connection, lane_seqs: Iterable[tuple[str, int]]) -> dict[int, float]:
-    """seq -> its first acknowledgement time by any sink (from the ranges), for those acknowledged."""
+async def _acknowledged(
+    db: aiosqlite.Connection, lane_seqs: Iterable[tuple[str, int]], before: float | None = None
+) -> dict[int, float]:
+    """seq -> its first acknowledgement time by any sink (from the ranges), for those acknowledged
+    (``before``: only acknowledgements before that time)."""
     by_lane: dict[str, list[int]] = {}
     for lane, seq in lane_seqs:
         by_lane.setdefault(lane, []).append(seq)
@@ -812,8 +803,8 @@ async def _acknowledged(db: aiosqlite.Connection, lane_seqs: Iterable[tuple[str,
             rows = await db.execute_fetchall(
                 "SELECT s.value, min(r.at) FROM json_each(?) s JOIN journal_ranges r "
                 f"ON r.lane = ? AND r.step = 'acked' AND r.first_seq BETWEEN s.value - {RANGE_SPAN} AND s.value "
-                "AND r.last_seq >= s.value GROUP BY s.value",
-                (_json(seqs[start : start + 500]), lane),
+                "AND r.last_seq >= s.value AND r.at < ? GROUP BY s.value",
+                (_json(seqs[start : start + 500]), lane, float("inf") if before is None else before),
             )
             for seq, at in rows:
                 found[int(seq)] = float(at)
@@ -983,14 +974,9 @@ async def _forget(
         changes.count_outcome(str(type_), str(outcome), -1)
     unconfirmed = [i for i in forgotten if i not in with_outcome and gone[i][2] is not None]
     acked = await _acknowledged(db, ((gone[i][1], gone[i][2]) for i in unconfirmed))  # type: ignore[misc]
-    steps = await db.execute_fetchall(
-        "SELECT DISTINCT id FROM journal_steps WHERE step = 'acked' AND id IN (SELECT value FROM json_each(?))",
-        (_json(unconfirmed),),
-    )
-    referenced = {str(row[0]) for row in steps}
     for event_id in unconfirmed:
         type_, _, seq = gone[event_id]
-        if seq in acked or event_id in referenced:
+        if seq in acked:
             changes.add(type_, unconfirmed=-1)
             changes.recount.add(type_)
     await db.execute("DELETE FROM journal_steps WHERE id IN (SELECT value FROM json_each(?))", (_json(forgotten),))
@@ -1236,89 +1222,90 @@ async def body_of(db: aiosqlite.Connection, event_id: str) -> bytes | None:
 async def window(
     db: aiosqlite.Connection, start: float, end: float, type_: str | None = None, *, by: str = "delivered"
 ) -> list[tuple[str, str, float | None, str | None]]:
-    """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in that order."""
-    if by == "delivered":
-        return await _delivered_window(db, start, end, type_)
-    if by != "committed":
+    """``(id, type, delivered, outcome)`` of the entries whose ``by`` time is in ``[start, end)``, in that order.
+
+    An hour of a busy line is millions of events: found from the ranges and segments of the window
+    and a few batched index probes, never entry by entry.
+    """
+    if by not in ("delivered", "committed"):
         raise ValueError("by: must be 'delivered' or 'committed'")
     cache = SegmentCache(db)
-    firsts = [
-        int(row[0])
-        for row in await db.execute_fetchall(
-            "SELECT first_seq FROM journal_segments WHERE committed >= ? AND committed < ? ORDER BY first_seq",
+    found: dict[str, tuple[float, int, str, str]] = {}  # id -> (delivered or committed, seq, type, lane)
+    if by == "delivered":
+        ranges = list(await db.execute_fetchall(
+            "SELECT lane, first_seq, last_seq, at FROM journal_ranges WHERE step = 'acked' AND at >= ? AND at < ? "
+            "ORDER BY at, n",
             (start, end),
+        ))  # fmt: skip
+        for lane in {str(r[0]) for r in ranges}:
+            holding = await cache.holding(
+                lane, (seq for r in ranges if r[0] == lane for seq in range(int(r[1]), int(r[2]) + 1))
+            )
+            for _, first, last, at in (r for r in ranges if r[0] == lane):
+                for seq in range(int(first), int(last) + 1):
+                    segment = holding.get(seq)
+                    index = segment.index_of(seq) if segment is not None else None
+                    if segment is None or index is None:
+                        continue
+                    event = segment.events[index]
+                    if event.lane == lane and (type_ is None or event.type == type_) and event.id not in found:
+                        found[event.id] = (float(at), seq, event.type, lane)
+            cache.by_first.clear()
+        # Acknowledged before the window (by another sink first): not in it.
+        earlier = await _acknowledged(db, ((v[3], v[1]) for v in found.values()), before=start)
+        found = {i: v for i, v in found.items() if v[1] not in earlier}
+    else:
+        firsts = [
+            int(row[0])
+            for row in await db.execute_fetchall(
+                "SELECT first_seq FROM journal_segments WHERE committed >= ? AND committed < ? ORDER BY first_seq",
+                (start, end),
+            )
+        ]
+        for chunk in range(0, len(firsts), 64):
+            for segment in await cache.starting(firsts[chunk : chunk + 64]):
+                for index, event in enumerate(segment.events):
+                    if segment.keys_of(index)[3] != APPENDED or (type_ is not None and event.type != type_):
+                        continue
+                    found.setdefault(event.id, (segment.committed, event.seq, event.type, event.lane))
+            cache.by_first.clear()
+        for event_id, event_type, committed in await db.execute_fetchall(
+            "SELECT id, type, committed FROM journal_held WHERE committed >= ? AND committed < ? ORDER BY n",
+            (start, end),
+        ):
+            if type_ is None or event_type == type_:
+                found.setdefault(str(event_id), (float(committed), -1, str(event_type), lane_of(str(event_type))))
+    # An id replayed after an earlier delivery: its first delivery is the one that counts.
+    replayed = {
+        str(row[0])
+        for row in await db.execute_fetchall(
+            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND at < ?", (end,)
         )
-    ]
-    rows: list[tuple[float, int, str, str]] = []
-    for segment in await cache.starting(firsts):
-        for index, event in enumerate(segment.events):
-            if segment.keys_of(index)[3] == APPENDED and (type_ is None or event.type == type_):
-                rows.append((segment.committed, event.seq, event.id, event.type))
-    for event_id, event_type, committed in await db.execute_fetchall(
-        "SELECT id, type, committed FROM journal_held WHERE committed >= ? AND committed < ? ORDER BY n",
-        (start, end),
-    ):
-        if type_ is None or event_type == type_:
-            rows.append((float(committed), -1, str(event_id), str(event_type)))
-    rows.sort()
-    ids = list(dict.fromkeys(row[2] for row in rows))
-    entries = await entries_of(db, ids, cache)
-    result: list[tuple[str, str, float | None, str | None]] = []
-    for event_id in ids:
+    }
+    again = [event_id for event_id in found if event_id in replayed]
+    entries = await entries_of(db, again) if again else {}
+    delivered = (
+        await _acknowledged(db, ((v[3], v[1]) for v in found.values() if v[1] >= 0)) if by == "committed" else {}
+    )
+    ids = list(found)
+    outcomes: dict[str, str] = {}
+    for chunk in range(0, len(ids), 500):
+        for event_id, outcome in await db.execute_fetchall(
+            "SELECT id, outcome FROM journal_outcomes WHERE id IN (SELECT value FROM json_each(?))",
+            (_json(ids[chunk : chunk + 500]),),
+        ):
+            outcomes[str(event_id)] = str(outcome)
+    rows: list[tuple[float, int, str, str, float | None]] = []
+    for event_id, (at, seq, event_type, _) in found.items():
         entry = entries.get(event_id)
+        when: float | None = at if by == "delivered" else delivered.get(seq)
         if entry is not None:
-            result.append((event_id, entry.type, entry.delivered, entry.outcome))
-    return result
-
-
-async def _delivered_window(
-    db: aiosqlite.Connection, start: float, end: float, type_: str | None
-) -> list[tuple[str, str, float | None, str | None]]:
-    """Entries first acknowledged by any sink in ``[start, end)``, by that time."""
-    cache = SegmentCache(db)
-    ranges = list(await db.execute_fetchall(
-        "SELECT lane, first_seq, last_seq, at FROM journal_ranges WHERE step = 'acked' AND at >= ? AND at < ? "
-        "ORDER BY at, n",
-        (start, end),
-    ))  # fmt: skip
-    candidates: dict[str, tuple[float, int, str, str]] = {}  # id -> (at, seq, type, lane)
-    holding: dict[str, dict[int, Segment]] = {}
-    for lane in {str(r[0]) for r in ranges}:
-        holding[lane] = await cache.holding(
-            lane, (seq for r in ranges if r[0] == lane for seq in range(int(r[1]), int(r[2]) + 1))
-        )
-    for lane, first, last, at in ranges:
-        for seq in range(int(first), int(last) + 1):
-            segment = holding[lane].get(seq)
-            index = segment.index_of(seq) if segment is not None else None
-            if segment is None or index is None:
+            if by == "delivered" and entry.delivered is not None and entry.delivered < start:
                 continue
-            event = segment.events[index]
-            if event.lane != lane or (type_ is not None and event.type != type_):
-                continue
-            if event.id not in candidates or at < candidates[event.id][0]:
-                candidates[event.id] = (float(at), seq, event.type, lane)
-    for event_id, at in await db.execute_fetchall(
-        "SELECT id, min(at) FROM journal_steps WHERE step = 'acked' AND at >= ? AND at < ? GROUP BY id", (start, end)
-    ):
-        if str(event_id) not in candidates or at < candidates[str(event_id)][0]:
-            candidates[str(event_id)] = (float(at), -1, "", "")
-    if not candidates:
-        return []
-    # An event acknowledged before the window (by another sink, or under an earlier sequence) is not in it.
-    entries = await entries_of(db, list(candidates), cache)
-    result: list[tuple[float, int, str, str, str | None]] = []
-    for event_id, (at, seq, _, _) in candidates.items():
-        entry = entries.get(event_id)
-        if entry is None or (type_ is not None and entry.type != type_):
-            continue
-        if entry.delivered is not None and entry.delivered < start:
-            continue
-        result.append(
-            (entry.delivered if entry.delivered is not None else at, seq, event_id, entry.type, entry.outcome)
-        )
-    result.sort()
-    return [(event_id, t, at, outcome) for at, _, event_id, t, outcome in result]
+            when = entry.delivered if entry.delivered is not None else when
+        rows.append((at, seq, event_id, event_type, when))
+    rows.sort()
+    return [(event_id, t, when, outcomes.get(event_id)) for _, _, event_id, t, when in rows]
 
 
 async def info(db: aiosqlite.Connection) -> tuple[int, float | None]:

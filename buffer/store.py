@@ -443,10 +443,11 @@ class _Settled:
         step: str | None = None
         status: str | None = None
         if outcome is ACKED or type(outcome) is Delivered:
+            # The acknowledgement is in the batch's range either way (deliveries are found from ranges);
+            # a receiver's reference is a step of the event's own.
+            step, status = "acked", "ok"
             reference = outcome.reference if type(outcome) is Delivered else None
-            if reference is None:
-                step, status = "acked", "ok"
-            else:
+            if reference is not None:
                 self.referenced.append((event.id, reference, seq, lane))
             self.acked.append((lane, seq, event.type, event.id))
         else:
