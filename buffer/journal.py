@@ -1017,20 +1017,38 @@ def _decoded(body: bytes) -> dict[str, Any]:
 
 
 async def entries_of(
-    db: aiosqlite.Connection, ids: Sequence[str], cache: SegmentCache | None = None
+    db: aiosqlite.Connection,
+    ids: Sequence[str],
+    cache: SegmentCache | None = None,
+    seen: dict[str, list[Occurrence]] | None = None,
 ) -> dict[str, JournalEntry]:
-    """The entries of ``ids`` (those the journal knows), with their steps, in the order of ``ids``."""
+    """The entries of ``ids`` (those the journal knows), with their steps, in the order of ``ids``.
+
+    ``seen``: where the caller found some of them already (a trace by work order): only those replayed
+    (the one way an id is in two segments) are looked up again.
+    """
     cache = cache or SegmentCache(db)
     wanted = list(dict.fromkeys(ids))
     found: dict[str, JournalEntry] = {}
     for start in range(0, len(wanted), 1000):
-        found.update(await _entries(cache, wanted[start : start + 1000]))
+        found.update(await _entries(cache, wanted[start : start + 1000], seen))
     return {event_id: found[event_id] for event_id in wanted if event_id in found}
 
 
-async def _entries(cache: SegmentCache, ids: list[str]) -> dict[str, JournalEntry]:
+async def _entries(
+    cache: SegmentCache, ids: list[str], seen: dict[str, list[Occurrence]] | None = None
+) -> dict[str, JournalEntry]:
     db = cache.db
-    occurrences = await locate(cache, ids)
+    if seen is None:
+        occurrences = await locate(cache, ids)
+    else:
+        replayed = await db.execute_fetchall(
+            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
+            (_json(ids),),
+        )
+        again = {str(row[0]) for row in replayed}
+        occurrences = {i: seen[i] for i in ids if i in seen and i not in again}
+        occurrences.update(await locate(cache, [i for i in ids if i not in occurrences]))
     held: dict[str, list[Any]] = {}
     for row in await db.execute_fetchall(
         "SELECT id, type, committed, work_order, lot, trigger, body FROM journal_held "
@@ -1180,19 +1198,22 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
 
     firsts = sorted(await _indexed(db, (_order_hash(key), _lot_hash(key))))
     matched: list[tuple[int, str]] = []  # (seq, id), in sequence order
+    seen_at: dict[str, list[Occurrence]] = {}
     for start in range(0, len(firsts), 8):
         for segment in await cache.starting(firsts[start : start + 8]):
             for index, event in enumerate(segment.events):
                 work_order, lot, _, _ = segment.keys_of(index)
                 if work_order == key or lot == key:
                     matched.append((event.seq, event.id))
-        if len({i for _, i in matched}) >= limit:
+                    seen_at.setdefault(event.id, []).append((segment, index))
+        if len(seen_at) >= limit:
             break
     for segment in await cache.tail():
         for index, event in enumerate(segment.events):
             work_order, lot, _, _ = segment.keys_of(index)
-            if work_order == key or lot == key:
+            if work_order == key or lot == key:  # the tail comes after every merged segment: no overlap
                 matched.append((event.seq, event.id))
+                seen_at.setdefault(event.id, []).append((segment, index))
     held = await db.execute_fetchall(
         "SELECT id FROM journal_held WHERE work_order = ? UNION SELECT id FROM journal_held WHERE lot = ?", (key, key)
     )
@@ -1202,7 +1223,7 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
         take(event_id)
     for _, event_id in sorted(matched):
         take(event_id)
-    found = await entries_of(db, ids[: limit + 1], cache)
+    found = await entries_of(db, ids[: limit + 1], cache, seen_at)
     entries = sorted(found.values(), key=lambda entry: (entry.committed, entry.seq or 0))
     return entries[:limit]
 
