@@ -712,18 +712,9 @@ async def oldest_unconfirmed(db: aiosqlite.Connection, type_: str, after: int) -
         if not ranges:
             break
         candidates: list[tuple[int, float, str]] = []
-        holding = await cache.holding(
-            lane, (seq for _, first, last, _ in ranges for seq in range(int(first), int(last) + 1))
-        )
-        for n, first, last, at in ranges:
-            for seq in range(int(first), int(last) + 1):
-                segment = holding.get(seq)
-                index = segment.index_of(seq) if segment is not None else None
-                if segment is None or index is None:
-                    continue
-                event = segment.events[index]
-                if event.type == type_ and event.lane == lane:
-                    candidates.append((int(n), float(at), event.id))
+        for (n, _, _, at), _, event in await _covered(cache, lane, ranges):
+            if event.type == type_:
+                candidates.append((int(n), float(at), event.id))
         if candidates:
             rows = await db.execute_fetchall(
                 "SELECT id FROM journal_outcomes WHERE id IN (SELECT value FROM json_each(?))",
@@ -736,6 +727,22 @@ async def oldest_unconfirmed(db: aiosqlite.Connection, type_: str, after: int) -
         after = int(ranges[-1][0]) + 1
         cache.by_first.clear()  # bounded memory over a long search
     return None, None
+
+
+async def _covered(
+    cache: SegmentCache, lane: str, ranges: Sequence[Sequence[Any]]
+) -> list[tuple[Sequence[Any], int, BufferedEvent]]:
+    """The events of ``lane`` that ``ranges`` (rows whose second and third values are the first and last
+    sequence) cover, range by range: (the range, the sequence, the event)."""
+    holding = await cache.holding(lane, (seq for r in ranges for seq in range(int(r[1]), int(r[2]) + 1)))
+    covered: list[tuple[Sequence[Any], int, BufferedEvent]] = []
+    for r in ranges:
+        for seq in range(int(r[1]), int(r[2]) + 1):
+            segment = holding.get(seq)
+            index = segment.index_of(seq) if segment is not None else None
+            if segment is not None and index is not None and segment.events[index].lane == lane:
+                covered.append((r, seq, segment.events[index]))
+    return covered
 
 
 async def count_deliveries(
@@ -1259,18 +1266,9 @@ async def window(
             (start, end),
         ))  # fmt: skip
         for lane in {str(r[0]) for r in ranges}:
-            holding = await cache.holding(
-                lane, (seq for r in ranges if r[0] == lane for seq in range(int(r[1]), int(r[2]) + 1))
-            )
-            for _, first, last, at in (r for r in ranges if r[0] == lane):
-                for seq in range(int(first), int(last) + 1):
-                    segment = holding.get(seq)
-                    index = segment.index_of(seq) if segment is not None else None
-                    if segment is None or index is None:
-                        continue
-                    event = segment.events[index]
-                    if event.lane == lane and (type_ is None or event.type == type_) and event.id not in found:
-                        found[event.id] = (float(at), seq, event.type, lane)
+            for (_, _, _, at), seq, event in await _covered(cache, lane, [r for r in ranges if r[0] == lane]):
+                if (type_ is None or event.type == type_) and event.id not in found:
+                    found[event.id] = (float(at), seq, event.type, lane)
             cache.by_first.clear()
         # Acknowledged before the window (by another sink first): not in it.
         earlier = await _acknowledged(db, ((v[3], v[1]) for v in found.values()), before=start)
