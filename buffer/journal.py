@@ -46,6 +46,7 @@ import msgspec
 
 from agent.events import LANE_OF_TYPE, TYPE_PREFIX, decode_event
 from agent.sink import BufferedEvent
+from buffer.segment import LazySegment, unpack_segment
 
 RANGE_SPAN = 64
 """The widest run of sequences one ``journal_ranges`` row covers (see the module docstring)."""
@@ -149,7 +150,6 @@ Acked = tuple[str, int, str, str, float]
 _NO_KEYS: EventKeys = (None, None, None, APPENDED)
 _keys_encoder = msgspec.msgpack.Encoder()
 _keys_decoder = msgspec.msgpack.Decoder(list[tuple[str | None, str | None, str | None, int] | None])
-_segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
 _ids_encoder = msgspec.json.Encoder()
 
 
@@ -340,7 +340,7 @@ class Segment:
     first_seq: int
     last_seq: int
     committed: float
-    events: list[BufferedEvent]
+    events: LazySegment  # decoded event by event, as they are read
     keys: list[EventKeys | None]
 
     def keys_of(self, index: int) -> EventKeys:
@@ -357,10 +357,8 @@ def _seq_of(event: BufferedEvent) -> int:
 
 
 def events_of(blob: bytes) -> list[BufferedEvent]:
-    """The events of a segment's blob (zlib-compressed MessagePack, see ``buffer.store.pack_segment``)."""
-    if blob and blob[0] == 0x78:
-        blob = zlib.decompress(blob)
-    return _segment_decoder.decode(blob)
+    """The events of a segment's blob (see ``buffer.segment``)."""
+    return unpack_segment(blob)
 
 
 def _segment_of(row: Sequence[Any]) -> Segment:
@@ -369,7 +367,7 @@ def _segment_of(row: Sequence[Any]) -> Segment:
         decoded = _keys_decoder.decode(keys) if keys else []
     except msgspec.DecodeError:
         decoded = []
-    return Segment(int(first), int(last), float(committed), events_of(bytes(blob)), decoded)
+    return Segment(int(first), int(last), float(committed), LazySegment(bytes(blob)), decoded)
 
 
 _SEGMENT_COLUMNS = "first_seq, last_seq, committed, events, keys"  # the lane is each event's own
@@ -1206,21 +1204,22 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
     firsts = sorted(await _indexed(db, (_order_hash(key), _lot_hash(key))))
     matched: list[tuple[int, str]] = []  # (seq, id), in sequence order
     seen_at: dict[str, list[Occurrence]] = {}
-    for start in range(0, len(firsts), 8):
-        for segment in await cache.starting(firsts[start : start + 8]):
-            for index, event in enumerate(segment.events):
-                work_order, lot, _, _ = segment.keys_of(index)
-                if work_order == key or lot == key:
-                    matched.append((event.seq, event.id))
-                    seen_at.setdefault(event.id, []).append((segment, index))
-        if len(seen_at) >= limit:
-            break
-    for segment in await cache.tail():
-        for index, event in enumerate(segment.events):
-            work_order, lot, _, _ = segment.keys_of(index)
-            if work_order == key or lot == key:  # the tail comes after every merged segment: no overlap
+
+    def match(segment: Segment) -> None:
+        # The keys first: only the events that match are decoded.
+        for index, keys in enumerate(segment.keys):
+            if keys is not None and (keys[0] == key or keys[1] == key):
+                event = segment.events[index]
                 matched.append((event.seq, event.id))
                 seen_at.setdefault(event.id, []).append((segment, index))
+
+    for start in range(0, len(firsts), 8):
+        for segment in await cache.starting(firsts[start : start + 8]):
+            match(segment)
+        if len(seen_at) >= limit:
+            break
+    for segment in await cache.tail():  # the tail comes after every merged segment: no overlap
+        match(segment)
     held = await db.execute_fetchall(
         "SELECT id FROM journal_held WHERE work_order = ? UNION SELECT id FROM journal_held WHERE lot = ?", (key, key)
     )

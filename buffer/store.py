@@ -46,7 +46,6 @@ import logging
 import os
 import sqlite3
 import time
-import zlib
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -80,6 +79,7 @@ from buffer.journal import (
     pack_keys,
     trigger_text,
 )
+from buffer.segment import pack_segment, unpack_segment
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,6 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
 _SEGMENT_MAX_EVENTS = 1024
-_segment_encoder = msgspec.msgpack.Encoder()
-_segment_decoder = msgspec.msgpack.Decoder(list[BufferedEvent])
-_ZLIB_HEADER = 0x78  # a zlib stream's first byte; a MessagePack array never starts with it
 _ids_encoder = msgspec.msgpack.Encoder()
 _ids_decoder = msgspec.msgpack.Decoder(list[str])
 
@@ -141,23 +138,6 @@ DEDUPE_MAX_IDS = 200_000
 """Ids remembered at most by default (``[buffer] dedupe_max_ids``); beyond it the oldest are forgotten first."""
 _DEDUPE_TRIM_INTERVAL = 1.0  # seconds between deletions of expired rows of the dedupe table
 _JOURNAL_MERGE_INTERVAL = 60.0  # seconds at most before new journal keys are merged into their index
-
-
-def pack_segment(events: Sequence[BufferedEvent]) -> bytes:
-    """One segment's stored form: MessagePack of the events, zlib level 1.
-
-    Events of one lane and source repeat their keys and most values, so this is
-    10-20 times smaller: the disk (WAL, then checkpoint) writes that much less, and
-    zlib releases the GIL while it works, so SQLite's thread keeps going meanwhile.
-    """
-    return zlib.compress(_segment_encoder.encode(events), 1)
-
-
-def unpack_segment(blob: bytes) -> list[BufferedEvent]:
-    """The events of a stored segment (compressed or, as first written, plain)."""
-    if blob and blob[0] == _ZLIB_HEADER:
-        blob = zlib.decompress(blob)
-    return _segment_decoder.decode(blob)
 
 
 def is_corruption(exc: BaseException) -> bool:
