@@ -36,7 +36,7 @@ import array
 import bisect
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -46,7 +46,7 @@ import msgspec
 
 from agent.events import LANE_OF_TYPE, TYPE_PREFIX, decode_event
 from agent.sink import BufferedEvent
-from buffer.segment import LazySegment, unpack_segment
+from buffer.segment import LazySegment, pack_bytes, unpack_bytes, unpack_segment
 
 RANGE_SPAN = 64
 """The widest run of sequences one ``journal_ranges`` row covers (see the module docstring)."""
@@ -136,8 +136,10 @@ INSERT_RANGE = "INSERT INTO journal_ranges(lane, first_seq, last_seq, at, step, 
 APPENDED, RELEASED, REPLAYED = 0, 1, 2
 """How an event came into its segment: appended by a source, released by the sequencing guard, replayed."""
 
-EventKeys = tuple[str | None, str | None, str | None, int]
-"""Per event of a segment: (work order, lot, trigger context as JSON, how it came: ``APPENDED`` ...)."""
+EventKeys = tuple[str | None, str | None, str | None, int, str, str | None, float | str | None, str | None]
+"""Per event of a segment, what its entry needs beside id, sequence and type: (work order, lot, trigger
+context as JSON, how it came: ``APPENDED`` ..., source, subject, time: Unix time or the event's text,
+original source)."""
 HeldRow = tuple[str, str, float, str | None, str | None, str | None, bytes]
 """(id, type, committed, work order, lot, trigger JSON, body: empty for an event the guard holds)."""
 StepRow = tuple[str, float, str, str | None, str | None, str | None, str | None]
@@ -147,15 +149,96 @@ RangeRow = tuple[str, int, int, float, str, str, str | None]
 Acked = tuple[str, int, str, str, float]
 """An event's first acknowledgement by any sink: (lane, seq, type, id, at)."""
 
-_NO_KEYS: EventKeys = (None, None, None, APPENDED)
-_keys_encoder = msgspec.msgpack.Encoder()
-_keys_decoder = msgspec.msgpack.Decoder(list[tuple[str | None, str | None, str | None, int] | None])
+_NO_KEYS: EventKeys = (None, None, None, APPENDED, "", None, None, None)
+_columns_encoder = msgspec.msgpack.Encoder()
 _ids_encoder = msgspec.json.Encoder()
+_NAN = float("nan")
 
 
-def pack_keys(keys: list[EventKeys | None]) -> bytes:
-    """A segment's ``keys`` (None for an event with none: the common telemetry-like case costs a byte)."""
-    return _keys_encoder.encode(keys)
+class _Columns(msgspec.Struct, array_like=True):
+    """A segment's entries column by column: repeated values (a source, a type, a work order) kept once,
+    with a 16-bit code per event, so reading a segment makes a few objects, not one per value."""
+
+    ids: str | list[str]  # joined by newlines (one object to read), or a list when an id has one
+    seqs: bytes  # array("q")
+    types: tuple[list[str | None], bytes]  # distinct values, array("H") of codes
+    orders: tuple[list[str | None], bytes]
+    lots: tuple[list[str | None], bytes]
+    triggers: tuple[list[str | None], bytes]
+    sources: tuple[list[str | None], bytes]
+    subjects: tuple[list[str | None], bytes]
+    origins: tuple[list[str | None], bytes]
+    times: bytes  # array("d"), NaN where none or kept as text
+    texts: dict[int, str]  # index -> time as the event's own text (released, replayed)
+    kinds: dict[int, int]  # index -> RELEASED / REPLAYED
+
+
+_columns_decoder = msgspec.msgpack.Decoder(_Columns)
+
+
+def _coded(values: Sequence[str | None]) -> tuple[list[str | None], bytes]:
+    distinct: dict[str | None, int] = {}
+    for value in values:
+        if value not in distinct:
+            distinct[value] = len(distinct)
+    return list(distinct), array.array("H", map(distinct.__getitem__, values)).tobytes()
+
+
+class CodedColumn:
+    """A dictionary-coded column of a segment, read value by value."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self, coded: tuple[list[str | None], bytes]) -> None:
+        self.values = coded[0]
+        self.codes = array.array("H")
+        self.codes.frombytes(coded[1])
+
+    def __getitem__(self, index: int) -> Any:
+        return self.values[self.codes[index]]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __iter__(self) -> Iterator[Any]:
+        values = self.values
+        return (values[code] for code in self.codes)
+
+    def distinct(self) -> list[Any]:
+        return self.values
+
+    def indexes_of(self, value: str) -> list[int]:
+        """Where ``value`` is (none when it is not)."""
+        if value not in self.values:
+            return []
+        code = self.values.index(value)
+        return [index for index, found in enumerate(self.codes) if found == code]
+
+
+def pack_columns(events: Sequence[BufferedEvent], keys: Mapping[int, EventKeys]) -> bytes:
+    """A segment's ``keys``: its entries column by column, compressed as segments are."""
+    found = [keys.get(event.seq, _NO_KEYS) for event in events]
+    if found:
+        orders, lots, triggers, kinds, sources, subjects, times, origins = zip(*found, strict=True)
+    else:
+        orders = lots = triggers = kinds = sources = subjects = times = origins = ()
+    ids = [event.id for event in events]
+    joined = "\n".join(ids)
+    columns = _Columns(
+        joined if joined.count("\n") == len(ids) - 1 or not ids else ids,
+        array.array("q", [event.seq for event in events]).tobytes(),
+        _coded([event.type for event in events]),
+        _coded(orders),
+        _coded(lots),
+        _coded(triggers),
+        _coded(sources),
+        _coded(subjects),
+        _coded(origins),
+        array.array("d", [t if type(t) is float else _NAN for t in times]).tobytes(),
+        {i: t for i, t in enumerate(times) if isinstance(t, str)},
+        {i: k for i, k in enumerate(kinds) if k},
+    )
+    return pack_bytes(_columns_encoder.encode(columns))
 
 
 def _json(values: Iterable[Any]) -> str:
@@ -285,8 +368,19 @@ def source_trigger(source: str, originsource: str | None) -> dict[str, Any]:
 def decoded_keys(event: dict[str, Any], kind: int) -> EventKeys:
     """The keys of a decoded event released or replayed into its lane."""
     subject = event.get("subject")
-    work_order, lot = journal_keys(event.get("data"), subject if isinstance(subject, str) else None)
-    return (work_order, lot, None, kind)
+    subject = subject if isinstance(subject, str) else None
+    work_order, lot = journal_keys(event.get("data"), subject)
+    source, when, origin = event.get("source"), event.get("time"), event.get("originsource")
+    return (
+        work_order,
+        lot,
+        None,
+        kind,
+        source if isinstance(source, str) else "",
+        subject,
+        when if isinstance(when, str) else None,
+        origin if isinstance(origin, str) else None,
+    )
 
 
 def held_row(
@@ -299,7 +393,7 @@ def held_row(
         event = {}
     if not isinstance(event, dict):
         event = {}
-    work_order, lot, _, _ = decoded_keys(event, APPENDED)
+    work_order, lot = decoded_keys(event, APPENDED)[:2]
     return (event_id, type_, committed, work_order, lot, trigger_text(trigger), body)
 
 
@@ -333,27 +427,86 @@ async def indexed_up_to(db: aiosqlite.Connection) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-@dataclass
+class EventHead(msgspec.Struct, frozen=True):
+    """An event of a journaled segment, as its entry knows it (its body is read only when asked for)."""
+
+    seq: int
+    lane: str
+    type: str
+    id: str
+
+
+class Heads:
+    """A segment's events as ``EventHead``, each made when read."""
+
+    __slots__ = ("_segment",)
+
+    def __init__(self, segment: Segment) -> None:
+        self._segment = segment
+
+    def __len__(self) -> int:
+        return len(self._segment.ids)
+
+    def __getitem__(self, index: int) -> EventHead:
+        s = self._segment
+        return EventHead(s.seqs[index], s.lane, s.types[index], s.ids[index])
+
+    def __iter__(self) -> Iterator[EventHead]:
+        return (self[index] for index in range(len(self)))
+
+
 class Segment:
-    """One journaled segment, decoded."""
+    """One journaled segment: its entries, column by column (its events' bodies are read only when asked)."""
 
-    first_seq: int
-    last_seq: int
-    committed: float
-    events: LazySegment  # decoded event by event, as they are read
-    keys: list[EventKeys | None]
+    def __init__(self, first_seq: int, last_seq: int, lane: str, committed: float, keys: bytes) -> None:
+        self.first_seq, self.last_seq, self.lane, self.committed = first_seq, last_seq, lane, committed
+        try:
+            columns = _columns_decoder.decode(unpack_bytes(keys))
+        except (msgspec.DecodeError, ValueError):
+            empty: tuple[list[str | None], bytes] = ([], b"")
+            columns = _Columns([], b"", empty, empty, empty, empty, empty, empty, empty, b"", {}, {})
+        self._ids: str | list[str] = columns.ids
+        self.seqs = array.array("q")
+        self.seqs.frombytes(columns.seqs)
+        self.types = CodedColumn(columns.types)
+        self.orders = CodedColumn(columns.orders)
+        self.lots = CodedColumn(columns.lots)
+        self.triggers = CodedColumn(columns.triggers)
+        self.sources = CodedColumn(columns.sources)
+        self.subjects = CodedColumn(columns.subjects)
+        self.origins = CodedColumn(columns.origins)
+        self._times = array.array("d")
+        self._times.frombytes(columns.times)
+        self._texts = columns.texts
+        self._kinds = columns.kinds
+        self.events = Heads(self)
 
-    def keys_of(self, index: int) -> EventKeys:
-        found = self.keys[index] if index < len(self.keys) else None
-        return found if found is not None else _NO_KEYS
+    @property
+    def ids(self) -> list[str]:
+        """The events' ids, in order (split from their stored form on first use)."""
+        if isinstance(self._ids, str):
+            self._ids = self._ids.split("\n") if self._ids or len(self.seqs) else []
+        return self._ids
+
+    def kind(self, index: int) -> int:
+        """How the event at ``index`` came into the segment (``APPENDED`` ...)."""
+        return self._kinds.get(index, APPENDED)
+
+    def time(self, index: int) -> float | str | None:
+        """The event's ``time``: Unix time, or its own text; None when unknown."""
+        text = self._texts.get(index)
+        if text is not None:
+            return text
+        value = self._times[index] if index < len(self._times) else _NAN
+        return None if value != value else value
+
+    def keys_of(self, index: int) -> tuple[str | None, str | None, str | None, int]:
+        """(work order, lot, trigger JSON, kind) of the event at ``index``."""
+        return self.orders[index], self.lots[index], self.triggers[index], self.kind(index)
 
     def index_of(self, seq: int) -> int | None:
-        index = bisect.bisect_left(self.events, seq, key=_seq_of)
-        return index if index < len(self.events) and self.events[index].seq == seq else None
-
-
-def _seq_of(event: BufferedEvent) -> int:
-    return event.seq
+        index = bisect.bisect_left(self.seqs, seq)
+        return index if index < len(self.seqs) and self.seqs[index] == seq else None
 
 
 def events_of(blob: bytes) -> list[BufferedEvent]:
@@ -362,15 +515,11 @@ def events_of(blob: bytes) -> list[BufferedEvent]:
 
 
 def _segment_of(row: Sequence[Any]) -> Segment:
-    first, last, committed, blob, keys = row
-    try:
-        decoded = _keys_decoder.decode(keys) if keys else []
-    except msgspec.DecodeError:
-        decoded = []
-    return Segment(int(first), int(last), float(committed), LazySegment(bytes(blob)), decoded)
+    first, last, lane, committed, keys = row
+    return Segment(int(first), int(last), str(lane), float(committed), bytes(keys))
 
 
-_SEGMENT_COLUMNS = "first_seq, last_seq, committed, events, keys"  # the lane is each event's own
+_SEGMENT_COLUMNS = "first_seq, last_seq, lane, committed, keys"  # never the events: read only for a body
 
 
 class SegmentCache:
@@ -444,11 +593,11 @@ async def locate(cache: SegmentCache, ids: Sequence[str]) -> dict[str, list[Occu
     segments = await cache.starting(firsts)
     merged = {segment.first_seq for segment in segments}
     for segment in [*segments, *(s for s in await cache.tail() if s.first_seq not in merged)]:
-        for index, event in enumerate(segment.events):
-            if event.id in wanted:
-                found.setdefault(event.id, []).append((segment, index))
+        for index, event_id in enumerate(segment.ids):
+            if event_id in wanted:
+                found.setdefault(event_id, []).append((segment, index))
     for occurrences in found.values():
-        occurrences.sort(key=lambda occurrence: occurrence[0].events[occurrence[1]].seq)
+        occurrences.sort(key=lambda occurrence: occurrence[0].seqs[occurrence[1]])
     return found
 
 
@@ -463,12 +612,11 @@ class SegmentKeys:
 
     @classmethod
     def of(cls, segment: Segment) -> SegmentKeys:
-        keys = [segment.keys_of(index) for index in range(len(segment.events))]
         return cls(
             segment.first_seq,
-            [event.id for event in segment.events],
-            {k[0] for k in keys if k[0] is not None},
-            {k[1] for k in keys if k[1] is not None},
+            list(segment.ids),
+            {order for order in segment.orders.distinct() if order is not None},
+            {lot for lot in segment.lots.distinct() if lot is not None},
         )
 
     def hashes(self) -> list[int]:
@@ -729,16 +877,16 @@ async def oldest_unconfirmed(db: aiosqlite.Connection, type_: str, after: int) -
 
 async def _covered(
     cache: SegmentCache, lane: str, ranges: Sequence[Sequence[Any]]
-) -> list[tuple[Sequence[Any], int, BufferedEvent]]:
+) -> list[tuple[Sequence[Any], int, EventHead]]:
     """The events of ``lane`` that ``ranges`` (rows whose second and third values are the first and last
     sequence) cover, range by range: (the range, the sequence, the event)."""
     holding = await cache.holding(lane, (seq for r in ranges for seq in range(int(r[1]), int(r[2]) + 1)))
-    covered: list[tuple[Sequence[Any], int, BufferedEvent]] = []
+    covered: list[tuple[Sequence[Any], int, EventHead]] = []
     for r in ranges:
         for seq in range(int(r[1]), int(r[2]) + 1):
             segment = holding.get(seq)
             index = segment.index_of(seq) if segment is not None else None
-            if segment is not None and index is not None and segment.events[index].lane == lane:
+            if segment is not None and index is not None and segment.lane == lane:
                 covered.append((r, seq, segment.events[index]))
     return covered
 
@@ -1010,6 +1158,9 @@ def _trigger_of(text: str | None) -> dict[str, Any] | None:
 
 
 def _time_text(value: Any) -> str | None:
+    """An event's ``time`` as kept: Unix time (appended events) or its own text (decoded ones)."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
     return value if isinstance(value, str) else None
 
 
@@ -1097,8 +1248,22 @@ async def _ranges_of(db: aiosqlite.Connection, lane_seqs: Sequence[tuple[str, in
     for lane, seq in lane_seqs:
         by_lane.setdefault(lane, []).append(seq)
     found: dict[int, list[JournalStep]] = {}
-    for lane, seqs in by_lane.items():
-        for start in range(0, len(seqs), 500):
+    for lane, unsorted in by_lane.items():
+        seqs = sorted(set(unsorted))
+        if seqs[-1] - seqs[0] <= 200 * len(seqs):
+            # Close together (a work order's events): every range of the span at once, matched here.
+            rows = await db.execute_fetchall(
+                "SELECT first_seq, last_seq, at, step, sink, status FROM journal_ranges "
+                "WHERE lane = ? AND first_seq BETWEEN ? AND ? ORDER BY n",
+                (lane, seqs[0] - RANGE_SPAN, seqs[-1]),
+            )
+            for first, last, at, step, sink, status in rows:
+                index = bisect.bisect_left(seqs, first)
+                while index < len(seqs) and seqs[index] <= last:
+                    found.setdefault(seqs[index], []).append(JournalStep(float(at), step, sink, status))
+                    index += 1
+            continue
+        for start in range(0, len(seqs), 500):  # far apart: an index probe each
             rows = await db.execute_fetchall(
                 "SELECT s.value, r.at, r.step, r.sink, r.status FROM json_each(?) s JOIN journal_ranges r "
                 f"ON r.lane = ? AND r.first_seq BETWEEN s.value - {RANGE_SPAN} AND s.value AND r.last_seq >= s.value "
@@ -1122,34 +1287,37 @@ def _entry(
     trigger: dict[str, Any] | None = None
     work_order = lot = None
     if held is not None:
-        type_, committed, work_order, lot, trigger_json, body = held
+        type_, committed, work_order, lot, trigger_json, _ = held
         trigger = _trigger_of(trigger_json)
         committed = float(committed)
+    source: str = ""
+    subject: str | None = None
+    when: float | str | None = None
+    origin: str | None = None
+    if held is not None and held[5]:
+        decoded = _decoded(held[5])
+        source = decoded["source"] if isinstance(decoded.get("source"), str) else ""
+        subject = decoded["subject"] if isinstance(decoded.get("subject"), str) else None
+        when = decoded["time"] if isinstance(decoded.get("time"), str) else None
+        origin = decoded["originsource"] if isinstance(decoded.get("originsource"), str) else None
     if found:
         segment, index = found[0]
-        event = segment.events[index]
-        type_ = event.type
+        type_ = segment.types[index]
         if held is None:
             committed = segment.committed
-        body = event.body
-        keys = segment.keys_of(index)
-        work_order = work_order or keys[0]
-        lot = lot or keys[1]
-        trigger = trigger or _trigger_of(keys[2])
-    decoded = _decoded(body) if body else {}
-    source = decoded.get("source")
-    if not isinstance(source, str):
-        source = ""
-    origin = decoded.get("originsource")
-    subject = decoded.get("subject")
+        work_order = work_order or segment.orders[index]
+        lot = lot or segment.lots[index]
+        trigger = trigger or _trigger_of(segment.triggers[index])
+        source, subject = segment.sources[index] or source, segment.subjects[index] or subject
+        when, origin = segment.time(index) or when, segment.origins[index] or origin
     if trigger is None and source:
-        trigger = source_trigger(source, origin if isinstance(origin, str) else None)
+        trigger = source_trigger(source, origin)
     timeline = [JournalStep(at=committed, step="committed")]
     if held is not None and not held[5]:
         # Held by the sequencing guard: its release is when it reached its lane.
         timeline.append(JournalStep(at=committed, step="held", detail=f"work order {work_order}"))
         for segment, index in found:
-            if segment.keys_of(index)[3] == RELEASED:
+            if segment.kind(index) == RELEASED:
                 timeline.append(JournalStep(at=segment.committed, step="released"))
                 break
     delivered: float | None = None
@@ -1175,10 +1343,10 @@ def _entry(
         seq=found[-1][0].events[found[-1][1]].seq if found else None,
         committed=committed,
         source=source,
-        subject=subject if isinstance(subject, str) else None,
+        subject=subject,
         work_order=work_order,
         lot=lot,
-        source_time=_time_text(decoded.get("time")),
+        source_time=_time_text(when),
         trigger=trigger,
         delivered=delivered,
         reference=receiver_reference,
@@ -1207,11 +1375,10 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
 
     def match(segment: Segment) -> None:
         # The keys first: only the events that match are decoded.
-        for index, keys in enumerate(segment.keys):
-            if keys is not None and (keys[0] == key or keys[1] == key):
-                event = segment.events[index]
-                matched.append((event.seq, event.id))
-                seen_at.setdefault(event.id, []).append((segment, index))
+        for index in sorted({*segment.orders.indexes_of(key), *segment.lots.indexes_of(key)}):
+            event_id = segment.ids[index]
+            matched.append((segment.seqs[index], event_id))
+            seen_at.setdefault(event_id, []).append((segment, index))
 
     for start in range(0, len(firsts), 8):
         for segment in await cache.starting(firsts[start : start + 8]):
@@ -1239,7 +1406,11 @@ async def body_of(db: aiosqlite.Connection, event_id: str) -> bytes | None:
     found = (await locate(SegmentCache(db), [event_id])).get(event_id)
     if found:
         segment, index = found[-1]
-        return segment.events[index].body
+        rows = list(await db.execute_fetchall(
+            "SELECT events FROM journal_segments WHERE first_seq = ?", (segment.first_seq,)
+        ))  # fmt: skip
+        if rows:
+            return LazySegment(bytes(rows[0][0]))[index].body
     rows = list(await db.execute_fetchall(
         "SELECT body FROM journal_held WHERE id = ? AND length(body) > 0 ORDER BY n DESC LIMIT 1", (event_id,)
     ))  # fmt: skip
@@ -1283,7 +1454,7 @@ async def window(
         for chunk in range(0, len(firsts), 64):
             for segment in await cache.starting(firsts[chunk : chunk + 64]):
                 for index, event in enumerate(segment.events):
-                    if segment.keys_of(index)[3] != APPENDED or (type_ is not None and event.type != type_):
+                    if segment.kind(index) != APPENDED or (type_ is not None and event.type != type_):
                         continue
                     found.setdefault(event.id, (segment.committed, event.seq, event.type, event.lane))
             cache.by_first.clear()

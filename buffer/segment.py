@@ -37,6 +37,16 @@ def pack_segment(events: Sequence[BufferedEvent]) -> bytes:
     return _compressor.compress(_encoder.encode(events))
 
 
+def pack_bytes(plain: bytes) -> bytes:
+    """Any other value kept beside segments, compressed the same way."""
+    return _compressor.compress(plain)
+
+
+def unpack_bytes(blob: bytes) -> bytes:
+    """What ``pack_bytes`` (or zlib) made, back; anything else as it is."""
+    return _plain(blob)
+
+
 def _plain(blob: bytes) -> bytes:
     if blob[:4] == _ZSTD_MAGIC:
         return _decompressor.decompress(blob)

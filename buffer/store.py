@@ -76,7 +76,6 @@ from buffer.journal import (
     decoded_keys,
     held_row,
     journal_keys,
-    pack_keys,
     trigger_text,
 )
 from buffer.segment import pack_segment, unpack_segment
@@ -472,15 +471,14 @@ def _replay_detail(n: int | None) -> str:
     return "resent from the journal" if n is None else f"from dead letter {n}"
 
 
-def _entry_keys(event: CloudEvent, contexts: Mapping[str, dict[str, Any]] | None) -> EventKeys | None:
-    """What the journal keeps of an appended event beside the event itself (its segment has that): the
-    work order and lot it is found by, and a rule's trigger. No trigger is kept for a source's own event:
-    it is made up from the event's source when read. None when there is nothing to keep."""
+def _entry_keys(event: CloudEvent, contexts: Mapping[str, dict[str, Any]] | None) -> EventKeys:
+    """What the journal's entry of an appended event needs beside its id, sequence and type: the work order
+    and lot it is found by, a rule's trigger (none for a source's own event: made up from its source when
+    read), its source, subject, time and original source (so a trace never reads the event's body)."""
     work_order, lot = journal_keys(event.data, event.subject)
     context = contexts.get(event.id) if contexts else None
-    if work_order is None and lot is None and context is None:
-        return None
-    return (work_order, lot, None if context is None else trigger_text(context), 0)
+    trigger = None if context is None else trigger_text(context)
+    return (work_order, lot, trigger, 0, event.source, event.subject, event.time.timestamp(), event.originsource)
 
 
 def _held_entry(event: CloudEvent, now: float, contexts: Mapping[str, dict[str, Any]] | None) -> HeldRow:
@@ -1106,9 +1104,7 @@ class Buffer:
                 body = encode(event)
                 rows[lane].append(BufferedEvent(seq, lane, event.type, event_id, body, now))
                 if journal is not None:
-                    keys = _entry_keys(event, contexts)
-                    if keys is not None:
-                        journal[seq] = keys
+                    journal[seq] = _entry_keys(event, contexts)
                 continue
             seq += 1
             event.sequence = f"{seq:020d}"  # format_sequence, inlined on the hot path
@@ -1169,9 +1165,7 @@ class Buffer:
             body = encode_event(event)
             rows[lane].append(BufferedEvent(self._seq, lane, type_, event_id, body, now))
             if journal is not None and lane != "telemetry":
-                keys = _entry_keys(event, contexts)
-                if keys is not None:
-                    journal.keys[self._seq] = keys
+                journal.keys[self._seq] = _entry_keys(event, contexts)
             if type_ in releasing:
                 work_order = work_order_of(event.data, event.subject)
                 if work_order is not None:
@@ -1611,14 +1605,14 @@ class Buffer:
                 # per event, only the keys the event does not carry.
                 copies = []
                 for row, seg in zip(rows, segments, strict=True):
-                    seg_keys = [keys.get(event.seq) for event in seg]
-                    copies.append((row[0], row[1], lane, now, row[4], pack_keys(seg_keys)))
+                    copies.append((row[0], row[1], lane, now, row[4], journal_store.pack_columns(seg, keys)))
+                    seg_keys = [keys[event.seq] for event in seg if event.seq in keys]
                     txn.journaled.append(
                         journal_store.SegmentKeys(
                             row[0],
                             [event.id for event in seg],
-                            {k[0] for k in seg_keys if k is not None and k[0] is not None},
-                            {k[1] for k in seg_keys if k is not None and k[1] is not None},
+                            {k[0] for k in seg_keys if k[0] is not None},
+                            {k[1] for k in seg_keys if k[1] is not None},
                         )
                     )
                 await db.executemany(INSERT_SEGMENT, copies)
