@@ -72,9 +72,10 @@ CREATE TABLE IF NOT EXISTS journal_held (
 CREATE INDEX IF NOT EXISTS journal_held_id ON journal_held(id);
 CREATE INDEX IF NOT EXISTS journal_held_work_order ON journal_held(work_order) WHERE work_order IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_held_lot ON journal_held(lot) WHERE lot IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal_key_runs (run INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, firsts BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS journal_keys (
-    run INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, firsts BLOB NOT NULL, keys BLOB NOT NULL
-);
+    run INTEGER NOT NULL, low INTEGER NOT NULL, keys BLOB NOT NULL, PRIMARY KEY (run, low)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal_steps (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, at REAL NOT NULL, step TEXT NOT NULL, sink TEXT, status TEXT,
     reference TEXT, detail TEXT
@@ -93,12 +94,13 @@ CREATE INDEX IF NOT EXISTS journal_ranges_acked ON journal_ranges(at) WHERE step
 """
 
 JOURNAL_TABLES = (
-    "journal_segments", "journal_held", "journal_keys", "journal_steps", "journal_outcomes", "journal_ranges"
+    "journal_segments", "journal_held", "journal_key_runs", "journal_keys", "journal_steps", "journal_outcomes",
+    "journal_ranges",
 )  # fmt: skip
 _EARLIER_TABLES = ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments")
 
 
-KEY_HASH = "crc32/runs"
+KEY_HASH = "crc32/paged-runs"
 """How ``journal_keys`` hashes (kept in ``meta``: an index made another way is made again)."""
 
 
@@ -117,6 +119,7 @@ async def migrate(db: aiosqlite.Connection) -> bool:
         tables = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'journal_keys'")
         if list(tables):
             await db.execute("DROP TABLE journal_keys")
+            await db.execute("DROP TABLE IF EXISTS journal_key_runs")
         await db.execute("DELETE FROM meta WHERE key = 'journal_indexed_seq'")
     await db.execute(
         "INSERT INTO meta(key, value) VALUES ('journal_key_hash', ?) "
@@ -187,10 +190,11 @@ def _coded(values: Sequence[str | None]) -> tuple[list[str | None], bytes]:
 class CodedColumn:
     """A dictionary-coded column of a segment, read value by value."""
 
-    __slots__ = ("codes", "values")
+    __slots__ = ("codes", "raw", "values")
 
     def __init__(self, coded: tuple[list[str | None], bytes]) -> None:
         self.values = coded[0]
+        self.raw = coded[1]
         self.codes = array.array("H")
         self.codes.frombytes(coded[1])
 
@@ -211,8 +215,20 @@ class CodedColumn:
         """Where ``value`` is (none when it is not)."""
         if value not in self.values:
             return []
-        code = self.values.index(value)
-        return [index for index, found in enumerate(self.codes) if found == code]
+        if len(self.values) == 1:
+            return list(range(len(self.codes)))
+        # A search of the codes' bytes (in C) instead of a loop over every code.
+        pattern = array.array("H", [self.values.index(value)]).tobytes()
+        found: list[int] = []
+        raw = self.raw
+        at = raw.find(pattern)
+        while at >= 0:
+            if at % 2:
+                at = raw.find(pattern, at + 1)
+                continue
+            found.append(at // 2)
+            at = raw.find(pattern, at + 2)
+        return found
 
 
 def pack_columns(events: Sequence[BufferedEvent], keys: Mapping[int, EventKeys]) -> bytes:
@@ -399,12 +415,16 @@ def held_row(
 
 # --- finding ids, work orders and lots -----------------------------------------------------------------
 #
-# ``journal_keys`` holds one row per run: the hashes of the ids, work orders and lots of the segments
-# merged in that run, sorted, as one array of ``hash << 32 | segment number`` (``keys``), beside the
-# first sequences of those segments (``firsts``). A run costs one row, not a B-tree row per key (about
-# 1.8 us each, measured: more than the rest of the journal); a lookup reads the runs and bisects each
-# (a large batch makes each run a set instead). The segments after the last run
-# (``journal_indexed_seq`` in ``meta``) are read whole by a lookup: at most about ``MERGE_EVERY`` events.
+# A merge writes one run: the hashes of the ids, work orders and lots of the segments merged, sorted,
+# as ``hash << 16 | segment number`` in pages of ``KEY_PAGE`` keys (``journal_keys``, by run and the
+# page's lowest key), and the first sequences of those segments (``journal_key_runs``). A run costs a
+# few rows, not a B-tree row per key (about 1.8 us each, measured: more than the rest of the journal).
+# A lookup of a few keys reads one or two pages per run; a large batch reads the runs whole. The
+# segments after the last run (``journal_indexed_seq`` in ``meta``) are read whole by a lookup: at most
+# about ``MERGE_EVERY`` events.
+
+KEY_PAGE = 512
+"""Keys per page of a run (4 KB: one SQLite page)."""
 
 
 def id_hash(event_id: str) -> int:
@@ -449,7 +469,7 @@ class Heads:
 
     def __getitem__(self, index: int) -> EventHead:
         s = self._segment
-        return EventHead(s.seqs[index], s.lane, s.types[index], s.ids[index])
+        return EventHead(s.seqs[index], s.lane, s.types[index], s.id_at(index))
 
     def __iter__(self) -> Iterator[EventHead]:
         return (self[index] for index in range(len(self)))
@@ -466,6 +486,7 @@ class Segment:
             empty: tuple[list[str | None], bytes] = ([], b"")
             columns = _Columns([], b"", empty, empty, empty, empty, empty, empty, empty, b"", {}, {})
         self._ids: str | list[str] = columns.ids
+        self._width: int | None = None  # of every id and its newline, when they are all one width
         self.seqs = array.array("q")
         self.seqs.frombytes(columns.seqs)
         self.types = CodedColumn(columns.types)
@@ -487,6 +508,20 @@ class Segment:
         if isinstance(self._ids, str):
             self._ids = self._ids.split("\n") if self._ids or len(self.seqs) else []
         return self._ids
+
+    def id_at(self, index: int) -> str:
+        """One event's id (ids of one width are cut from their stored form without splitting it)."""
+        if self._width is None:
+            self._width = 0
+            joined, count = self._ids, len(self.seqs)
+            if isinstance(joined, str) and count:
+                width, extra = divmod(len(joined) + 1, count)
+                if not extra and joined[width - 1 :: width] == "\n" * (count - 1):
+                    self._width = width
+        if self._width and isinstance(self._ids, str):
+            start = index * self._width
+            return self._ids[start : start + self._width - 1]
+        return self.ids[index]
 
     def kind(self, index: int) -> int:
         """How the event at ``index`` came into the segment (``APPENDED`` ...)."""
@@ -648,14 +683,24 @@ async def merge_keys(
     segments = [segment for segment in segments if segment.first_seq > merged]
     if not segments:
         return 0, False, merged
+    if len(segments) > 60_000:  # a segment's number in a run has 16 bits
+        segments, more = segments[:60_000], True
     keys: set[int] = set()
     for number, segment in enumerate(segments):
-        keys.update((key << 32) | number for key in segment.hashes())
-    packed = array.array("Q", sorted(keys))
+        keys.update((key << 16) | number for key in segment.hashes())
+    ordered = sorted(keys)
     firsts = array.array("q", (segment.first_seq for segment in segments))
     last = segments[-1].first_seq
-    await db.execute(
-        "INSERT INTO journal_keys(last_seq, firsts, keys) VALUES (?, ?, ?)", (last, firsts.tobytes(), packed.tobytes())
+    async with db.execute(
+        "INSERT INTO journal_key_runs(last_seq, firsts) VALUES (?, ?)", (last, firsts.tobytes())
+    ) as cursor:
+        run = cursor.lastrowid
+    await db.executemany(
+        "INSERT INTO journal_keys(run, low, keys) VALUES (?, ?, ?)",
+        [
+            (run, ordered[start], array.array("Q", ordered[start : start + KEY_PAGE]).tobytes())
+            for start in range(0, len(ordered), KEY_PAGE)
+        ],
     )
     await db.execute(
         "INSERT INTO meta(key, value) VALUES ('journal_indexed_seq', ?) "
@@ -667,27 +712,54 @@ async def merge_keys(
 
 async def _indexed(db: aiosqlite.Connection, hashes: Iterable[int]) -> set[int]:
     """The first sequences of the merged segments that may hold one of ``hashes`` (every run searched)."""
+    return set().union(*(await _indexed_each(db, hashes)).values())
+
+
+async def _indexed_each(db: aiosqlite.Connection, hashes: Iterable[int]) -> dict[int, set[int]]:
+    """Per hash, the first sequences of the merged segments that may hold it (every run searched)."""
     wanted = sorted(set(hashes))
-    found: set[int] = set()
+    found: dict[int, set[int]] = {h: set() for h in wanted}
     if not wanted:
         return found
-    for firsts_blob, keys_blob in await db.execute_fetchall("SELECT firsts, keys FROM journal_keys ORDER BY run"):
-        keys = array.array("Q")
-        keys.frombytes(bytes(keys_blob))
-        firsts = array.array("q")
-        firsts.frombytes(bytes(firsts_blob))
-        if len(wanted) > 64:
+    runs: dict[int, array.array[int]] = {}
+    for run, firsts_blob in await db.execute_fetchall("SELECT run, firsts FROM journal_key_runs"):
+        runs[int(run)] = array.array("q")
+        runs[int(run)].frombytes(bytes(firsts_blob))
+    if len(wanted) <= 64:
+        # A few keys: per run, the pages that may hold each (the one starting at or before it, and any
+        # starting within its keys), each bisected on its own.
+        for h, run, keys_blob in await db.execute_fetchall(
+            "SELECT h.value, p.run, p.keys FROM json_each(?) h CROSS JOIN journal_key_runs r "
+            "CROSS JOIN journal_keys p ON p.run = r.run AND p.low BETWEEN "
+            "coalesce((SELECT max(low) FROM journal_keys WHERE run = r.run AND low <= h.value << 16), 0) "
+            "AND ((h.value + 1) << 16) - 1",
+            (_json(wanted),),
+        ):
+            firsts = runs.get(int(run))
+            if firsts is not None:
+                _matches(array.array("Q", bytes(keys_blob)), [int(h)], firsts, found)
+        return found
+    pages: dict[int, array.array[int]] = {}
+    for run, keys_blob in await db.execute_fetchall("SELECT run, keys FROM journal_keys ORDER BY run, low"):
+        pages.setdefault(int(run), array.array("Q")).frombytes(bytes(keys_blob))
+    for run, keys in pages.items():
+        firsts = runs.get(run)
+        if firsts is not None:
             # A large batch: one pass over the run beats a bisection per key.
-            present = {key >> 32 for key in keys}
-            matches = [h for h in wanted if h in present]
-        else:
-            matches = wanted
-        for h in matches:
-            index = bisect.bisect_left(keys, h << 32)
-            while index < len(keys) and keys[index] >> 32 == h:
-                found.add(firsts[keys[index] & 0xFFFFFFFF])
-                index += 1
+            present = {key >> 16 for key in keys}
+            _matches(keys, [h for h in wanted if h in present], firsts, found)
     return found
+
+
+def _matches(
+    keys: array.array[int], hashes: Sequence[int], firsts: array.array[int], found: dict[int, set[int]]
+) -> None:
+    """Add the segments ``keys`` (sorted) holds for each of ``hashes`` to ``found``."""
+    for h in hashes:
+        index = bisect.bisect_left(keys, h << 16)
+        while index < len(keys) and keys[index] >> 16 == h:
+            found[h].add(firsts[keys[index] & 0xFFFF])
+            index += 1
 
 
 # --- writes ----------------------------------------------------------------------------------------
@@ -1089,10 +1161,11 @@ async def trim(db: aiosqlite.Connection, older_than: float, excess_bytes: int, c
     # finds nothing when looked up: it goes with its run).
     lowest = list(await db.execute_fetchall("SELECT min(first_seq) FROM journal_segments"))
     floor = int(lowest[0][0]) if lowest and lowest[0][0] is not None else 2**62
-    for (size,) in await db.execute_fetchall(
-        "DELETE FROM journal_keys WHERE last_seq < ? RETURNING length(keys) + length(firsts)", (floor,)
-    ):
-        done.bytes += int(size)
+    for (run,) in await db.execute_fetchall("DELETE FROM journal_key_runs WHERE last_seq < ? RETURNING run", (floor,)):
+        for (size,) in await db.execute_fetchall(
+            "DELETE FROM journal_keys WHERE run = ? RETURNING length(keys)", (run,)
+        ):
+            done.bytes += int(size)
     removed = await db.execute_fetchall(
         "DELETE FROM journal_ranges WHERE n IN "
         "(SELECT n FROM journal_ranges WHERE last_seq < ? ORDER BY n LIMIT 20000) "
@@ -1203,8 +1276,8 @@ async def _entries(
             (_json(ids),),
         )
         again = {str(row[0]) for row in replayed}
-        occurrences = {i: seen[i] for i in ids if i in seen and i not in again}
-        occurrences.update(await locate(cache, [i for i in ids if i not in occurrences]))
+        occurrences = {i: seen[i] for i in ids if seen.get(i) and i not in again}
+        occurrences.update(await locate(cache, [i for i in ids if i not in seen or i in again]))
     held: dict[str, list[Any]] = {}
     for row in await db.execute_fetchall(
         "SELECT id, type, committed, work_order, lot, trigger, body FROM journal_held "
@@ -1230,9 +1303,7 @@ async def _entries(
             (_json(known),),
         )
     }
-    ranges = await _ranges_of(
-        db, [(lane_of(s.events[i].type), s.events[i].seq) for o in occurrences.values() for s, i in o]
-    )
+    ranges = await _ranges_of(db, [(s.lane, s.seqs[i]) for o in occurrences.values() for s, i in o])
     entries: dict[str, JournalEntry] = {}
     for event_id in known:
         found = occurrences.get(event_id, [])
@@ -1324,7 +1395,7 @@ def _entry(
     receiver_reference: str | None = None
     referenced = {(s.sink, s.at) for s in steps if s.step == "acked"}
     for segment, index in found:
-        for step in ranges.get(segment.events[index].seq, []):
+        for step in ranges.get(segment.seqs[index], []):
             if step.step == "acked":
                 delivered = step.at if delivered is None else min(delivered, step.at)
                 if (step.sink, step.at) in referenced:
@@ -1340,7 +1411,7 @@ def _entry(
         id=event_id,
         type=type_,
         lane=lane_of(type_),
-        seq=found[-1][0].events[found[-1][1]].seq if found else None,
+        seq=found[-1][0].seqs[found[-1][1]] if found else None,
         committed=committed,
         source=source,
         subject=subject,
@@ -1363,20 +1434,26 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
     cache = SegmentCache(db)
     ids: list[str] = []
     seen: set[str] = set()
+    seen_at: dict[str, list[Occurrence]] = {}
 
     def take(event_id: str) -> None:
         if event_id not in seen:
             seen.add(event_id)
             ids.append(event_id)
 
-    firsts = sorted(await _indexed(db, (_order_hash(key), _lot_hash(key))))
+    # One pass over the key runs for the key as a work order, a lot and an id.
+    by_hash = await _indexed_each(db, (_order_hash(key), _lot_hash(key), id_hash(key)))
+    firsts = sorted(by_hash[_order_hash(key)] | by_hash[_lot_hash(key)])
+    for segment in await cache.starting(by_hash[id_hash(key)]):
+        for index, event_id in enumerate(segment.ids):
+            if event_id == key:
+                seen_at.setdefault(key, []).append((segment, index))
     matched: list[tuple[int, str]] = []  # (seq, id), in sequence order
-    seen_at: dict[str, list[Occurrence]] = {}
 
     def match(segment: Segment) -> None:
         # The keys first: only the events that match are decoded.
         for index in sorted({*segment.orders.indexes_of(key), *segment.lots.indexes_of(key)}):
-            event_id = segment.ids[index]
+            event_id = segment.id_at(index)
             matched.append((segment.seqs[index], event_id))
             seen_at.setdefault(event_id, []).append((segment, index))
 
@@ -1387,6 +1464,10 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
             break
     for segment in await cache.tail():  # the tail comes after every merged segment: no overlap
         match(segment)
+        for index, event_id in enumerate(segment.ids):
+            if event_id == key:
+                seen_at.setdefault(key, []).append((segment, index))
+    seen_at.setdefault(key, [])  # searched as an id: an empty list says it is none
     held = await db.execute_fetchall(
         "SELECT id FROM journal_held WHERE work_order = ? UNION SELECT id FROM journal_held WHERE lot = ?", (key, key)
     )

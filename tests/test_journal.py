@@ -711,6 +711,8 @@ async def test_ids_are_found_before_and_after_their_index_is_merged_and_after_a_
             assert [entry.id for entry in await buffer.trace(id_)] == [id_]
         found = await buffer.journal_entries([*probes, "m-missing"])
         assert sorted(found) == sorted(probes)
+        many = [f"m-{n}" for n in range(0, total, 53)]  # a large batch reads the key runs whole
+        assert sorted(await buffer.journal_entries([*many, "m-missing"])) == sorted(many)
         assert await buffer.journal_body(f"m-{MERGE_EVERY}") is not None
     finally:
         await buffer.close()
@@ -772,3 +774,19 @@ async def test_a_journal_of_an_earlier_layout_is_started_afresh(tmp_path: Path) 
         assert await buffer.trace("old-layout") == []
     finally:
         await buffer.close()
+
+
+async def test_ids_of_any_width_and_form_are_found_by_id_and_by_work_order(buffer: Buffer) -> None:
+    """Ids of one width are read from their stored form by position; others, one with a newline too, by list."""
+    same = [event(id=f"w-{n:04d}", data={"work_order": "WO-W", "lot": "L-1"}) for n in range(30)]
+    mixed = [event(id="x" * n, data={"work_order": "WO-X"}) for n in range(1, 20)]
+    odd = [event(id="line\nbreak", data={"work_order": "WO-Y"}), event(id="after-it", data={"work_order": "WO-Y"})]
+    for group in (same, mixed, odd):
+        await buffer.append(group)
+    for key, made in (("WO-W", same), ("WO-X", mixed), ("WO-Y", odd)):
+        assert [entry.id for entry in await buffer.trace(key)] == [e.id for e in made]
+    assert [entry.id for entry in await buffer.trace("L-1")] == [e.id for e in same]
+    for made in (same[7], mixed[11], odd[0], odd[1]):
+        (entry,) = await buffer.trace(made.id)
+        assert entry.id == made.id and entry.seq == int(made.sequence or 0)
+        assert await buffer.journal_body(made.id) is not None
