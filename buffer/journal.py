@@ -63,8 +63,8 @@ CREATE TABLE IF NOT EXISTS journal_segments (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, lane TEXT NOT NULL, committed REAL NOT NULL,
     events BLOB NOT NULL, keys BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS journal_segments_lane ON journal_segments(lane, first_seq);
-CREATE INDEX IF NOT EXISTS journal_segments_committed ON journal_segments(committed);
+DROP INDEX IF EXISTS journal_segments_lane;
+DROP INDEX IF EXISTS journal_segments_committed;
 CREATE TABLE IF NOT EXISTS journal_held (
     n INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL, committed REAL NOT NULL,
     work_order TEXT, lot TEXT, trigger TEXT, body BLOB NOT NULL
@@ -155,106 +155,92 @@ Acked = tuple[str, int, str, str, float]
 _NO_KEYS: EventKeys = (None, None, None, APPENDED, "", None, None, None)
 _columns_encoder = msgspec.msgpack.Encoder()
 _ids_encoder = msgspec.json.Encoder()
-_NAN = float("nan")
 
 
 class _Columns(msgspec.Struct, array_like=True):
-    """A segment's entries column by column: repeated values (a source, a type, a work order) kept once,
-    with a 16-bit code per event, so reading a segment makes a few objects, not one per value."""
+    """A segment's entries: what a lookup scans (ids, sequences, types, work orders, lots) as columns, the
+    rest per event, each read only when its entry is built."""
 
     ids: str | list[str]  # joined by newlines (one object to read), or a list when an id has one
     seqs: bytes  # array("q")
-    types: tuple[list[str | None], bytes]  # distinct values, array("H") of codes
+    types: tuple[list[str | None], bytes]  # coded: see ``_code``
     orders: tuple[list[str | None], bytes]
     lots: tuple[list[str | None], bytes]
-    triggers: tuple[list[str | None], bytes]
-    sources: tuple[list[str | None], bytes]
-    subjects: tuple[list[str | None], bytes]
-    origins: tuple[list[str | None], bytes]
-    times: bytes  # array("d"), NaN where none or kept as text
-    texts: dict[int, str]  # index -> time as the event's own text (released, replayed)
-    kinds: dict[int, int]  # index -> RELEASED / REPLAYED
+    entries: list[msgspec.Raw]  # per event, its ``EventKeys``
 
 
 _columns_decoder = msgspec.msgpack.Decoder(_Columns)
+_keys_decoder = msgspec.msgpack.Decoder(
+    tuple[str | None, str | None, str | None, int, str, str | None, float | str | None, str | None]
+)
 
 
-def _coded(values: Sequence[str | None]) -> tuple[list[str | None], bytes]:
-    distinct: dict[str | None, int] = {}
-    for value in values:
-        if value not in distinct:
-            distinct[value] = len(distinct)
-    return list(distinct), array.array("H", map(distinct.__getitem__, values)).tobytes()
+def _code(values: Sequence[str | None]) -> tuple[list[str | None], bytes]:
+    """A column as its distinct values and a 16-bit code per event (no codes when there is one value: the
+    usual type, lot or work order of a segment), so reading it makes a few objects, not one per event."""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) <= 1:
+        return distinct, b""
+    index = {value: number for number, value in enumerate(distinct)}
+    return distinct, array.array("H", map(index.__getitem__, values)).tobytes()
 
 
 class CodedColumn:
-    """A dictionary-coded column of a segment, read value by value."""
+    """A coded column of a segment, read value by value."""
 
-    __slots__ = ("codes", "raw", "values")
+    __slots__ = ("_count", "codes", "values")
 
-    def __init__(self, coded: tuple[list[str | None], bytes]) -> None:
-        self.values = coded[0]
-        self.raw = coded[1]
+    def __init__(self, coded: tuple[list[str | None], bytes], count: int) -> None:
+        self.values, self._count = coded[0], count
         self.codes = array.array("H")
         self.codes.frombytes(coded[1])
 
+    def __len__(self) -> int:
+        return self._count
+
     def __getitem__(self, index: int) -> Any:
+        if not self.codes:
+            return self.values[0] if self.values else None
         return self.values[self.codes[index]]
 
-    def __len__(self) -> int:
-        return len(self.codes)
-
     def __iter__(self) -> Iterator[Any]:
-        values = self.values
-        return (values[code] for code in self.codes)
+        return (self[index] for index in range(self._count))
 
-    def distinct(self) -> list[Any]:
-        return self.values
-
-    def indexes_of(self, value: str) -> list[int]:
-        """Where ``value`` is (none when it is not)."""
+    def indexes_of(self, value: str) -> set[int]:
+        """Where ``value`` is."""
         if value not in self.values:
-            return []
-        if len(self.values) == 1:
-            return list(range(len(self.codes)))
-        # A search of the codes' bytes (in C) instead of a loop over every code.
-        pattern = array.array("H", [self.values.index(value)]).tobytes()
-        found: list[int] = []
-        raw = self.raw
-        at = raw.find(pattern)
-        while at >= 0:
-            if at % 2:
-                at = raw.find(pattern, at + 1)
-                continue
-            found.append(at // 2)
-            at = raw.find(pattern, at + 2)
-        return found
+            return set()
+        if not self.codes:
+            return set(range(self._count))
+        code = self.values.index(value)
+        return {index for index, found in enumerate(self.codes) if found == code}
 
 
-def pack_columns(events: Sequence[BufferedEvent], keys: Mapping[int, EventKeys]) -> bytes:
-    """A segment's ``keys``: its entries column by column, compressed as segments are."""
+def pack_columns(events: Sequence[BufferedEvent], keys: Mapping[int, EventKeys]) -> tuple[bytes, SegmentKeys]:
+    """A segment's ``keys`` (its entries, see ``_Columns``, compressed as segments are), and what a merge
+    indexes of it."""
     found = [keys.get(event.seq, _NO_KEYS) for event in events]
-    if found:
-        orders, lots, triggers, kinds, sources, subjects, times, origins = zip(*found, strict=True)
-    else:
-        orders = lots = triggers = kinds = sources = subjects = times = origins = ()
     ids = [event.id for event in events]
     joined = "\n".join(ids)
-    columns = _Columns(
-        joined if joined.count("\n") == len(ids) - 1 or not ids else ids,
-        array.array("q", [event.seq for event in events]).tobytes(),
-        _coded([event.type for event in events]),
-        _coded(orders),
-        _coded(lots),
-        _coded(triggers),
-        _coded(sources),
-        _coded(subjects),
-        _coded(origins),
-        array.array("d", [t if type(t) is float else _NAN for t in times]).tobytes(),
-        {i: t for i, t in enumerate(times) if isinstance(t, str)},
-        {i: k for i, k in enumerate(kinds) if k},
+    orders = _code([k[0] for k in found])
+    lots = _code([k[1] for k in found])
+    blob = pack_bytes(
+        _columns_encoder.encode(
+            (
+                joined if not ids or joined.count("\n") == len(ids) - 1 else ids,
+                array.array("q", [event.seq for event in events]).tobytes(),
+                _code([event.type for event in events]),
+                orders,
+                lots,
+                found,
+            )
+        )
     )
-    return pack_bytes(_columns_encoder.encode(columns))
+    first = events[0].seq if events else 0
+    indexed = SegmentKeys(
+        first, ids, {o for o in orders[0] if o is not None}, {lot for lot in lots[0] if lot is not None}
+    )
+    return blob, indexed
 
 
 def _json(values: Iterable[Any]) -> str:
@@ -483,23 +469,17 @@ class Segment:
         try:
             columns = _columns_decoder.decode(unpack_bytes(keys))
         except (msgspec.DecodeError, ValueError):
-            empty: tuple[list[str | None], bytes] = ([], b"")
-            columns = _Columns([], b"", empty, empty, empty, empty, empty, empty, empty, b"", {}, {})
+            columns = _Columns([], b"", ([], b""), ([], b""), ([], b""), [])
         self._ids: str | list[str] = columns.ids
         self._width: int | None = None  # of every id and its newline, when they are all one width
         self.seqs = array.array("q")
         self.seqs.frombytes(columns.seqs)
-        self.types = CodedColumn(columns.types)
-        self.orders = CodedColumn(columns.orders)
-        self.lots = CodedColumn(columns.lots)
-        self.triggers = CodedColumn(columns.triggers)
-        self.sources = CodedColumn(columns.sources)
-        self.subjects = CodedColumn(columns.subjects)
-        self.origins = CodedColumn(columns.origins)
-        self._times = array.array("d")
-        self._times.frombytes(columns.times)
-        self._texts = columns.texts
-        self._kinds = columns.kinds
+        count = len(self.seqs)
+        self.types = CodedColumn(columns.types, count)
+        self.orders = CodedColumn(columns.orders, count)
+        self.lots = CodedColumn(columns.lots, count)
+        self._entries = columns.entries
+        self._decoded: dict[int, EventKeys] = {}
         self.events = Heads(self)
 
     @property
@@ -523,21 +503,33 @@ class Segment:
             return self._ids[start : start + self._width - 1]
         return self.ids[index]
 
+    def entry(self, index: int) -> EventKeys:
+        """The keys of the event at ``index`` (decoded when first read)."""
+        found = self._decoded.get(index)
+        if found is None:
+            try:
+                found = _keys_decoder.decode(self._entries[index])
+            except (msgspec.DecodeError, IndexError):
+                found = _NO_KEYS
+            self._decoded[index] = found
+        return found
+
     def kind(self, index: int) -> int:
         """How the event at ``index`` came into the segment (``APPENDED`` ...)."""
-        return self._kinds.get(index, APPENDED)
+        return self.entry(index)[3]
 
     def time(self, index: int) -> float | str | None:
         """The event's ``time``: Unix time, or its own text; None when unknown."""
-        text = self._texts.get(index)
-        if text is not None:
-            return text
-        value = self._times[index] if index < len(self._times) else _NAN
-        return None if value != value else value
+        return self.entry(index)[6]
+
+    def indexes_of(self, key: str) -> list[int]:
+        """The events whose work order or lot is ``key``."""
+        return sorted(self.orders.indexes_of(key) | self.lots.indexes_of(key))
 
     def keys_of(self, index: int) -> tuple[str | None, str | None, str | None, int]:
         """(work order, lot, trigger JSON, kind) of the event at ``index``."""
-        return self.orders[index], self.lots[index], self.triggers[index], self.kind(index)
+        entry = self.entry(index)
+        return entry[0], entry[1], entry[2], entry[3]
 
     def index_of(self, seq: int) -> int | None:
         index = bisect.bisect_left(self.seqs, seq)
@@ -650,8 +642,8 @@ class SegmentKeys:
         return cls(
             segment.first_seq,
             list(segment.ids),
-            {order for order in segment.orders.distinct() if order is not None},
-            {lot for lot in segment.lots.distinct() if lot is not None},
+            {order for order in segment.orders if order is not None},
+            {lot for lot in segment.lots if lot is not None},
         )
 
     def hashes(self) -> list[int]:
@@ -1378,9 +1370,10 @@ def _entry(
             committed = segment.committed
         work_order = work_order or segment.orders[index]
         lot = lot or segment.lots[index]
-        trigger = trigger or _trigger_of(segment.triggers[index])
-        source, subject = segment.sources[index] or source, segment.subjects[index] or subject
-        when, origin = segment.time(index) or when, segment.origins[index] or origin
+        keys = segment.entry(index)
+        trigger = trigger or _trigger_of(keys[2])
+        source, subject = keys[4] or source, keys[5] or subject
+        when, origin = keys[6] or when, keys[7] or origin
     if trigger is None and source:
         trigger = source_trigger(source, origin)
     timeline = [JournalStep(at=committed, step="committed")]
@@ -1452,7 +1445,7 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
 
     def match(segment: Segment) -> None:
         # The keys first: only the events that match are decoded.
-        for index in sorted({*segment.orders.indexes_of(key), *segment.lots.indexes_of(key)}):
+        for index in segment.indexes_of(key):
             event_id = segment.id_at(index)
             matched.append((segment.seqs[index], event_id))
             seen_at.setdefault(event_id, []).append((segment, index))
@@ -1525,11 +1518,14 @@ async def window(
         earlier = await _acknowledged(db, ((v[3], v[1]) for v in found.values()), before=start)
         found = {i: v for i, v in found.items() if v[1] not in earlier}
     else:
+        # Segments are written in commit order: the window is a run of them, found by two binary searches
+        # (an index of commit times would cost every commit a page more).
+        low, high = await _segment_at(db, start), await _segment_at(db, end)
         firsts = [
             int(row[0])
             for row in await db.execute_fetchall(
-                "SELECT first_seq FROM journal_segments WHERE committed >= ? AND committed < ? ORDER BY first_seq",
-                (start, end),
+                "SELECT first_seq FROM journal_segments WHERE first_seq >= ? AND first_seq < ? ORDER BY first_seq",
+                (low, high),
             )
         ]
         for chunk in range(0, len(firsts), 64):
@@ -1576,6 +1572,25 @@ async def window(
         rows.append((at, seq, event_id, event_type, when))
     rows.sort()
     return [(event_id, t, when, outcomes.get(event_id)) for _, _, event_id, t, when in rows]
+
+
+async def _segment_at(db: aiosqlite.Connection, at: float) -> int:
+    """The first sequence of the first segment committed at or after ``at`` (past the last when none is)."""
+    rows = list(await db.execute_fetchall("SELECT min(first_seq), max(first_seq) FROM journal_segments"))
+    if not rows or rows[0][0] is None:
+        return 0
+    low, high = int(rows[0][0]), int(rows[0][1]) + 1
+    while low < high:
+        middle = (low + high) // 2
+        found = list(await db.execute_fetchall(
+            "SELECT first_seq, committed FROM journal_segments WHERE first_seq >= ? ORDER BY first_seq LIMIT 1",
+            (middle,),
+        ))  # fmt: skip
+        if not found or found[0][1] >= at:
+            high = middle
+        else:
+            low = int(found[0][0]) + 1
+    return low
 
 
 async def info(db: aiosqlite.Connection) -> tuple[int, float | None]:

@@ -1605,16 +1605,9 @@ class Buffer:
                 # per event, only the keys the event does not carry.
                 copies = []
                 for row, seg in zip(rows, segments, strict=True):
-                    copies.append((row[0], row[1], lane, now, row[4], journal_store.pack_columns(seg, keys)))
-                    seg_keys = [keys[event.seq] for event in seg if event.seq in keys]
-                    txn.journaled.append(
-                        journal_store.SegmentKeys(
-                            row[0],
-                            [event.id for event in seg],
-                            {k[0] for k in seg_keys if k[0] is not None},
-                            {k[1] for k in seg_keys if k[1] is not None},
-                        )
-                    )
+                    columns, indexed = journal_store.pack_columns(seg, keys)
+                    copies.append((row[0], row[1], lane, now, row[4], columns))
+                    txn.journaled.append(indexed)
                 await db.executemany(INSERT_SEGMENT, copies)
                 journal_bytes += sum(journal_store.segment_bytes(len(row[4]) + len(row[5])) for row in copies)
                 journaled += len(events)
