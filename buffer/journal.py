@@ -61,7 +61,7 @@ milliseconds, not seconds."""
 JOURNAL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal_segments (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, lane TEXT NOT NULL, committed REAL NOT NULL,
-    events BLOB NOT NULL, keys BLOB NOT NULL
+    keys BLOB NOT NULL, events BLOB NOT NULL
 );
 DROP INDEX IF EXISTS journal_segments_lane;
 DROP INDEX IF EXISTS journal_segments_committed;
@@ -97,7 +97,10 @@ JOURNAL_TABLES = (
     "journal_segments", "journal_held", "journal_key_runs", "journal_keys", "journal_steps", "journal_outcomes",
     "journal_ranges",
 )  # fmt: skip
-_EARLIER_TABLES = ("journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments")
+_EARLIER_TABLES = (
+    "journal", "journal_ids", "journal_steps", "journal_ranges", "journal_segments", "journal_held", "journal_keys",
+    "journal_key_runs", "journal_outcomes",
+)  # fmt: skip
 
 
 KEY_HASH = "crc32/paged-runs"
@@ -109,7 +112,9 @@ async def migrate(db: aiosqlite.Connection) -> bool:
     start afresh in this one (True when one was); an index of keys hashed another way is emptied, to be
     merged again."""
     rows = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table' AND name = 'journal'")
-    dropped = bool(list(rows))
+    columns = [str(row[1]) for row in await db.execute_fetchall("PRAGMA table_info(journal_segments)")]
+    earlier = "keys" in columns and columns.index("keys") > columns.index("events")
+    dropped = bool(list(rows)) or earlier or ("events" in columns and "keys" not in columns)
     if dropped:
         for table in _EARLIER_TABLES:
             await db.execute(f"DROP TABLE IF EXISTS {table}")
@@ -129,6 +134,8 @@ async def migrate(db: aiosqlite.Connection) -> bool:
     return dropped
 
 
+# ``keys`` comes before ``events`` in the row: SQLite reads a column after a large blob by walking the blob's
+# overflow pages, and a lookup reads only the keys.
 INSERT_SEGMENT = (
     "INSERT OR REPLACE INTO journal_segments(first_seq, last_seq, lane, committed, events, keys) VALUES (?,?,?,?,?,?)"
 )
@@ -212,8 +219,18 @@ class CodedColumn:
             return set()
         if not self.codes:
             return set(range(self._count))
-        code = self.values.index(value)
-        return {index for index, found in enumerate(self.codes) if found == code}
+        # A search of the codes' bytes (in C), not a loop over every code.
+        raw = self.codes.tobytes()
+        pattern = array.array("H", [self.values.index(value)]).tobytes()
+        found: set[int] = set()
+        at = raw.find(pattern)
+        while at >= 0:
+            if at % 2:
+                at = raw.find(pattern, at + 1)
+                continue
+            found.add(at // 2)
+            at = raw.find(pattern, at + 2)
+        return found
 
 
 def pack_columns(events: Sequence[BufferedEvent], keys: Mapping[int, EventKeys]) -> tuple[bytes, SegmentKeys]:
