@@ -1467,11 +1467,11 @@ async def trace(db: aiosqlite.Connection, key: str, limit: int = 1000) -> list[J
             matched.append((segment.seqs[index], event_id))
             seen_at.setdefault(event_id, []).append((segment, index))
 
-    for start in range(0, len(firsts), 8):
-        for segment in await cache.starting(firsts[start : start + 8]):
+    start, step = 0, 8
+    while start < len(firsts) and len(seen_at) < limit:
+        for segment in await cache.starting(firsts[start : start + step]):
             match(segment)
-        if len(seen_at) >= limit:
-            break
+        start, step = start + step, min(64, step * 2)  # few round trips, and no more segments than needed
     for segment in await cache.tail():  # the tail comes after every merged segment: no overlap
         match(segment)
         for index, event_id in enumerate(segment.ids):
