@@ -790,3 +790,25 @@ async def test_ids_of_any_width_and_form_are_found_by_id_and_by_work_order(buffe
         (entry,) = await buffer.trace(made.id)
         assert entry.id == made.id and entry.seq == int(made.sequence or 0)
         assert await buffer.journal_body(made.id) is not None
+
+
+async def test_segments_with_their_keys_after_their_events_are_started_afresh(tmp_path: Path) -> None:
+    """A lookup reads only the keys: a layout that put them after the events' blob is replaced at open."""
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    await buffer.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE journal_segments")
+        db.execute(
+            "CREATE TABLE journal_segments (first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, "
+            "lane TEXT NOT NULL, committed REAL NOT NULL, events BLOB NOT NULL, keys BLOB NOT NULL)"
+        )
+    buffer = await open_buffer(path)
+    try:
+        await buffer.append([event(id="fresh-1", data={"work_order": "WO-F"})])
+        assert [entry.id for entry in await buffer.trace("WO-F")] == ["fresh-1"]
+    finally:
+        await buffer.close()
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(journal_segments)")]
+    assert columns.index("keys") < columns.index("events")
