@@ -72,7 +72,9 @@ CREATE TABLE IF NOT EXISTS journal_held (
 CREATE INDEX IF NOT EXISTS journal_held_id ON journal_held(id);
 CREATE INDEX IF NOT EXISTS journal_held_work_order ON journal_held(work_order) WHERE work_order IS NOT NULL;
 CREATE INDEX IF NOT EXISTS journal_held_lot ON journal_held(lot) WHERE lot IS NOT NULL;
-CREATE TABLE IF NOT EXISTS journal_key_runs (run INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, firsts BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS journal_key_runs (
+    run INTEGER PRIMARY KEY, level INTEGER NOT NULL, last_seq INTEGER NOT NULL, firsts BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS journal_keys (
     run INTEGER NOT NULL, low INTEGER NOT NULL, keys BLOB NOT NULL, PRIMARY KEY (run, low)
 ) WITHOUT ROWID;
@@ -103,7 +105,7 @@ _EARLIER_TABLES = (
 )  # fmt: skip
 
 
-KEY_HASH = "crc32/paged-runs"
+KEY_HASH = "crc32/paged-runs/levels"
 """How ``journal_keys`` hashes (kept in ``meta``: an index made another way is made again)."""
 
 
@@ -419,7 +421,7 @@ def held_row(
 # --- finding ids, work orders and lots -----------------------------------------------------------------
 #
 # A merge writes one run: the hashes of the ids, work orders and lots of the segments merged, sorted,
-# as ``hash << 16 | segment number`` in pages of ``KEY_PAGE`` keys (``journal_keys``, by run and the
+# as ``hash << 24 | segment number`` in pages of ``KEY_PAGE`` keys (``journal_keys``, by run and the
 # page's lowest key), and the first sequences of those segments (``journal_key_runs``). A run costs a
 # few rows, not a B-tree row per key (about 1.8 us each, measured: more than the rest of the journal).
 # A lookup of a few keys reads one or two pages per run; a large batch reads the runs whole. The
@@ -428,6 +430,13 @@ def held_row(
 
 KEY_PAGE = 512
 """Keys per page of a run (4 KB: one SQLite page)."""
+COMPACT_RUNS = 8
+"""Runs of one level merged into one of the next (``compact_keys``), up to ``COMPACT_LEVELS``: a lookup
+reads a page of at most about 2 x ``COMPACT_RUNS`` runs plus the top level's, and a key is written at
+most ``COMPACT_LEVELS`` + 1 times."""
+COMPACT_LEVELS = 2
+_NUMBER_BITS = 24
+_NUMBER_MASK = (1 << _NUMBER_BITS) - 1
 
 
 def id_hash(event_id: str) -> int:
@@ -692,16 +701,27 @@ async def merge_keys(
     segments = [segment for segment in segments if segment.first_seq > merged]
     if not segments:
         return 0, False, merged
-    if len(segments) > 60_000:  # a segment's number in a run has 16 bits
+    if len(segments) > 60_000:
         segments, more = segments[:60_000], True
     keys: set[int] = set()
     for number, segment in enumerate(segments):
-        keys.update((key << 16) | number for key in segment.hashes())
-    ordered = sorted(keys)
+        keys.update((key << _NUMBER_BITS) | number for key in segment.hashes())
     firsts = array.array("q", (segment.first_seq for segment in segments))
     last = segments[-1].first_seq
+    await _write_run(db, 0, last, firsts, sorted(keys))
+    await db.execute(
+        "INSERT INTO meta(key, value) VALUES ('journal_indexed_seq', ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (last,),
+    )
+    return len(keys), more, last
+
+
+async def _write_run(
+    db: aiosqlite.Connection, level: int, last: int, firsts: array.array[int], ordered: Sequence[int]
+) -> None:
     async with db.execute(
-        "INSERT INTO journal_key_runs(last_seq, firsts) VALUES (?, ?)", (last, firsts.tobytes())
+        "INSERT INTO journal_key_runs(level, last_seq, firsts) VALUES (?, ?, ?)", (level, last, firsts.tobytes())
     ) as cursor:
         run = cursor.lastrowid
     await db.executemany(
@@ -711,12 +731,36 @@ async def merge_keys(
             for start in range(0, len(ordered), KEY_PAGE)
         ],
     )
-    await db.execute(
-        "INSERT INTO meta(key, value) VALUES ('journal_indexed_seq', ?) "
-        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-        (last,),
-    )
-    return len(keys), more, last
+
+
+async def compact_keys(db: aiosqlite.Connection) -> int:
+    """Merge the ``COMPACT_RUNS`` oldest runs of the lowest level that has as many into one run of the next
+    (one group per call, so a commit holds the writer briefly). Returns how many keys were rewritten."""
+    runs = list(await db.execute_fetchall("SELECT run, level, last_seq, firsts FROM journal_key_runs ORDER BY run"))
+    for level in range(COMPACT_LEVELS):
+        group = [row for row in runs if row[1] == level][:COMPACT_RUNS]
+        if len(group) < COMPACT_RUNS:
+            continue
+        firsts = array.array("q")
+        merged = array.array("Q")
+        for run, _, _, firsts_blob in group:
+            offset = len(firsts)
+            firsts.frombytes(bytes(firsts_blob))
+            for (keys_blob,) in await db.execute_fetchall(
+                "SELECT keys FROM journal_keys WHERE run = ? ORDER BY low", (run,)
+            ):
+                page = array.array("Q", bytes(keys_blob))
+                # A key's segment number moves by the segments of the runs before it in the group.
+                merged.extend(page if not offset else (key + offset for key in page))
+        if len(firsts) > _NUMBER_MASK:
+            return 0
+        ordered = sorted(merged)
+        await _write_run(db, level + 1, max(int(row[2]) for row in group), firsts, ordered)
+        chosen = _json(int(row[0]) for row in group)
+        await db.execute("DELETE FROM journal_keys WHERE run IN (SELECT value FROM json_each(?))", (chosen,))
+        await db.execute("DELETE FROM journal_key_runs WHERE run IN (SELECT value FROM json_each(?))", (chosen,))
+        return len(ordered)
+    return 0
 
 
 async def _indexed(db: aiosqlite.Connection, hashes: Iterable[int]) -> set[int]:
@@ -740,8 +784,8 @@ async def _indexed_each(db: aiosqlite.Connection, hashes: Iterable[int]) -> dict
         for h, run, keys_blob in await db.execute_fetchall(
             "SELECT h.value, p.run, p.keys FROM json_each(?) h CROSS JOIN journal_key_runs r "
             "CROSS JOIN journal_keys p ON p.run = r.run AND p.low BETWEEN "
-            "coalesce((SELECT max(low) FROM journal_keys WHERE run = r.run AND low <= h.value << 16), 0) "
-            "AND ((h.value + 1) << 16) - 1",
+            "coalesce((SELECT max(low) FROM journal_keys WHERE run = r.run AND low <= h.value << 24), 0) "
+            "AND ((h.value + 1) << 24) - 1",
             (_json(wanted),),
         ):
             firsts = runs.get(int(run))
@@ -755,7 +799,7 @@ async def _indexed_each(db: aiosqlite.Connection, hashes: Iterable[int]) -> dict
         firsts = runs.get(run)
         if firsts is not None:
             # A large batch: one pass over the run beats a bisection per key.
-            present = {key >> 16 for key in keys}
+            present = {key >> _NUMBER_BITS for key in keys}
             _matches(keys, [h for h in wanted if h in present], firsts, found)
     return found
 
@@ -765,9 +809,9 @@ def _matches(
 ) -> None:
     """Add the segments ``keys`` (sorted) holds for each of ``hashes`` to ``found``."""
     for h in hashes:
-        index = bisect.bisect_left(keys, h << 16)
-        while index < len(keys) and keys[index] >> 16 == h:
-            found[h].add(firsts[keys[index] & 0xFFFF])
+        index = bisect.bisect_left(keys, h << _NUMBER_BITS)
+        while index < len(keys) and keys[index] >> _NUMBER_BITS == h:
+            found[h].add(firsts[keys[index] & _NUMBER_MASK])
             index += 1
 
 

@@ -1500,6 +1500,7 @@ class Buffer:
                         unmerged = None if self._journal_unmerged is None else [*self._journal_unmerged, *txn.journaled]
                         index_rows, merge_more, merged_upto = await journal_store.merge_keys(db, unmerged)
                         journal_bytes += index_rows * journal_store.KEY_BYTES
+                        await journal_store.compact_keys(db)
                     await self._admin_changes(db, pending, txn)
                     await self._write_sequencing(db, pending)
                     trimmed = await self._write_dedupe(db, pending)

@@ -27,7 +27,7 @@ from agent.config_types import BuildContext
 from agent.events import CloudEvent, Lane, Sample, TelemetrySamples, decode_event, encode_event, make_event
 from agent.sink import ACKED, Delivered, Rejected, RetryLater
 from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, OutcomeReport
-from buffer.journal import JOURNAL_TABLES, MERGE_EVERY, RANGE_SPAN, events_of
+from buffer.journal import COMPACT_RUNS, JOURNAL_TABLES, MERGE_EVERY, RANGE_SPAN, events_of
 from protocols.https import HttpsSinkConfig
 from tests.peers.https_server import Certificates, HttpsReceiver
 from tests.peers.waiting import wait_for
@@ -812,3 +812,25 @@ async def test_segments_with_their_keys_after_their_events_are_started_afresh(tm
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(journal_segments)")]
     assert columns.index("keys") < columns.index("events")
+
+
+async def test_key_runs_are_compacted_and_every_id_is_still_found(tmp_path: Path) -> None:
+    """Eight merge runs become one of the next level: a lookup reads fewer runs and finds the same."""
+    path = tmp_path / "buffer.db"
+    buffer = await open_buffer(path)
+    total = (COMPACT_RUNS + 1) * MERGE_EVERY
+    try:
+        for start in range(0, total, 1000):
+            made = [event(id=f"k-{n}", data={"work_order": f"WO-K{n % 3}"}) for n in range(start, start + 1000)]
+            await buffer.append(made)
+        probes = [f"k-{n}" for n in range(0, total, 997)]
+        found = await buffer.journal_entries([*probes, "k-missing"])
+        assert sorted(found) == sorted(probes)
+        for probe in (probes[0], probes[len(probes) // 2], probes[-1]):
+            assert [entry.id for entry in await buffer.trace(probe)] == [probe]
+        assert len(await buffer.trace("WO-K1", limit=100_000)) == len(range(1, total, 3))
+    finally:
+        await buffer.close()
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        levels = [int(row[0]) for row in db.execute("SELECT level FROM journal_key_runs ORDER BY run")]
+    assert 1 in levels and len(levels) < COMPACT_RUNS + 1
