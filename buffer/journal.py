@@ -6,16 +6,16 @@ do). Nothing in it is written per event on the way in:
 
 - ``journal_segments``: the journal's copy of every segment of the transaction and
   operational lanes (the same compressed bytes the lane gets, written a second time,
-  not encoded again), with its commit time and ``keys``: per event, what is not in the
-  event itself (the work order and lot it is found by, the trigger a rule read, whether
-  it was released by the sequencing guard or replayed). An event's entry is its place
-  in a segment: id, type, sequence, source, subject and time come from the event.
+  not encoded again), with its commit time and ``keys``: its entries (see ``_Columns``:
+  ids, sequences, types, work orders, lots, and per event what a trace shows without
+  reading the event's body), compressed as segments are and kept before the events in
+  the row, so a lookup never reads a body. An event's entry is its place in a segment.
 - ``journal_held``: an event known before it has a sequence (held by the sequencing
   guard, or a dead letter made before any sink), one row each: rare.
-- ``journal_keys``: runs of hashes of ids, work orders and lots -> the segments that hold
-  them, filled in sorted runs every ``MERGE_EVERY`` events
-  or so (a B-tree of random ids would cost a page write per event); the segments after
-  the last run are read in full by a lookup.
+- ``journal_key_runs`` and ``journal_keys``: runs of hashes of ids, work orders and lots
+  -> the segments that hold them, written every ``MERGE_EVERY`` events or so in pages
+  (a B-tree of random ids would cost a page write per event) and compacted by level;
+  the segments after the last run are read in full by a lookup.
 - ``journal_ranges``: what happened to a whole batch, one row per batch, sink, lane and
   step (``attempt``, ``acked``) covering a run of sequences of that lane. The first
   acknowledgement of an event is its delivery: found from these, never written per event.
@@ -551,11 +551,6 @@ class Segment:
     def indexes_of(self, key: str) -> list[int]:
         """The events whose work order or lot is ``key``."""
         return sorted(self.orders.indexes_of(key) | self.lots.indexes_of(key))
-
-    def keys_of(self, index: int) -> tuple[str | None, str | None, str | None, int]:
-        """(work order, lot, trigger JSON, kind) of the event at ``index``."""
-        entry = self.entry(index)
-        return entry[0], entry[1], entry[2], entry[3]
 
     def index_of(self, seq: int) -> int | None:
         index = bisect.bisect_left(self.seqs, seq)
@@ -1654,8 +1649,8 @@ async def _segment_at(db: aiosqlite.Connection, at: float) -> int:
     return low
 
 
-async def info(db: aiosqlite.Connection) -> tuple[int, float | None]:
-    """The oldest commit time in the journal (None: empty) and whether it holds anything, for ``/status``."""
+async def oldest_committed(db: aiosqlite.Connection) -> float | None:
+    """The commit time of the oldest entry the journal holds (None: it is empty), for ``/status``."""
     oldest: float | None = None
     for query in (
         "SELECT committed FROM journal_segments ORDER BY first_seq LIMIT 1",
@@ -1665,14 +1660,9 @@ async def info(db: aiosqlite.Connection) -> tuple[int, float | None]:
         if rows:
             at = float(rows[0][0])
             oldest = at if oldest is None else min(oldest, at)
-    return (0 if oldest is None else 1), oldest
+    return oldest
 
 
 def now_or(at: float) -> float:
     """``at``, or the current time when it is 0 (unset)."""
     return at or time.time()
-
-
-def format_time(at: float) -> str:
-    """A Unix time as RFC 3339 UTC text."""
-    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")

@@ -2278,7 +2278,7 @@ class Buffer:
         }
 
     async def _refresh_journal_info(self, db: aiosqlite.Connection) -> None:
-        _, oldest = await journal_store.info(db)
+        oldest = await journal_store.oldest_committed(db)
         self._journal_info = {
             "entries": self._journal_entries if oldest is not None else 0,
             "oldest_committed": oldest,
