@@ -793,9 +793,8 @@ async def _indexed_each(db: aiosqlite.Connection, hashes: Iterable[int]) -> dict
     for run, keys in pages.items():
         firsts = runs.get(run)
         if firsts is not None:
-            # A large batch: one pass over the run beats a bisection per key.
-            present = {key >> _NUMBER_BITS for key in keys}
-            _matches(keys, [h for h in wanted if h in present], firsts, found)
+            # A large batch: each run read whole (its pages in order are one sorted array), bisected per key.
+            _matches(keys, wanted, firsts, found)
     return found
 
 
@@ -1231,7 +1230,17 @@ async def _forget(
 ) -> None:
     """Trimmed entries: what only they needed goes (an id still journaled under a later sequence keeps it)."""
     ids = list(gone)
-    left = set((await locate(SegmentCache(db), ids)).keys())
+    # An id is in a later segment only when it was replayed.
+    replayed = [
+        str(row[0])
+        for row in await db.execute_fetchall(
+            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
+            (_json(ids),),
+        )
+    ]
+    # A held entry trimmed may have been released into a segment still kept: looked up too (rare).
+    candidates = [*replayed, *(event_id for event_id in ids if gone[event_id][2] is None)]
+    left = set((await locate(SegmentCache(db), candidates)).keys()) if candidates else set()
     rows = await db.execute_fetchall(
         "SELECT id FROM journal_held WHERE id IN (SELECT value FROM json_each(?))", (_json(ids),)
     )
