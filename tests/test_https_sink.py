@@ -536,6 +536,7 @@ batch_max = 100
             assert sinks["up"].status.state == "connected"
             assert agent.buffer.depth("down", "transaction") == 250  # kept for the receiver that is down
             await wait_for(lambda: agent.buffer.depth("up", "transaction") == 0, timeout=5)
+            await agent.buffer.commit_now()  # the settled batches' dead letters are durable (and readable) now
             dead = await agent.buffer.dead_letters("up")
             assert sorted(d.subject or "" for d in dead) == ["WO-17", "WO-201"]
             assert all(d.reason.startswith("HTTP 422: ") and d.id in d.reason for d in dead)
