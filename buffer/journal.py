@@ -46,7 +46,7 @@ import msgspec
 
 from agent.events import LANE_OF_TYPE, TYPE_PREFIX, decode_event
 from agent.sink import BufferedEvent
-from buffer.segment import LazySegment, pack_bytes, unpack_bytes, unpack_segment
+from buffer.segment import LazySegment, pack_bytes, unpack_bytes
 
 RANGE_SPAN = 64
 """The widest run of sequences one ``journal_ranges`` row covers (see the module docstring)."""
@@ -414,7 +414,8 @@ def held_row(
         event = {}
     if not isinstance(event, dict):
         event = {}
-    work_order, lot = decoded_keys(event, APPENDED)[:2]
+    subject = event.get("subject")
+    work_order, lot = journal_keys(event.get("data"), subject if isinstance(subject, str) else None)
     return (event_id, type_, committed, work_order, lot, trigger_text(trigger), body)
 
 
@@ -477,7 +478,7 @@ class Heads:
         self._segment = segment
 
     def __len__(self) -> int:
-        return len(self._segment.ids)
+        return len(self._segment.seqs)
 
     def __getitem__(self, index: int) -> EventHead:
         s = self._segment
@@ -555,11 +556,6 @@ class Segment:
     def index_of(self, seq: int) -> int | None:
         index = bisect.bisect_left(self.seqs, seq)
         return index if index < len(self.seqs) and self.seqs[index] == seq else None
-
-
-def events_of(blob: bytes) -> list[BufferedEvent]:
-    """The events of a segment's blob (see ``buffer.segment``)."""
-    return unpack_segment(blob)
 
 
 def _segment_of(row: Sequence[Any]) -> Segment:
@@ -663,8 +659,8 @@ class SegmentKeys:
         return cls(
             segment.first_seq,
             list(segment.ids),
-            {order for order in segment.orders if order is not None},
-            {lot for lot in segment.lots if lot is not None},
+            {order for order in segment.orders.values if order is not None},
+            {lot for lot in segment.lots.values if lot is not None},
         )
 
     def hashes(self) -> list[int]:
@@ -779,8 +775,8 @@ async def _indexed_each(db: aiosqlite.Connection, hashes: Iterable[int]) -> dict
         for h, run, keys_blob in await db.execute_fetchall(
             "SELECT h.value, p.run, p.keys FROM json_each(?) h CROSS JOIN journal_key_runs r "
             "CROSS JOIN journal_keys p ON p.run = r.run AND p.low BETWEEN "
-            "coalesce((SELECT max(low) FROM journal_keys WHERE run = r.run AND low <= h.value << 24), 0) "
-            "AND ((h.value + 1) << 24) - 1",
+            f"coalesce((SELECT max(low) FROM journal_keys WHERE run = r.run AND low <= h.value << {_NUMBER_BITS}), 0) "
+            f"AND ((h.value + 1) << {_NUMBER_BITS}) - 1",
             (_json(wanted),),
         ):
             firsts = runs.get(int(run))
@@ -817,7 +813,7 @@ class JournalWrites:
     """Journal rows waiting for the next group commit (beside the segments they describe)."""
 
     keys: dict[int, EventKeys] = field(default_factory=dict)
-    """seq -> the keys of a journaled event (only those that have any), for its segment's ``keys``."""
+    """seq -> what a journaled event's entry keeps beside the event, for its segment's ``keys``."""
     unsequenced: list[HeldRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     ranges: list[RangeRow] = field(default_factory=list)
@@ -896,19 +892,13 @@ class OutcomeTally:
                 self.counts[type_] = OutcomeCounts(unconfirmed, confirmed, rejected)
         self.stale = {type_ for type_, counts in self.counts.items() if counts.unconfirmed}
 
-    def dump(self) -> str:
-        """The counts as kept in ``meta``."""
-        return _ids_encoder.encode(
-            {t: [c.unconfirmed, c.confirmed, c.rejected] for t, c in self.counts.items()}
-        ).decode()
-
     def apply(self, changes: TallyChanges) -> None:
         """What a commit changed (only after it committed)."""
-        for type_, (unconfirmed, confirmed, rejected) in changes.deltas.items():
+        for type_, delta in changes.deltas.items():
             counts = self.of(type_)
-            counts.unconfirmed = max(0, counts.unconfirmed + unconfirmed)
-            counts.confirmed = max(0, counts.confirmed + confirmed)
-            counts.rejected = max(0, counts.rejected + rejected)
+            counts.unconfirmed, counts.confirmed, counts.rejected = _added(
+                [counts.unconfirmed, counts.confirmed, counts.rejected], delta
+            )
             if not counts.unconfirmed:
                 counts.oldest_unconfirmed = None
                 self.stale.discard(type_)
@@ -924,9 +914,7 @@ class OutcomeTally:
         """``dump()`` as it will be once ``changes`` are applied (written in the same commit)."""
         merged = {t: [c.unconfirmed, c.confirmed, c.rejected] for t, c in self.counts.items()}
         for type_, delta in changes.deltas.items():
-            current = merged.setdefault(type_, [0, 0, 0])
-            for i in range(3):
-                current[i] = max(0, current[i] + delta[i])
+            merged[type_] = _added(merged.get(type_, [0, 0, 0]), delta)
         return _ids_encoder.encode(merged).decode()
 
     async def settle_oldest(self, db: aiosqlite.Connection) -> None:
@@ -938,6 +926,11 @@ class OutcomeTally:
             if n is not None:
                 self.frontier[type_] = n
             self.stale.discard(type_)
+
+
+def _added(counts: list[int], delta: list[int]) -> list[int]:
+    """[unconfirmed, confirmed, rejected] after ``delta``, never below zero."""
+    return [max(0, count + change) for count, change in zip(counts, delta, strict=True)]
 
 
 @dataclass
@@ -1035,30 +1028,34 @@ async def count_deliveries(
             changes.delivered_at[type_] = at
 
 
-async def delivered_before(cache: SegmentCache, ids: Sequence[str], seqs: set[int]) -> set[str]:
-    """Which of ``ids`` were acknowledged under a sequence other than ``seqs`` (the ones being delivered now)."""
-    found = await locate(cache, ids)
-    earlier = {
-        occurrence[0].events[occurrence[1]].seq: event_id
-        for event_id, occurrences in found.items()
-        for occurrence in occurrences
-        if occurrence[0].events[occurrence[1]].seq not in seqs
-    }
-    acked = await _acknowledged(
-        cache.db,
-        {
-            (lane_of(o[0].events[o[1]].type), seq)
-            for seq, o in ((occ[0].events[occ[1]].seq, occ) for occs in found.values() for occ in occs)
-            if seq in earlier
-        },
-    )
-    delivered = {earlier[seq] for seq in acked}
-    rows = await cache.db.execute_fetchall(
-        "SELECT DISTINCT id FROM journal_steps WHERE step = 'acked' AND id IN (SELECT value FROM json_each(?))",
+async def replayed_ids(db: aiosqlite.Connection, ids: Iterable[str]) -> set[str]:
+    """Which of ``ids`` were ever replayed (the one way an id comes into a second segment)."""
+    rows = await db.execute_fetchall(
+        "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
         (_json(ids),),
     )
-    delivered.update(str(row[0]) for row in rows)
-    return delivered
+    return {str(row[0]) for row in rows}
+
+
+async def redelivered(db: aiosqlite.Connection, acked: Sequence[Acked]) -> set[str]:
+    """Of the events acknowledged now, those replayed after an earlier delivery (counted once already)."""
+    replayed = await replayed_ids(db, {a[3] for a in acked})
+    if not replayed:
+        return set()
+    return await delivered_before(SegmentCache(db), list(replayed), {a[1] for a in acked})
+
+
+async def delivered_before(cache: SegmentCache, ids: Sequence[str], seqs: set[int]) -> set[str]:
+    """Which of ``ids`` were acknowledged under a sequence other than ``seqs`` (the ones being delivered now)."""
+    earlier = [
+        (event_id, segment.lane, segment.seqs[index])
+        for event_id, occurrences in (await locate(cache, ids)).items()
+        for segment, index in occurrences
+        if segment.seqs[index] not in seqs
+    ]
+    # A receiver's reference is acknowledged in its batch's range too: the ranges say it all.
+    acked = await _acknowledged(cache.db, {(lane, seq) for _, lane, seq in earlier})
+    return {event_id for event_id, _, seq in earlier if seq in acked}
 
 
 async def _acknowledged(
@@ -1231,13 +1228,7 @@ async def _forget(
     """Trimmed entries: what only they needed goes (an id still journaled under a later sequence keeps it)."""
     ids = list(gone)
     # An id is in a later segment only when it was replayed.
-    replayed = [
-        str(row[0])
-        for row in await db.execute_fetchall(
-            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
-            (_json(ids),),
-        )
-    ]
+    replayed = await replayed_ids(db, ids)
     # A held entry trimmed may have been released into a segment still kept: looked up too (rare).
     candidates = [*replayed, *(event_id for event_id in ids if gone[event_id][2] is None)]
     left = set((await locate(SegmentCache(db), candidates)).keys()) if candidates else set()
@@ -1328,11 +1319,7 @@ async def _entries(
     if seen is None:
         occurrences = await locate(cache, ids)
     else:
-        replayed = await db.execute_fetchall(
-            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
-            (_json(ids),),
-        )
-        again = {str(row[0]) for row in replayed}
+        again = await replayed_ids(db, ids)
         occurrences = {i: seen[i] for i in ids if seen.get(i) and i not in again}
         occurrences.update(await locate(cache, [i for i in ids if i not in seen or i in again]))
     held: dict[str, list[Any]] = {}

@@ -413,7 +413,7 @@ class _Settled:
 
     def __init__(self) -> None:
         self.ranges: list[list[Any]] = []  # [lane, first, last, step, status]
-        self.referenced: list[tuple[str, str, int, str]] = []  # (id, the receiver's reference, seq, lane)
+        self.referenced: list[tuple[str, str]] = []  # (id, the receiver's reference)
         self.acked: list[tuple[str, int, str, str]] = []  # (lane, seq, type, id) acknowledged
         self._open: dict[str, list[Any] | None] = {}  # lane -> its open range
 
@@ -427,7 +427,7 @@ class _Settled:
             step, status = "acked", "ok"
             reference = outcome.reference if type(outcome) is Delivered else None
             if reference is not None:
-                self.referenced.append((event.id, reference, seq, lane))
+                self.referenced.append((event.id, reference))
             self.acked.append((lane, seq, event.type, event.id))
         else:
             if isinstance(outcome, RetryLater):
@@ -1246,7 +1246,7 @@ class Buffer:
             (lane, first, last, now, step, sink, status) for lane, first, last, step, status in settled.ranges
         )
         if settled.referenced:
-            journal.steps.extend((id_, now, "acked", sink, "ok", ref, None) for id_, ref, _, _ in settled.referenced)
+            journal.steps.extend((id_, now, "acked", sink, "ok", ref, None) for id_, ref in settled.referenced)
         others: dict[str, list[_LaneCursor]] = {}
         for (other, other_lane), state in self._cursors.items():
             if other != sink:
@@ -1666,24 +1666,11 @@ class Buffer:
         if journal.acked:
             redelivered: set[str] = set()
             if self._journal_replays:
-                redelivered = await self._redelivered(db, journal.acked)
+                redelivered = await journal_store.redelivered(db, journal.acked)
             await journal_store.count_deliveries(db, journal.acked, redelivered, changes, self._journal_outcomes)
         if journal.outcomes:
             added += await journal_store.write_outcomes(db, journal.outcomes, changes)
         return added, held
-
-    async def _redelivered(self, db: aiosqlite.Connection, acked: Sequence[journal_store.Acked]) -> set[str]:
-        """Of the events acknowledged now, those replayed after an earlier delivery (counted once already)."""
-        ids = list({a[3] for a in acked})
-        rows = await db.execute_fetchall(
-            "SELECT DISTINCT id FROM journal_steps WHERE step = 'replayed' AND id IN (SELECT value FROM json_each(?))",
-            (msgspec.json.encode(ids).decode(),),
-        )
-        replayed = [str(row[0]) for row in rows]
-        if not replayed:
-            return set()
-        now = {a[1] for a in acked}
-        return await journal_store.delivered_before(journal_store.SegmentCache(db), replayed, now)
 
     async def _insert_dead(self, db: aiosqlite.Connection, dead: list[DeadLetter]) -> None:
         await db.executemany(

@@ -197,7 +197,8 @@ async def test_telemetry_deadband_end_to_end(
             # One change per publish so the server reports each value (its queue would keep them anyway).
             await wait_for(lambda v=value: agent.rules.current["press7.temperature"].value == v, timeout=5)
         await wait_for(
-            lambda: 99.0 in samples_of(mqtt_collector, "press7.temperature"), timeout=10,
+            lambda: 99.0 in samples_of(mqtt_collector, "press7.temperature"),
+            timeout=10,
             message=lambda: str(samples_of(mqtt_collector, "press7.temperature")),
         )
     forwarded = samples_of(mqtt_collector, "press7.temperature")
@@ -304,15 +305,16 @@ async def test_kill_9_during_outage_loses_nothing(
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda text: text.replace('kind = "telemetry"', 'kind = 5'), "sources.opcua.0.tags.0.kind"),
+        (lambda text: text.replace('kind = "telemetry"', "kind = 5"), "sources.opcua.0.tags.0.kind"),
         (lambda text: text.replace("deadband = 0.5", "deadbnd = 0.5"), "sources.opcua.0.tags.0.deadbnd: unknown key"),
         (lambda text: text.replace("[agent]", "[agent"), ":2: TOML syntax error"),
     ],
     ids=["wrong-type", "unknown-key", "toml-syntax"],
 )
 def test_bad_config_exits_2_naming_key_or_line(tmp_path: Path, edit: Callable[[str], str], expected: str) -> None:
-    text = CONFIG.format(data_dir=tmp_path, endpoint="opc.tcp://127.0.0.1:4840", mqtt_url="mqtt://127.0.0.1:1883",
-                         prefix=PREFIX)
+    text = CONFIG.format(
+        data_dir=tmp_path, endpoint="opc.tcp://127.0.0.1:4840", mqtt_url="mqtt://127.0.0.1:1883", prefix=PREFIX
+    )
     path = tmp_path / "bad.toml"
     path.write_text(edit(text), encoding="utf-8")
     result = subprocess.run([plantgate_binary(), "run", "-c", str(path)], capture_output=True, text=True, timeout=60)

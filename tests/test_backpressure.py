@@ -73,16 +73,18 @@ def batch(kind: str, start: int, n: int) -> list[CloudEvent]:
         at = T0 + timedelta(milliseconds=i)
         if kind == "telemetry":
             data: dict[str, Any] = {
-                "samples": [{"tag": "line.weight", "time": at.isoformat(), "value": secrets.token_hex(200),
-                             "quality": "good"}]
+                "samples": [
+                    {"tag": "line.weight", "time": at.isoformat(), "value": secrets.token_hex(200), "quality": "good"}
+                ]
             }
             name, subject = "telemetry.samples", "line.weight"
         else:
             data = {"work_order": f"WO-{i}", "quantity": {"value": "1", "uom": "EA"}, "note": secrets.token_hex(200)}
             name, subject = "production.completed", f"WO-{i}"
         events.append(
-            make_event(name, id=stable_id("full", kind, i), source="erp://feed", time=at, site="x",
-                       subject=subject, data=data)
+            make_event(
+                name, id=stable_id("full", kind, i), source="erp://feed", time=at, site="x", subject=subject, data=data
+            )
         )
     return events
 

@@ -115,8 +115,10 @@ def test_config_summary_and_warnings() -> None:
         ("]e00105012345678900", {"gtin": "05012345678900"}),
         (f"]C1{GS}0105012345678900", {"gtin": "05012345678900"}),
         # SSCC label with the contained GTIN (02) and a count (37)
-        (f"00376130321109103420{GS}0205012345678900{GS}3712", {
-            "sscc": "376130321109103420", "gtin": "05012345678900", "quantity": Quantity("12", "EA")}),
+        (
+            f"00376130321109103420{GS}0205012345678900{GS}3712",
+            {"sscc": "376130321109103420", "gtin": "05012345678900", "quantity": Quantity("12", "EA")},
+        ),
         # net weight in kg, 3 decimals: a variable measure becomes the quantity
         ("]C101050123456789003103012500", {"gtin": "05012345678900", "quantity": Quantity("12.5", "KGM")}),
         # printed (human readable) form, no AIM identifier
@@ -312,8 +314,10 @@ def test_demo_scanner_mix_gives_gs1_plain_double_and_garbled_reads() -> None:
     scans = reader(duplicate_window="1m")
     rng = random.Random(7)
     rounds = [scans.events([Frame(code) for code in demo_scans(rng, number)]) for number in range(8)]
-    kinds = [[(e.type.removeprefix("io.plantgate."), "gtin" in e.data if isinstance(e.data, dict) else None)
-              for e in events] for events in rounds]
+    kinds = [
+        [(e.type.removeprefix("io.plantgate."), "gtin" in e.data if isinstance(e.data, dict) else None) for e in events]
+        for events in rounds
+    ]
     assert kinds[0] == kinds[1] == kinds[2] == kinds[3] == kinds[5] == [("goods.received", True)]
     assert kinds[4] == [("goods.received", False)]  # the plain pallet label
     assert kinds[6] == [("goods.received", True)] and scans.duplicates == 1

@@ -139,10 +139,12 @@ async def test_scans_from_every_mode_reach_the_broker_with_the_station_work_orde
                 await line_scanner.scan(f"]d201{GTIN}10B-7{GS}21SN-1")
                 os.write(master, b"]Q1BENCH-CHECK-9\r\n")
                 await wait_for(
-                    lambda: events_on(mqtt_collector, "transaction/goods.received")
-                    and events_on(mqtt_collector, "transaction/material.consumed")
-                    and events_on(mqtt_collector, "operational/barcode.scanned")
-                    and events_on(mqtt_collector, "operational/barcode.rejected"),
+                    lambda: (
+                        events_on(mqtt_collector, "transaction/goods.received")
+                        and events_on(mqtt_collector, "transaction/material.consumed")
+                        and events_on(mqtt_collector, "operational/barcode.scanned")
+                        and events_on(mqtt_collector, "operational/barcode.rejected")
+                    ),
                     timeout=15,
                     message=lambda: str([m.topic for m in mqtt_collector.snapshot()]),
                 )

@@ -96,7 +96,6 @@ async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
     await buffer.close()
 
 
-
 def content(path: Path) -> bytes:
     return path.read_bytes()
 

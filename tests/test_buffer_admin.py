@@ -57,7 +57,6 @@ def early_dead_letter(made: CloudEvent, reason: str) -> DeadLetter:
     )  # fmt: skip
 
 
-
 def stored(path: Path) -> int:
     """Events still stored in the transaction lane, as another connection sees them."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -279,7 +278,10 @@ async def test_cli_on_a_stopped_agents_file(tmp_path: Path, capsys: pytest.Captu
     asked = await asyncio.to_thread(
         subprocess.run,
         [str(plantgate), "buffer", "purge", "--sink", "old", "-c", config],
-        input="n\n", capture_output=True, text=True, timeout=60,
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert asked.returncode == 1
     assert "the backlog of sink old (2 orphaned event(s))" in asked.stderr and "not confirmed" in asked.stderr

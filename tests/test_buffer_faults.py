@@ -63,7 +63,6 @@ def noise(n: int) -> str:
     return os.urandom(n // 2 + 1).hex()[:n]
 
 
-
 def committed_rows(path: Path) -> dict[str, int]:
     """Events per lane as another connection sees them: committed data only."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:

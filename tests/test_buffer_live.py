@@ -54,7 +54,10 @@ async def test_buffer_commands_work_on_a_live_agent_while_it_delivers(
     http_port = free_port()
     config = tmp_path / "plantgate.toml"
     text = CONFIG.format(
-        data_dir=data_dir, http_port=http_port, endpoint=press_server.endpoint, mqtt_url=mosquitto.url,
+        data_dir=data_dir,
+        http_port=http_port,
+        endpoint=press_server.endpoint,
+        mqtt_url=mosquitto.url,
         prefix=PREFIX,
     )
     if admin_token:
@@ -72,8 +75,10 @@ async def test_buffer_commands_work_on_a_live_agent_while_it_delivers(
         )
     try:
         await wait_for(lambda: status_of(http_port) is not None, timeout=20)
-        await wait_for(lambda: (status_of(http_port) or {}).get("sources", {}).get("press7", {}).get("state")
-                       == "connected", timeout=20)
+        await wait_for(
+            lambda: (status_of(http_port) or {}).get("sources", {}).get("press7", {}).get("state") == "connected",
+            timeout=20,
+        )
 
         def delivered() -> list[str]:
             return [json.loads(m.payload)["subject"] for m in collector.snapshot()]

@@ -144,9 +144,11 @@ async def running(tmp_path: Path, press: PressSimulator, tokens: str = "none") -
     data_dir.mkdir()
     (data_dir / "ingest-token").write_text(INGEST + "\n", encoding="utf-8")
     (data_dir / "admin-token").write_text(ADMIN + "\n", encoding="utf-8")
-    settings = parse_settings(CONFIG.format(
+    settings = parse_settings(
+        CONFIG.format(
             data_dir=data_dir, endpoint=press.endpoint, tokens=TOKEN_LINES[tokens], mes=MES if tokens != "none" else ""
-        ))
+        )
+    )
     agent = Agent(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -257,13 +259,19 @@ async def test_the_console_json_shows_sources_tags_rules_events_and_dead_letters
         assert overview["sources"]["press7"]["last_value_time"].endswith("Z")
         assert overview["sources"]["mes"]["last_event_at"] > 0
         assert overview["actions"] == {
-            "offered": True, "token": "ingest", "detail": "replay and purge need the ingest token"
+            "offered": True,
+            "token": "ingest",
+            "detail": "replay and purge need the ingest token",
         }
 
         tags = await run.get_json("/v1/console/tags")
         by_tag = {tag["tag"]: tag for tag in tags["tags"]}
         assert set(by_tag) == {
-            "press7.temperature", "press7.cycle_done", "press7.cycle_ack", "press7.work_order", "press7.item",
+            "press7.temperature",
+            "press7.cycle_done",
+            "press7.cycle_ack",
+            "press7.work_order",
+            "press7.item",
             "press7.batch_qty",
         }
         assert by_tag["press7.work_order"]["value"] == "WO-100"
@@ -322,8 +330,15 @@ async def test_the_console_json_shows_sources_tags_rules_events_and_dead_letters
         assert (await run.client.get("/v1/console/dead-letter", params={"id": "nope"})).status_code == 404
 
         # No secret anywhere the console or monitoring shows.
-        for path in ["/", "/console/console.js", "/status", "/v1/console/overview", "/v1/console/tags",
-                     "/v1/console/events", "/v1/console/dead-letters"]:
+        for path in [
+            "/",
+            "/console/console.js",
+            "/status",
+            "/v1/console/overview",
+            "/v1/console/tags",
+            "/v1/console/events",
+            "/v1/console/dead-letters",
+        ]:
             text = (await run.client.get(path)).text
             assert INGEST not in text and ADMIN not in text, path
 
@@ -382,9 +397,7 @@ async def test_without_any_token_a_loopback_agent_allows_replay(tmp_path: Path, 
         await _dead_letter(run, press_server)
         assert (await _replay(run, None)).json() == {"replayed": 0, "failed": 1}
         overview = await run.get_json("/v1/console/overview")
-        assert overview["actions"] == {
-            "offered": True, "token": None, "detail": "open on this loopback listen address"
-        }
+        assert overview["actions"] == {"offered": True, "token": None, "detail": "open on this loopback listen address"}
 
 
 def _request(token: str | None) -> Request:
@@ -434,8 +447,13 @@ def test_the_events_page_keeps_the_last_events_of_each_lane() -> None:
 
     def made(name: str, n: int) -> Any:
         event = make_event(
-            name, id=f"{name}-{n}", source="plantgate/p/g/press7", time=datetime(2026, 12, 4, tzinfo=UTC),
-            site="p", data={"work_order": f"WO-{n}"}, subject=f"WO-{n}",
+            name,
+            id=f"{name}-{n}",
+            source="plantgate/p/g/press7",
+            time=datetime(2026, 12, 4, tzinfo=UTC),
+            site="p",
+            data={"work_order": f"WO-{n}"},
+            subject=f"WO-{n}",
         )
         event.sequence = f"{n:020d}"  # as the buffer numbers what it accepts
         return event

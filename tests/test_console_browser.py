@@ -145,8 +145,12 @@ class RunningAgent:
     def write_config(self, item: str) -> None:
         self.config.write_text(
             CONFIG.format(
-                data_dir=self.directory / "data", port=self.port, endpoint=self.press.endpoint,
-                mqtt_url=self.broker.url, prefix=PREFIX, item=item,
+                data_dir=self.directory / "data",
+                port=self.port,
+                endpoint=self.press.endpoint,
+                mqtt_url=self.broker.url,
+                prefix=PREFIX,
+                item=item,
             ),
             encoding="utf-8",
         )
@@ -178,8 +182,14 @@ class RunningAgent:
         """Start ``plantgate run``; returns once it answers and reads the press."""
         with (self.directory / "agent.log").open("ab") as log:
             self.process = process = await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(self.config), "--log-format",
-                "json", stdout=log, stderr=log,
+                str(Path(sys.executable).parent / "plantgate"),
+                "run",
+                "-c",
+                str(self.config),
+                "--log-format",
+                "json",
+                stdout=log,
+                stderr=log,
             )
 
         async def connected() -> bool:
@@ -205,9 +215,7 @@ class RunningAgent:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(
-    tmp_path: Path, press: PressSimulator, broker: MosquittoBroker
-) -> AsyncIterator[RunningAgent]:
+async def running_agent(tmp_path: Path, press: PressSimulator, broker: MosquittoBroker) -> AsyncIterator[RunningAgent]:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "ingest-token").write_text(TOKEN + "\n", encoding="utf-8")
@@ -267,9 +275,7 @@ async def test_the_pages_follow_the_plant_live_without_a_reload(
         state = page.locator('#sources tr[data-source="press7"] td.state')
         await expect(state).to_have_text("connected")
         await expect(page.locator('#sources tr[data-source="press7"] td.last-value')).to_contain_text("ago")
-        await expect(page.locator('#sinks tr[data-sink="cloud"] td.state')).to_have_text(
-            "connected"
-        )
+        await expect(page.locator('#sinks tr[data-sink="cloud"] td.state')).to_have_text("connected")
         await expect(page.locator("#agent-facts")).to_contain_text("gw-console at plant-console")
         await expect(page.locator("#agent-facts")).to_contain_text(str(agent.config))  # the file it runs from
         # A node the press does not have is named with its node id and the server's status code.

@@ -156,7 +156,10 @@ async def test_kill_9_under_load_loses_no_acknowledged_cycle(
     config = tmp_path / "plantgate.toml"
     config.write_text(
         CONFIG.format(
-            data_dir=tmp_path / "data", http_port=http_port, endpoint=press_server.endpoint, mqtt_url=broker.url,
+            data_dir=tmp_path / "data",
+            http_port=http_port,
+            endpoint=press_server.endpoint,
+            mqtt_url=broker.url,
             prefix=PREFIX,
         ),
         encoding="utf-8",
@@ -207,7 +210,9 @@ async def test_kill_9_under_load_loses_no_acknowledged_cycle(
                     return status is not None and status["sinks"]["cloud"]["depth"] == 0 and acknowledged <= delivered()
 
                 await wait_for(
-                    drained, timeout=60, interval=0.2,
+                    drained,
+                    timeout=60,
+                    interval=0.2,
                     message=lambda: f"missing {sorted(acknowledged - delivered())[:20]}; status {status_of(http_port)}",
                 )
             finally:

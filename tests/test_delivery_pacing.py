@@ -64,8 +64,16 @@ def telemetry(n: int) -> list[CloudEvent]:
             time=T0 + timedelta(milliseconds=i),
             site="plant-pace",
             subject="press.temperature",
-            data={"samples": [{"tag": "press.temperature", "time": (T0 + timedelta(milliseconds=i)).isoformat(),
-                               "value": 20.0 + i, "quality": "good"}]},
+            data={
+                "samples": [
+                    {
+                        "tag": "press.temperature",
+                        "time": (T0 + timedelta(milliseconds=i)).isoformat(),
+                        "value": 20.0 + i,
+                        "quality": "good",
+                    }
+                ]
+            },
         )
         for i in range(n)
     ]

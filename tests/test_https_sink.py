@@ -216,9 +216,7 @@ def test_retry_after_parsing() -> None:
     assert retry_after(None) is None
 
 
-async def test_connection_refused_and_timeouts_retry_and_report(
-    certs: Certificates, tmp_path: Path
-) -> None:
+async def test_connection_refused_and_timeouts_retry_and_report(certs: Certificates, tmp_path: Path) -> None:
     port = free_port()
     config = HttpsSinkConfig(name="down", url=f"https://127.0.0.1:{port}/events", ca_file=certs.ca_file, timeout="1s")
     async with running_sink(config, tmp_path) as sink:
@@ -320,8 +318,12 @@ async def test_oauth2_token_fetched_cached_refreshed_once_on_401_and_before_expi
     issuer = TokenIssuer("plantgate", "s3cret-client", expires_in=2.0)
     (tmp_path / "client-secret").write_text("s3cret-client\n")
     with HttpsReceiver(certs, token_issuer=issuer) as idp, HttpsReceiver(certs, issuer=issuer) as receiver:
-        oauth2 = {"token_url": idp.token_url, "client_id": "plantgate", "client_secret_file": "client-secret",
-                  "scope": "events.write"}
+        oauth2 = {
+            "token_url": idp.token_url,
+            "client_id": "plantgate",
+            "client_secret_file": "client-secret",
+            "scope": "events.write",
+        }
         caplog.set_level(logging.DEBUG)
         async with running_sink(sink_config(receiver, certs, oauth2=oauth2), tmp_path) as sink:
             await wait_for(lambda: len(issuer.issued) == 1, timeout=5)  # fetched at start
@@ -397,9 +399,7 @@ async def test_mutual_tls_required_and_provided(certs: Certificates, tmp_path: P
         assert receiver.ids() == ids(events(5))
 
 
-async def test_a_server_certificate_from_another_ca_is_refused(
-    receiver: HttpsReceiver, tmp_path: Path
-) -> None:
+async def test_a_server_certificate_from_another_ca_is_refused(receiver: HttpsReceiver, tmp_path: Path) -> None:
     other = Certificates(tmp_path / "other-ca")
     config = sink_config(receiver, other)
     async with running_sink(config, tmp_path) as sink:
@@ -418,7 +418,9 @@ def test_config_validation_masking_and_warnings(tmp_path: Path) -> None:
         HttpsSinkConfig(name="x", url="ftp://example.com/")
     with pytest.raises(ValidationError, match="either a static bearer token"):
         HttpsSinkConfig(
-            name="x", url="https://e.example/", bearer_token_file=Path("t"),
+            name="x",
+            url="https://e.example/",
+            bearer_token_file=Path("t"),
             oauth2={"token_url": "https://idp.example/token", "client_id": "c", "client_secret_file": "s"},
         )
     with pytest.raises(ValidationError, match="go together"):
@@ -427,7 +429,8 @@ def test_config_validation_masking_and_warnings(tmp_path: Path) -> None:
         HttpsSinkConfig(name="x", url="https://e.example/", batch_max=0)
     with pytest.raises(ValidationError, match="token endpoint must be https"):
         HttpsSinkConfig(
-            name="x", url="https://e.example/",
+            name="x",
+            url="https://e.example/",
             oauth2={"token_url": "http://idp.example/token", "client_id": "c", "client_secret_file": "s"},
         )
     assert HttpsSinkConfig(name="x", url="https://e.example/").batch_max == 500
@@ -440,7 +443,8 @@ def test_config_validation_masking_and_warnings(tmp_path: Path) -> None:
     env = HttpsSinkConfig(name="x", url="https://e.example/", bearer_token="env-s3cret-token")
     assert "env-s3cret-token" not in "\n".join(env.describe(ctx)) and "bearer_token=" in env.describe(ctx)[0]
     oauth = HttpsSinkConfig(
-        name="x", url="https://e.example/",
+        name="x",
+        url="https://e.example/",
         oauth2={"token_url": "https://idp.example/token", "client_id": "c", "client_secret": "env-client-s3cret"},
     )
     assert "env-client-s3cret" not in "\n".join(oauth.describe(ctx)) and "client_secret=" in oauth.describe(ctx)[0]
@@ -452,7 +456,8 @@ def test_config_validation_masking_and_warnings(tmp_path: Path) -> None:
         HttpsSinkConfig(name="x", url="https://e.example/", bearer_token_file=Path("missing")).build(ctx)
     with pytest.raises(ValueError, match=r"oauth2\.client_secret_file: cannot read"):
         HttpsSinkConfig(
-            name="x", url="https://e.example/",
+            name="x",
+            url="https://e.example/",
             oauth2={"token_url": "https://idp.example/token", "client_id": "c", "client_secret_file": "missing"},
         ).build(ctx)
     with pytest.raises(ValueError, match="ca_file: cannot read"):

@@ -158,7 +158,8 @@ def dockerignore_patterns() -> list[str]:
 def dockerignored(relative: str, patterns: list[str]) -> bool:
     """Whether .dockerignore keeps ``relative`` (a path in the repository) out of the build context."""
     return any(
-        fnmatch(Path(relative).name, pattern.removeprefix("**/")) if pattern.startswith("**/")
+        fnmatch(Path(relative).name, pattern.removeprefix("**/"))
+        if pattern.startswith("**/")
         else fnmatch(relative, pattern)
         for pattern in patterns
     )
@@ -204,7 +205,11 @@ def index_reachable() -> None:
     """Skip when pip cannot reach its index: the Dockerfile's and the guide's builds download from it."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", "pip"],
-        capture_output=True, text=True, timeout=60, check=False, env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=base_env(),
     )
     if result.returncode != 0:
         pytest.skip(f"pip's package index is not reachable (no network?): {result.stderr.strip()[-300:]}")
@@ -375,8 +380,11 @@ def ipc(index_reachable: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
         guide_command("python3 -m venv /opt/plantgate/.venv"),
         guide_command("/opt/plantgate/.venv/bin/pip install --no-index", excluding="--force-reinstall"),
     ):
-        run_step(inside(root, step.replace("python3", python, 1) if step.startswith("python3") else step),
-                 cwd=root, env=offline)
+        run_step(
+            inside(root, step.replace("python3", python, 1) if step.startswith("python3") else step),
+            cwd=root,
+            env=offline,
+        )
     yield root
 
 
@@ -401,7 +409,11 @@ async def test_offline_install_and_upgrade_keep_the_buffer(ipc: Path, tmp_path: 
     def backlog() -> int:
         result = subprocess.run(
             [str(plantgate), "buffer", "stats", "--json", "-c", str(config)],
-            capture_output=True, text=True, timeout=60, env=env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         depth: int = json.loads(result.stdout)["sinks"]["cloud"]["lanes"]["transaction"]["depth"]

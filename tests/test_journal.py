@@ -27,7 +27,8 @@ from agent.config_types import BuildContext
 from agent.events import CloudEvent, Lane, Sample, TelemetrySamples, decode_event, encode_event, make_event
 from agent.sink import ACKED, Delivered, Rejected, RetryLater
 from buffer import NO_SINK, Buffer, DeadLetter, JournalEntry, OutcomeCounts, OutcomeReport
-from buffer.journal import COMPACT_RUNS, JOURNAL_TABLES, MERGE_EVERY, RANGE_SPAN, events_of
+from buffer.journal import COMPACT_RUNS, JOURNAL_TABLES, MERGE_EVERY, RANGE_SPAN
+from buffer.segment import unpack_segment
 from protocols.https import HttpsSinkConfig
 from tests.peers.https_server import Certificates, HttpsReceiver
 from tests.peers.waiting import wait_for
@@ -97,7 +98,7 @@ def journal_rows(path: Path, table: str = "journal") -> int:
 
 def journal_ids_of(blob: bytes) -> list[str]:
     """The ids of the events of one journaled segment."""
-    return [event.id for event in events_of(blob)]
+    return [event.id for event in unpack_segment(blob)]
 
 
 RULE_CONTEXT = {

@@ -218,9 +218,7 @@ async def test_a_rejection_is_a_business_dead_letter_once_and_replays(live: Runn
     assert letters[0]["context"]["delivered_by"] == ["file"]
     entry = (await live.trace("mes-completion-2"))[0]
     assert entry["outcome"] == "rejected" and entry["reason"] == "posting period closed"
-    await wait_for(
-        lambda: live.agent.status()["buffer"]["dead_letters"] == 1, message="dead letter counted in /status"
-    )
+    await wait_for(lambda: live.agent.status()["buffer"]["dead_letters"] == 1, message="dead letter counted in /status")
     # The cause is fixed in the ERP: replay under the same id, the sink gets it again.
     replay = await live.client.post("/v1/buffer/replay", json={"sink": "erp"})
     assert replay.json() == {"replayed": 1, "failed": 0}

@@ -106,8 +106,10 @@ async def test_webhook_and_poll_events_reach_mqtt_through_the_buffer(
                     await wait_for(lambda: agent.buffer.depth("cloud", "transaction") >= 3, message="buffered")
                     mosquitto.start()
                     await wait_for(
-                        lambda: len(collector.on_topic(consumed_topic)) >= 3
-                        and len(collector.on_topic(completed_topic)) >= 7,
+                        lambda: (
+                            len(collector.on_topic(consumed_topic)) >= 3
+                            and len(collector.on_topic(completed_topic)) >= 7
+                        ),
                         timeout=20,
                         message=lambda: f"after the outage: {len(collector.snapshot())} messages",
                     )

@@ -195,7 +195,8 @@ async def test_agent_killed_mid_page_resumes_at_the_committed_cursor(tmp_path: P
             agent = await asyncio.create_subprocess_exec(*command, stdout=agent_log, stderr=agent_log)
             try:
                 await wait_for(
-                    lambda: len(confirmations(out)) == total, timeout=40,
+                    lambda: len(confirmations(out)) == total,
+                    timeout=40,
                     message=lambda: f"{len(confirmations(out))} of {total} delivered",
                 )
             finally:

@@ -281,7 +281,8 @@ async def test_503_with_retry_after_while_the_buffer_refuses_writes(tmp_path: Pa
 async def test_obsolete_item_is_a_dead_letter_and_acknowledged(tmp_path: Path) -> None:
     async with running_agent(tmp_path) as (_, client):
         response = await post(
-            client, ce("old-1", data={"work_order": "W", "item": "P-100-OLD", "quantity": {"value": "1", "uom": "EA"}}),
+            client,
+            ce("old-1", data={"work_order": "W", "item": "P-100-OLD", "quantity": {"value": "1", "uom": "EA"}}),
             EVENT,
         )
         assert response.status_code == 202

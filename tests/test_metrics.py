@@ -219,9 +219,7 @@ def test_two_agents_in_one_process_keep_separate_registries() -> None:
 
 
 def test_the_agents_own_events_count_but_have_no_connection_to_be_down() -> None:
-    metrics = Metrics(
-        sources=["press7"], internal_sources=["agent"], sinks={}, agent_id="a", site="s", version="v"
-    )
+    metrics = Metrics(sources=["press7"], internal_sources=["agent"], sinks={}, agent_id="a", site="s", version="v")
     values = scrape(metrics)
     assert values[key("plantgate_events_received_total", source="agent", lane="operational")] == 0
     assert values[key("plantgate_connection_up", component="source", name="press7")] == 0

@@ -88,12 +88,15 @@ def test_invalid_tags_and_endpoints_name_their_key(text: str, key: str, message:
 
 
 def test_a_duplicate_tag_name_is_an_error_but_a_shared_address_is_not() -> None:
-    text = config_text() + """
+    text = (
+        config_text()
+        + """
   [[sources.modbus.tags]]
   tag = "filler2.good_count_low"
   register = "holding:101"
   type = "uint16"
 """
+    )
     source = parse_settings(text).source_configs()[0]
     assert isinstance(source, ModbusSourceConfig)
     assert source.tags[1].location == ("holding", 101)
@@ -110,7 +113,7 @@ def test_serial_endpoints_and_defaults() -> None:
 
 
 def test_warnings_for_a_timeout_longer_than_the_poll_and_a_serial_broadcast_unit() -> None:
-    text = config_text(endpoint="rtu:///dev/ttyUSB0").replace("unit = 1", "unit = 0\ntimeout = \"1s\"")
+    text = config_text(endpoint="rtu:///dev/ttyUSB0").replace("unit = 1", 'unit = 0\ntimeout = "1s"')
     warnings = parse_settings(text).source_configs()[0].warnings()
     assert any("poll_interval" in warning for warning in warnings)
     assert any("1-247" in warning for warning in warnings)
@@ -184,9 +187,7 @@ def test_strings_are_high_byte_first_with_trailing_nuls_and_spaces_stripped() ->
     ),
     st.integers(0, 20),
 )
-def test_a_plan_covers_every_tag_within_the_protocol_limits(
-    raw: list[tuple[str, int, int]], gap_max: int
-) -> None:
+def test_a_plan_covers_every_tag_within_the_protocol_limits(raw: list[tuple[str, int, int]], gap_max: int) -> None:
     points = [
         Point(table, address, 1 if table == "coil" else count, index)  # type: ignore[arg-type]
         for index, (table, address, count) in enumerate(raw)

@@ -206,13 +206,19 @@ async def test_types_decode_against_pymodbustcp_server(tmp_path: Path) -> None:
 
 async def test_contiguous_tags_are_read_in_the_fewest_requests(peer: ModbusPeer, tmp_path: Path) -> None:
     tags = [{"tag": f"h{n}", "register": f"holding:{n}"} for n in range(250)]  # 250 registers: 2 reads
-    tags += [{"tag": f"f{n}", "register": f"holding:{300 + 2 * n + (4 if n >= 5 else 0)}", "type": "float32"}
-             for n in range(10)]  # a gap of 4 <= gap_max 8: bridged, one read
+    tags += [
+        {"tag": f"f{n}", "register": f"holding:{300 + 2 * n + (4 if n >= 5 else 0)}", "type": "float32"}
+        for n in range(10)
+    ]  # a gap of 4 <= gap_max 8: bridged, one read
     tags += [{"tag": f"c{n}", "register": f"coil:{n * 3}"} for n in range(100)]  # bits with gaps: one read
     tags += [{"tag": "far", "register": "holding:400"}]  # 80 registers past the floats: its own read
     source = build(make_config(peer.endpoint, tags, gap_max=8), tmp_path)
     assert [read.key for read in source.reads] == [
-        "coil:0-297", "holding:0-124", "holding:125-249", "holding:300-323", "holding:400",
+        "coil:0-297",
+        "holding:0-124",
+        "holding:125-249",
+        "holding:300-323",
+        "holding:400",
     ]
     async with polling(source) as out:
         await wait_for(lambda: source.polls >= 5, timeout=10)
@@ -227,9 +233,7 @@ async def test_contiguous_tags_are_read_in_the_fewest_requests(peer: ModbusPeer,
 # --- errors: per read, per device ---------------------------------------------------------------------
 
 
-async def test_an_exception_marks_its_tags_bad_while_the_others_keep_flowing(
-    peer: ModbusPeer, tmp_path: Path
-) -> None:
+async def test_an_exception_marks_its_tags_bad_while_the_others_keep_flowing(peer: ModbusPeer, tmp_path: Path) -> None:
     tags = [
         {"tag": "good", "register": "holding:1"},
         {"tag": "beyond", "register": "holding:600"},  # the device holds 512 registers
@@ -390,13 +394,19 @@ async def test_two_units_on_one_serial_line_share_one_worker(tmp_path: Path) -> 
     await peer.start()
     endpoint = f"rtu://{agent_port}?baudrate=115200&parity=N"
     build_context = context(tmp_path)
-    first = make_config(endpoint, [{"tag": "u1.a", "register": "holding:0", "type": "uint32"}], unit=1,
-                        poll_interval="20ms")
+    first = make_config(
+        endpoint, [{"tag": "u1.a", "register": "holding:0", "type": "uint32"}], unit=1, poll_interval="20ms"
+    )
     second = make_config(
         endpoint,
-        [{"tag": "u2.a", "register": "holding:0"}, {"tag": "u2.b", "register": "holding:1"},
-         {"tag": "u2.run", "register": "coil:0"}],
-        name="unit2", unit=2, poll_interval="20ms",
+        [
+            {"tag": "u2.a", "register": "holding:0"},
+            {"tag": "u2.b", "register": "holding:1"},
+            {"tag": "u2.run", "register": "coil:0"},
+        ],
+        name="unit2",
+        unit=2,
+        poll_interval="20ms",
     )
     a, b = first.build(build_context), second.build(build_context)
     assert isinstance(a, ModbusSource) and isinstance(b, ModbusSource)

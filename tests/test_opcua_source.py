@@ -315,8 +315,10 @@ def test_config_rejects_a_bad_node_id() -> None:
     [
         ({"security_policy": "Basic256Sha256"}, ["security_policy", "security_mode"]),
         ({"security_mode": "Sign"}, ["security_policy", "security_mode"]),
-        ({"security_policy": "Basic256Sha256", "security_mode": "Sign", "certificate": "agent.der"},
-         ["certificate", "private_key"]),
+        (
+            {"security_policy": "Basic256Sha256", "security_mode": "Sign", "certificate": "agent.der"},
+            ["certificate", "private_key"],
+        ),
         ({"password_file": "pw"}, ["username"]),
         ({"server_certificate": "server.der"}, ["server_certificate", "security_policy"]),
     ],

@@ -191,7 +191,10 @@ async def test_a_restart_takes_over_on_asyncua_while_its_session_lives(
     start = temperatures.index(50.0)
     # the new subscription's initial value may repeat 52.0; nothing is lost or reordered
     assert [t for i, t in enumerate(temperatures[start:]) if i == 0 or t != temperatures[start + i - 1]] == [
-        50.0, 51.0, 52.0, 53.0
+        50.0,
+        51.0,
+        52.0,
+        53.0,
     ], temperatures
     # Either the keep-alive deadline passed, or the server sent the old connection's pending
     # Publish response down the new one (asyncua's client drops the connection for it) and
@@ -238,7 +241,7 @@ async def test_a_changed_config_is_not_taken_over(press_server: PressSimulator, 
 def test_reading_the_config_does_not_import_asyncua(tmp_path: Path) -> None:
     code = (
         "import sys; from agent.settings import parse_settings; "
-        "s = parse_settings('[agent]\\nsite = \"p\"\\ndata_dir = \"/tmp\"\\n'); "
+        's = parse_settings(\'[agent]\\nsite = "p"\\ndata_dir = "/tmp"\\n\'); '
         "from protocols.opcua import OpcUaSourceConfig; "
         "c = OpcUaSourceConfig.model_validate({'name': 'p', 'endpoint': 'opc.tcp://h:4840', "
         "'tags': [{'tag': 't', 'node': 'ns=2;s=T'}]}); "

@@ -44,7 +44,10 @@ async def test_every_outage_and_commit_is_in_the_log_with_ids_lengths_and_the_dr
     config = tmp_path / "plantgate.toml"
     config.write_text(
         CRASH_CONFIG.format(
-            data_dir=tmp_path / "data", http_port=http_port, endpoint=press_server.endpoint, mqtt_url=mosquitto.url,
+            data_dir=tmp_path / "data",
+            http_port=http_port,
+            endpoint=press_server.endpoint,
+            mqtt_url=mosquitto.url,
             prefix=PREFIX,
         ),
         encoding="utf-8",
@@ -52,12 +55,20 @@ async def test_every_outage_and_commit_is_in_the_log_with_ids_lengths_and_the_dr
     log_path = tmp_path / "agent.log"
     with log_path.open("ab") as log:
         agent = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(config), "--log-format", "text",
-            stdout=log, stderr=log,
+            str(Path(sys.executable).parent / "plantgate"),
+            "run",
+            "-c",
+            str(config),
+            "--log-format",
+            "text",
+            stdout=log,
+            stderr=log,
         )
     try:
-        await wait_for(lambda: (status_of(http_port) or {}).get("sinks", {}).get("cloud", {}).get("state")
-                       == "connected", timeout=20)
+        await wait_for(
+            lambda: (status_of(http_port) or {}).get("sinks", {}).get("cloud", {}).get("state") == "connected",
+            timeout=20,
+        )
         assert await press_server.complete_cycle("WO-L1", "FILL-500", 3, wait_ack=10.0)
         await wait_for(lambda: any(e.get("subject") == "WO-L1" for e in entries(log_path, "Transaction committed")))
 
@@ -96,7 +107,7 @@ async def test_a_plc_that_is_off_is_one_warning_not_a_library_traceback(tmp_path
 [agent]
 site = "plant-logs"
 id = "gw-off"
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 
 [[sources.opcua]]
 name = "press7"
@@ -116,8 +127,14 @@ path = "events.jsonl"
     log_path = tmp_path / "agent.log"
     with log_path.open("ab") as log:
         agent = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(config), "--log-format", "json",
-            stdout=log, stderr=log,
+            str(Path(sys.executable).parent / "plantgate"),
+            "run",
+            "-c",
+            str(config),
+            "--log-format",
+            "json",
+            stdout=log,
+            stderr=log,
         )
     try:
         await wait_for(lambda: "Cannot connect to OPC UA server" in log_path.read_text(encoding="utf-8"), timeout=20)

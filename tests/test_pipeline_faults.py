@@ -267,7 +267,8 @@ async def test_crashing_sink_and_delivery_loop_are_restarted_and_shown(
         for n in range(3):
             assert await press_server.complete_cycle(f"WO-S{n}", "FILL-500", 1, wait_ack=10.0)
         await wait_for(
-            lambda: {f"WO-S{n}" for n in range(3)} <= {e["subject"] for e in sink.got}, timeout=20,
+            lambda: {f"WO-S{n}" for n in range(3)} <= {e["subject"] for e in sink.got},
+            timeout=20,
             message=lambda: str(agent.status()["tasks"]),
         )
         # The sink's run is restarted on its own backoff, independent of the deliveries.
@@ -286,8 +287,11 @@ async def test_crashing_sink_and_delivery_loop_are_restarted_and_shown(
         assert tasks["plc-acks-press7"]["state"] == "running"
         assert agent.readiness()[0]
         metrics = agent.metrics.render()[0].decode()
-        restarts = [line for line in metrics.splitlines() if line.startswith("plantgate_") and "flaky" in line
-                    and "restart" in line]
+        restarts = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("plantgate_") and "flaky" in line and "restart" in line
+        ]
         assert restarts, "restarts are counted in /metrics"
     assert agent.state == "stopped"
 
@@ -306,8 +310,13 @@ async def test_supervise_restarts_with_backoff_and_passes_cancellation() -> None
         await asyncio.Event().wait()
 
     task = asyncio.create_task(
-        supervise(health, run, stopping=stopping, on_restart=lambda: restarted.append(calls),
-                  backoff=Backoff(base=0.01, cap=0.05))
+        supervise(
+            health,
+            run,
+            stopping=stopping,
+            on_restart=lambda: restarted.append(calls),
+            backoff=Backoff(base=0.01, cap=0.05),
+        )
     )
     await wait_for(lambda: calls == 4, timeout=5)
     assert health.restarts == 3 and restarted == [1, 2, 3]
@@ -375,7 +384,9 @@ async def test_acks_are_per_source_retried_until_written_or_abandoned(
 
 async def test_ack_is_retried_across_a_reconnect_until_written(tmp_path: Path, press_server: PressSimulator) -> None:
     settings = agent_config(
-        tmp_path / "data", {"press7": press_server.endpoint}, tmp_path / "events.jsonl",
+        tmp_path / "data",
+        {"press7": press_server.endpoint},
+        tmp_path / "events.jsonl",
         source_options='timeout = "1s"\nwatchdog_interval = "500ms"',
     )
     agent = Agent(settings)
@@ -398,9 +409,13 @@ async def test_ack_is_retried_across_a_reconnect_until_written(tmp_path: Path, p
             return waiting.done()
 
         await wait_for(
-            acknowledged, timeout=20, interval=0.1,
-            message=lambda: f"temperature heard {agent.rules.current['press7.temperature'].value}, written "
-            f"{temperature}; subscription {source.status.info.get('subscription')}",
+            acknowledged,
+            timeout=20,
+            interval=0.1,
+            message=lambda: (
+                f"temperature heard {agent.rules.current['press7.temperature'].value}, written "
+                f"{temperature}; subscription {source.status.info.get('subscription')}"
+            ),
         )
         assert waiting.result(), "the ack was written after the reconnect"
         status = agent.acks.status()["press7"]
@@ -453,7 +468,10 @@ async def test_ack_writer_survives_failed_and_cancelled_commits_and_a_raising_wr
         writer.observe("p")  # news from the source after the failed write: the retry may go
         await wait_for(lambda: source.written == [("p.ack", True)], timeout=5)
         assert writer.status()["p"] == {
-            "pending": 0, "written": 1, "abandoned": 2, "last_error": "RuntimeError: a bug in the source's write"
+            "pending": 0,
+            "written": 1,
+            "abandoned": 2,
+            "last_error": "RuntimeError: a bug in the source's write",
         }
         assert not task.done()
     finally:

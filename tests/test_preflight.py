@@ -173,7 +173,10 @@ async def test_check_connect_reports_one_line_per_finding_and_exits_by_severity(
         bad = tmp_path / "bad.toml"
         bad.write_text(
             CONFIG.format(
-                **common, opcua_extra=BAD_OPCUA, modbus_extra=BAD_MODBUS, rules_extra=BAD_RULES,
+                **common,
+                opcua_extra=BAD_OPCUA,
+                modbus_extra=BAD_MODBUS,
+                rules_extra=BAD_RULES,
                 password_file=bad_secret,
             ),
             encoding="utf-8",
@@ -221,8 +224,14 @@ async def test_check_connect_names_an_unreachable_server_and_the_summary_still_p
     path = tmp_path / "site.toml"
     path.write_text(
         CONFIG.format(
-            data_dir=tmp_path, opcua=f"opc.tcp://{closed}", modbus=f"tcp://{closed}", mqtt=f"mqtt://{closed}",
-            opcua_extra="", modbus_extra="", rules_extra="", password_file=secret,
+            data_dir=tmp_path,
+            opcua=f"opc.tcp://{closed}",
+            modbus=f"tcp://{closed}",
+            mqtt=f"mqtt://{closed}",
+            opcua_extra="",
+            modbus_extra="",
+            rules_extra="",
+            password_file=secret,
         ),
         encoding="utf-8",
     )
@@ -313,8 +322,12 @@ async def test_check_connect_reaches_https_receivers_mes_and_scanners(tmp_path: 
     from tests.peers.https_server import Certificates, HttpsReceiver, TokenIssuer
     from tests.peers.mes_server import MesRestServer
 
-    secrets = {"mes-token": "mes-t0ken", "wrong-token": "nope", "client-secret": "right-secret",
-               "wrong-secret": "not-it"}
+    secrets = {
+        "mes-token": "mes-t0ken",
+        "wrong-token": "nope",
+        "client-secret": "right-secret",
+        "wrong-secret": "not-it",
+    }
     for name, value in secrets.items():
         (tmp_path / name).write_text(value + "\n", encoding="utf-8")
         (tmp_path / name).chmod(0o600)
@@ -335,9 +348,15 @@ async def test_check_connect_reaches_https_receivers_mes_and_scanners(tmp_path: 
             path = tmp_path / "edge.toml"
             path.write_text(
                 EDGE.format(
-                    data_dir=tmp_path, tmp=tmp_path, mes_url=mes.url, free_port=free_port,
-                    taken_port=taken.getsockname()[1], https_url=receiver.url, token_url=receiver.token_url,
-                    ca_file=certs.ca_file, other_ca=other_ca,
+                    data_dir=tmp_path,
+                    tmp=tmp_path,
+                    mes_url=mes.url,
+                    free_port=free_port,
+                    taken_port=taken.getsockname()[1],
+                    https_url=receiver.url,
+                    token_url=receiver.token_url,
+                    ca_file=certs.ca_file,
+                    other_ca=other_ca,
                 ),
                 encoding="utf-8",
             )
@@ -371,8 +390,14 @@ async def test_check_connect_names_a_refused_opcua_identity(tmp_path: Path) -> N
     secret.write_text("wrong-password\n", encoding="utf-8")
     secret.chmod(0o600)
     text = CONFIG.format(
-        data_dir=tmp_path, opcua="{opcua}", modbus="tcp://127.0.0.1:1", mqtt="mqtt://127.0.0.1:1",
-        opcua_extra="", modbus_extra="", rules_extra="", password_file=secret,
+        data_dir=tmp_path,
+        opcua="{opcua}",
+        modbus="tcp://127.0.0.1:1",
+        mqtt="mqtt://127.0.0.1:1",
+        opcua_extra="",
+        modbus_extra="",
+        rules_extra="",
+        password_file=secret,
     )
     # Only the OPC UA source: with a user whose password the server does not take.
     text = text[: text.index("[[sources.modbus]]")]
@@ -423,8 +448,11 @@ async def test_browse_of_a_configured_source_uses_its_security_and_identity(tmp_
     secret.write_text("right-password\n", encoding="utf-8")
     secret.chmod(0o600)
     press = PressSimulator(
-        port=0, certificate=server_cert, private_key=server_key,
-        security_policies=["Basic256Sha256_SignAndEncrypt"], users={"plantgate": "right-password"},
+        port=0,
+        certificate=server_cert,
+        private_key=server_key,
+        security_policies=["Basic256Sha256_SignAndEncrypt"],
+        users={"plantgate": "right-password"},
     )
     async with press:
         path = tmp_path / "site.toml"
@@ -507,7 +535,7 @@ oauth2 = {{ token_url = "https://login.example.com/token", client_id = "gw", {oa
     ("tag_line", "modbus_line", "oauth_key", "key", "suggestion"),
     [
         ("deadbnd = 0.5", "", "client_secret_file", "sources.opcua.0.tags.0.deadbnd", "deadband"),
-        ("", "pol_interval = \"1s\"", "client_secret_file", "sources.modbus.0.pol_interval", "poll_interval"),
+        ("", 'pol_interval = "1s"', "client_secret_file", "sources.modbus.0.pol_interval", "poll_interval"),
         ("", "", "client_secret_fil", "sinks.https.0.oauth2.client_secret_fil", "client_secret_file"),
     ],
 )
@@ -537,9 +565,7 @@ def test_check_prints_the_suggestion_in_its_one_line(tmp_path: Path, capsys: pyt
     )
     assert main(["check", "-c", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        f"plantgate: {path}:11: sources.opcua.0.tags.0.deadbnd: unknown key; did you mean `deadband`?"
-    ]
+    assert err == [f"plantgate: {path}:11: sources.opcua.0.tags.0.deadbnd: unknown key; did you mean `deadband`?"]
 
 
 def test_a_bare_number_duration_shows_the_fix() -> None:
@@ -608,8 +634,10 @@ def test_a_private_secret_file_gives_no_warning(tmp_path: Path, capsys: pytest.C
         (tmp_path / name).write_text("s3cret-value\n", encoding="utf-8")
         (tmp_path / name).chmod(0o600)
     path = tmp_path / "site.toml"
-    path.write_text(RISKY.format(data_dir=tmp_path).replace("mqtt://broker.example.com:1883",
-                                                            "mqtts://broker.example.com:8883"), encoding="utf-8")
+    path.write_text(
+        RISKY.format(data_dir=tmp_path).replace("mqtt://broker.example.com:1883", "mqtts://broker.example.com:8883"),
+        encoding="utf-8",
+    )
     assert main(["check", "-c", str(path)]) == 0
     err = capsys.readouterr().err
     assert "every user" not in err and "unencrypted" not in err, err
@@ -626,8 +654,13 @@ CONFIG_FILES = sorted(
 
 def test_the_plc_examples_are_there() -> None:
     names = {path.name for path in CONFIG_FILES}
-    assert {"plantgate.example.toml", "siemens-s7-1500.toml", "beckhoff-twincat.toml", "kepware-rockwell.toml",
-            "modbus-filler.toml"} <= names
+    assert {
+        "plantgate.example.toml",
+        "siemens-s7-1500.toml",
+        "beckhoff-twincat.toml",
+        "kepware-rockwell.toml",
+        "modbus-filler.toml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: str(path.relative_to(ROOT / "config")))

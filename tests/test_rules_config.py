@@ -96,10 +96,16 @@ def test_every_form_parses() -> None:
         ('condition = { tag = "press7.state", in = [] }\n', "transactions.0.condition.in", "at least 1"),
         ('fields = { quantity = "press7.qty" }\nuom_to = "KGM"\n', "transactions.0.uom", "needs a unit"),
         ('fields = { work_order = "press7.work_order" }\nuom_to = "KGM"\n', "transactions.0.uom_to", "needs"),
-        ('fields = { quantity = "press7.qty" }\nuom = "g"\nuom_to = "MTR"\n', "transactions.0.uom_to",
-         "cannot convert GRM (mass) to MTR (length)"),
-        ('fields = { quantity = "press7.qty" }\nuom = "XYZ"\nuom_to = "KGM"\n', "transactions.0.uom_to",
-         "unit 'XYZ' has no conversion"),
+        (
+            'fields = { quantity = "press7.qty" }\nuom = "g"\nuom_to = "MTR"\n',
+            "transactions.0.uom_to",
+            "cannot convert GRM (mass) to MTR (length)",
+        ),
+        (
+            'fields = { quantity = "press7.qty" }\nuom = "XYZ"\nuom_to = "KGM"\n',
+            "transactions.0.uom_to",
+            "unit 'XYZ' has no conversion",
+        ),
     ],
 )
 def test_a_wrong_rule_is_one_error_naming_its_key(body: str, key: str, words: str) -> None:

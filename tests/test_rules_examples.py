@@ -46,11 +46,13 @@ def batch(second: float, **values: Any) -> list[Reading]:
 SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
     "workorder.released": (
         [
-            batch(0, line3__order_loaded=False, line3__work_order=4711.0, line3__item="FILL-500",
-                  line3__planned_qty=1200),
+            batch(
+                0, line3__order_loaded=False, line3__work_order=4711.0, line3__item="FILL-500", line3__planned_qty=1200
+            ),
             batch(1, line3__order_loaded=True),
         ],
-        "4711", "4711",
+        "4711",
+        "4711",
         {"work_order": "4711", "item": "FILL-500", "planned_quantity": {"value": "1200", "uom": "EA"}},
     ),
     "workorder.started": (
@@ -59,7 +61,8 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(1, press7__state=2),  # a fault is no start
             batch(2, press7__state=1),
         ],
-        "4711", "4711",
+        "4711",
+        "4711",
         {"work_order": "4711", "work_center": "PRESS-7"},
     ),
     "workorder.paused": (
@@ -67,34 +70,48 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(0, press7__running=True, press7__work_order="4711", press7__pause_reason="material"),
             batch(1, press7__running=False),
         ],
-        "4711", "4711",
+        "4711",
+        "4711",
         {"work_order": "4711", "reason": "material"},
     ),
     "workorder.completed": (
         [
-            batch(0, filler2__order_done=False, filler2__order_ack=False, filler2__work_order=4711,
-                  filler2__good_count=1000),
+            batch(
+                0,
+                filler2__order_done=False,
+                filler2__order_ack=False,
+                filler2__work_order=4711,
+                filler2__good_count=1000,
+            ),
             batch(1, filler2__good_count=1480, filler2__order_done=True),
         ],
-        "4711", "4711",
+        "4711",
+        "4711",
         {"work_order": "4711", "quantity": {"value": "480", "uom": "EA"}},
     ),
     "material.consumed": (
         [
-            batch(0, mixer1__dose_done=False, mixer1__work_order="4711", mixer1__component="RM-SUGAR",
-                  mixer1__component_lot="L-2024-118", mixer1__dosed_grams=12500.5),
+            batch(
+                0,
+                mixer1__dose_done=False,
+                mixer1__work_order="4711",
+                mixer1__component="RM-SUGAR",
+                mixer1__component_lot="L-2024-118",
+                mixer1__dosed_grams=12500.5,
+            ),
             batch(1, mixer1__dose_done=True),
         ],
-        "4711", "4711",
-        {"work_order": "4711", "item": "RM-SUGAR", "lot": "L-2024-118",
-         "quantity": {"value": "12.5005", "uom": "KGM"}},
+        "4711",
+        "4711",
+        {"work_order": "4711", "item": "RM-SUGAR", "lot": "L-2024-118", "quantity": {"value": "12.5005", "uom": "KGM"}},
     ),
     "goods.received": (
         [
             batch(0, dock1__unload_done=False, dock1__item="RM-FLOUR", dock1__lot="S-77", dock1__net_weight=24000),
             batch(1, dock1__unload_done=True),
         ],
-        "S-77", "S-77",
+        "S-77",
+        "S-77",
         {"item": "RM-FLOUR", "lot": "S-77", "quantity": {"value": "24000", "uom": "KGM"}, "location": "RM-DOCK1"},
     ),
     "production.completed": (
@@ -102,7 +119,8 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(0, filler2__good_count=65530, filler2__work_order=4711),
             batch(1, filler2__good_count=4),  # a 16-bit wrap-around: ten parts
         ],
-        "4711", "4711",
+        "4711",
+        "4711",
         {"work_order": "4711", "quantity": {"value": "10", "uom": "EA"}},
     ),
     "scrap.declared": (
@@ -110,7 +128,8 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(0, filler2__reject_count=7, filler2__work_order=4711),
             batch(1, filler2__reject_count=9),
         ],
-        "4711", "4711",
+        "4711",
+        "4711",
         {"work_order": "4711", "scrap_quantity": {"value": "2", "uom": "EA"}, "reason": "underfill"},
     ),
     "quality.hold.placed": (
@@ -118,7 +137,8 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(0, oven2__over_temperature=False, oven2__lot="L-88", oven2__zone=3),
             batch(1, oven2__over_temperature=True),
         ],
-        "L-88", "L-88",
+        "L-88",
+        "L-88",
         {"lot": "L-88", "reason": "over temperature in zone 3"},
     ),
     "quality.hold.released": (
@@ -126,25 +146,40 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(0, oven2__lot_released=False, oven2__lot="L-88"),
             batch(1, oven2__lot_released=True),
         ],
-        "L-88", "L-88",
+        "L-88",
+        "L-88",
         {"lot": "L-88"},
     ),
     "inventory.moved": (
         [
-            batch(0, agv1__transfer_done=False, agv1__item="FG-12", agv1__lot="P-5", agv1__pieces=48,
-                  agv1__from="LINE3-OUT", agv1__to="WH-A-01"),
+            batch(
+                0,
+                agv1__transfer_done=False,
+                agv1__item="FG-12",
+                agv1__lot="P-5",
+                agv1__pieces=48,
+                agv1__from="LINE3-OUT",
+                agv1__to="WH-A-01",
+            ),
             batch(1, agv1__transfer_done=True),
         ],
-        "P-5", "P-5",
-        {"item": "FG-12", "lot": "P-5", "quantity": {"value": "48", "uom": "PCE"},
-         "from_location": "LINE3-OUT", "to_location": "WH-A-01"},
+        "P-5",
+        "P-5",
+        {
+            "item": "FG-12",
+            "lot": "P-5",
+            "quantity": {"value": "48", "uom": "PCE"},
+            "from_location": "LINE3-OUT",
+            "to_location": "WH-A-01",
+        },
     ),
     "inventory.adjusted": (
         [
             batch(0, silo4__count_done=False, silo4__item="RM-CEMENT", silo4__correction_t=-1.25),
             batch(1, silo4__count_done=True),
         ],
-        "silo4.count_done", "SILO-4",
+        "silo4.count_done",
+        "SILO-4",
         {"item": "RM-CEMENT", "quantity": {"value": "-1250", "uom": "KGM"}, "location": "SILO-4"},
     ),
     "shipment.confirmed": (
@@ -152,7 +187,8 @@ SCENARIOS: dict[str, tuple[list[list[Reading]], str, str, dict[str, Any]]] = {
             batch(0, dock2__truck_loaded=False, dock2__shipment_no=90017, dock2__pallets=33),
             batch(1, dock2__truck_loaded=True),
         ],
-        "dock2.truck_loaded", "SHP-90017",
+        "dock2.truck_loaded",
+        "SHP-90017",
         {"shipment": "SHP-90017", "quantity": {"value": "33", "uom": "EA"}},
     ),
 }

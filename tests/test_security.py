@@ -239,8 +239,9 @@ async def test_planted_secrets_appear_in_no_output(tmp_path: Path) -> None:
         path, broken_env = config_errors(config, env, secret_dir, planted)["no token beyond loopback"]
         code, outputs["run beyond loopback"] = await plantgate("run", "-c", str(path), env=broken_env)
         assert code == 2
-        assert "http.listen: 0.0.0.0:9480 is reachable from other hosts and needs http.ingest_token_file" in (
-            outputs["run beyond loopback"]
+        assert (
+            "http.listen: 0.0.0.0:9480 is reachable from other hosts and needs http.ingest_token_file"
+            in (outputs["run beyond loopback"])
         )
 
         # The pre-flight reads every secret and offers it to every peer, which refuses it.
@@ -352,14 +353,14 @@ def config_errors(
     # A password without a username.
     variant(
         "a password without a user",
-        text.replace('username = "operator"\nreconnect_max_backoff', 'reconnect_max_backoff', 1),
+        text.replace('username = "operator"\nreconnect_max_backoff', "reconnect_max_backoff", 1),
         env,
     )
     # The HTTP port opened beyond loopback without a token.
     variant(
         "no token beyond loopback",
         text.replace(f'ingest_token_file = "{secret_dir}/ingest-token"\n', "").replace(
-            "[[sources.mes]]\nname = \"webhook\"\nmode = \"webhook\"\n", ""
+            '[[sources.mes]]\nname = "webhook"\nmode = "webhook"\n', ""
         ),
         {**env, "PLANTGATE__HTTP__LISTEN": "0.0.0.0:9480"},
     )

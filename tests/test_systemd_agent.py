@@ -67,7 +67,9 @@ def test_ready_pings_no_ping_while_frozen_then_stopping(tmp_path: Path) -> None:
         env.pop("WATCHDOG_PID", None)
         agent = subprocess.Popen(
             [str(Path(sys.executable).parent / "plantgate"), "run", "-c", str(config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             receive(sock, b"READY=1", 20)

@@ -136,8 +136,12 @@ class ModbusPeer:
         registers = [SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)]
         return SimDevice(
             id=unit,
-            simdata=(bits, [SimData(0, count=self.size, values=False, datatype=DataType.BITS)], registers,
-                     [SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)]),
+            simdata=(
+                bits,
+                [SimData(0, count=self.size, values=False, datatype=DataType.BITS)],
+                registers,
+                [SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)],
+            ),
             action=action,
         )
 

@@ -67,9 +67,7 @@ def make_certificate(
         days=2,
     )
     cert_path = directory / (f"{name}.crt" if pem else f"{name}.der")
-    cert_path.write_bytes(
-        certificate.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)
-    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER))
     key_path = directory / f"{name}.key"
     key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
     return cert_path, key_path
